@@ -1,0 +1,67 @@
+"""The engine protocol every backend implements (DESIGN.md §3).
+
+A stage never knows which backend it runs on: it builds chat conversations
+(lists of ``{"role", "content"}`` dicts), calls ``generate`` or
+``choice_logprobs`` on a whole batch, and reads plain results back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+Conversation = list  # list[Message]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0  # >1 discourages repeats (CTRL-style); small models loop without it
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Generation:
+    """One completion. ``error`` is set (and ``text`` empty) when this row failed;
+    a failed row never fails the batch it came in."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (EOS or stop string) | "length" | "error"
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, reason: str) -> "Generation":
+        return cls(text="", finish_reason="error", error=reason)
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built or used at all (bad model path, missing extra, ...).
+    The message says what was wrong and how to fix it."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every backend offers. Both methods take a whole batch."""
+
+    name: str
+
+    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
+        """One completion of the assistant turn per conversation, in input order."""
+        ...
+
+    def choice_logprobs(self, conversations: list[Conversation], choices: list[str]) -> list[list[float]]:
+        """For each conversation, log P(choice) of each choice as the *next* token(s) of
+        the assistant turn, in ``choices`` order (one prefill, no sampling)."""
+        ...

@@ -1,0 +1,203 @@
+"""The transformers backend of the engine protocol: CPU here, GPU elsewhere (DESIGN.md §3).
+
+Batches are chat-templated, sorted by length into micro-batches of at most
+``cfg.batch_size`` rows (less padding waste), LEFT padded, and run through
+``model.generate`` (or one prefill forward pass for ``choice_logprobs``); results
+come back in input order. A bad row (over-long prompt, broken conversation, a
+row the model chokes on) becomes a failed :class:`Generation` / a NaN row; it
+never fails the batch.
+
+Reproducibility: with ``params.seed`` set, ``torch.manual_seed(seed)`` runs before
+each micro-batch, so sampled outputs repeat exactly for the same batch composition
+(same rows, same ``batch_size``); the same row in a different batch may differ.
+Greedy outputs do not depend on batch composition (left padding is masked and
+position ids follow the attention mask).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from actors.base import EngineError, Generation, SamplingParams
+from actors.config import EngineConfig
+from actors.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model
+
+# End-of-turn markers of common chat templates; each one the template uses also stops generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+class TransformersEngine:
+    """``Engine`` on a Hugging Face causal LM. ``name`` is ``transformers:<model label>``."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
+        self.source = resolve_model(cfg.model)
+        self.device = resolve_device(cfg.device)
+        self.model = load_causal_lm(self.source, cfg.dtype, self.device).eval()
+        self.tokenizer = load_tokenizer(cfg.tokenizer or self.source)
+        self.name = f"transformers:{self.source.label}"
+        self.pad_id = self.tokenizer.pad_token_id
+        self.stop_ids = self._stop_token_ids()
+
+    # ---------------------------------------------------------------- prompts
+    def _stop_token_ids(self) -> list[int]:
+        """The tokenizer's EOS, the model's generation-config EOS, and the chat template's end of turn."""
+        ids: set[int] = set()
+        for x in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            ids.update(x if isinstance(x, (list, tuple)) else [] if x is None else [x])
+        template, vocab = str(self.tokenizer.chat_template or ""), self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in template and t in vocab)
+        return sorted(ids)
+
+    def _encode(self, conversation) -> list[int]:
+        """Token ids of the chat-templated prompt, ending with the assistant-turn header."""
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, conversation) -> int:
+        """Prompt length in tokens, exactly as ``generate`` would see it."""
+        return len(self._encode(conversation))
+
+    def _encode_all(self, conversations, limit: int) -> tuple[list, dict[int, str]]:
+        """(ids per row, {row: error reason}) — rows over ``limit`` tokens or unencodable are errors."""
+        encoded, errors = [], {}
+        for i, conv in enumerate(conversations):
+            try:
+                ids = self._encode(conv)
+            except Exception as e:  # noqa: BLE001 — a malformed conversation is one bad row
+                encoded.append(None)
+                errors[i] = f"bad_conversation: {type(e).__name__}: {e}"
+                continue
+            encoded.append(ids)
+            if len(ids) > limit:
+                errors[i] = f"prompt_too_long: {len(ids)} tokens > limit {limit}"
+        return encoded, errors
+
+    def _micro_batches(self, rows: list[int], encoded: list) -> list[list[int]]:
+        """Row indices sorted by prompt length (longest first), cut into chunks of ``batch_size``."""
+        order = sorted(rows, key=lambda i: -len(encoded[i]))
+        size = max(1, int(self.cfg.batch_size))
+        return [order[k:k + size] for k in range(0, len(order), size)]
+
+    def _pad_left(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = [[self.pad_id] * (width - len(r)) + r for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device))
+
+    @staticmethod
+    def _run_chunk(chunk: list[int], fn, on_error):
+        """``fn(chunk)``; if it raises, ``fn`` row by row, ``on_error(exc)`` for the rows that still fail."""
+        try:
+            return fn(chunk)
+        except Exception:  # noqa: BLE001 — retry alone to isolate the bad row(s)
+            results = []
+            for i in chunk:
+                try:
+                    results.extend(fn([i]))
+                except Exception as e:  # noqa: BLE001
+                    results.append(on_error(e))
+            return results
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, conversations, params: SamplingParams) -> list[Generation]:
+        """One assistant reply per conversation, in input order (see the module docstring)."""
+        if params.max_new_tokens < 1:
+            raise EngineError(f"sampling.max_new_tokens must be ≥ 1, got {params.max_new_tokens}")
+        limit = self.cfg.max_model_len - params.max_new_tokens
+        encoded, errors = self._encode_all(conversations, limit)
+        out: list[Generation | None] = [Generation.failed(errors[i]) if i in errors else None
+                                        for i in range(len(conversations))]
+        ok = [i for i in range(len(conversations)) if i not in errors]
+        for chunk in self._micro_batches(ok, encoded):
+            results = self._run_chunk(
+                chunk, lambda rows: self._generate_rows([encoded[i] for i in rows], params),
+                lambda e: Generation.failed(f"generate_error: {type(e).__name__}: {e}"))
+            for i, g in zip(chunk, results):
+                out[i] = g
+        return out
+
+    def _generate_rows(self, rows: list[list[int]], params: SamplingParams) -> list[Generation]:
+        ids, mask = self._pad_left(rows)
+        kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        if params.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = params.repetition_penalty
+        if params.greedy:
+            kwargs.update(do_sample=False)
+        else:  # plain temperature / nucleus sampling: top_k=0 switches off transformers' default top-k of 50
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            seqs = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        new = seqs[:, ids.shape[1]:].tolist()
+        return [self._finish(len(r), toks, params) for r, toks in zip(rows, new)]
+
+    def _finish(self, prompt_tokens: int, toks: list[int], params: SamplingParams) -> Generation:
+        """Cut at the first stop token, then at the first stop string; count and decode."""
+        stops = set(self.stop_ids)
+        cut = next((k for k, t in enumerate(toks) if t in stops), None)
+        used, reason = (toks, "length") if cut is None else (toks[:cut + 1], "stop")
+        text = self.tokenizer.decode(used, skip_special_tokens=True)
+        hits = [p for p in (text.find(s) for s in params.stop if s) if p >= 0]
+        if hits:
+            text, reason = text[:min(hits)], "stop"
+            used = used[:self._tokens_until_stop(used, params.stop)]
+        return Generation(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=len(used),
+                          finish_reason=reason)
+
+    def _tokens_until_stop(self, toks: list[int], stop) -> int:
+        """Fewest leading tokens whose decoded text already contains a stop string (binary search)."""
+        lo, hi = 1, len(toks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self.tokenizer.decode(toks[:mid], skip_special_tokens=True)
+            lo, hi = (lo, mid) if any(s and s in text for s in stop) else (mid + 1, hi)
+        return hi
+
+    # ---------------------------------------------------------------- choices
+    def _choice_token_ids(self, choices: list[str]) -> list[int]:
+        """Each choice → its first token as it would start an assistant reply ("A" → "A", "(A)" → "(")."""
+        if not choices:
+            raise EngineError("choice_logprobs: no choices given — pass e.g. ['A', 'B']")
+        firsts = []
+        for c in choices:
+            ids = self.tokenizer(c, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise EngineError(f"choice_logprobs: choice {c!r} encodes to no tokens — pass non-empty choices")
+            firsts.append(ids[0])
+        if len(set(firsts)) < len(firsts):
+            shown = ", ".join(f"{c!r}→{self.tokenizer.convert_ids_to_tokens(t)!r}" for c, t in zip(choices, firsts))
+            raise EngineError(f"choice_logprobs: choices share a first token ({shown}) — use choices that differ "
+                              "in their first token, e.g. 'A'/'B' rather than '(A)'/'(B)'")
+        return firsts
+
+    def choice_logprobs(self, conversations, choices: list[str]) -> list[list[float]]:
+        """log P(first token of each choice) as the assistant's next token, in ``choices`` order.
+
+        One prefill forward pass per micro-batch, no sampling; the log-probs are over the full
+        vocabulary, so ``exp`` of a row sums to ≤ 1. A row that is too long (or fails) comes back
+        as all-NaN: callers treat NaN as a row error.
+        """
+        choice_ids = self._choice_token_ids(list(choices))
+        encoded, errors = self._encode_all(conversations, self.cfg.max_model_len - 1)
+        nan_row = [math.nan] * len(choice_ids)
+        out = [list(nan_row) for _ in conversations]
+        ok = [i for i in range(len(conversations)) if i not in errors]
+        for chunk in self._micro_batches(ok, encoded):
+            rows = self._run_chunk(chunk, lambda rs: self._prefill([encoded[i] for i in rs], choice_ids),
+                                   lambda e: list(nan_row))
+            for i, r in zip(chunk, rows):
+                out[i] = r
+        return out
+
+    def _prefill(self, rows: list[list[int]], choice_ids: list[int]) -> list[list[float]]:
+        ids, mask = self._pad_left(rows)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded: each row starts at position 0
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp[:, choice_ids].tolist()

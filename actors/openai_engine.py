@@ -1,0 +1,265 @@
+"""The OpenAI-compatible HTTP backend of the engine protocol (DESIGN.md §3).
+
+Talks to ``POST {cfg.openai.base_url}/chat/completions`` of any OpenAI-compatible server
+(a hosted judge, ``vllm serve``, our own Ray Serve app) with the standard library only:
+``urllib.request`` plus a thread pool of ``cfg.openai.max_concurrency`` workers, one
+request per row, results in input order.
+
+- **API key**: read at request time from the environment variable *named* by
+  ``cfg.openai.api_key_env`` and sent as ``Authorization: Bearer ...``; it is never stored
+  on the engine, logged, or accepted from config.
+- **Retries**: connection errors, timeouts, HTTP 429 and 5xx are retried up to
+  ``max_retries`` times, waiting ``backoff_s * 2**attempt`` plus up to 25 % jitter, or the
+  server's ``Retry-After`` when it sends one; every wait is capped at 30 s. Any other 4xx
+  fails its row at once. A row that still fails becomes ``Generation.failed("<code>: <detail>")``
+  (codes: ``http_<status>``, ``timeout``, ``connection_error``, ``bad_response``,
+  ``bad_conversation``) — never an exception for the batch.
+- **Seeds**: with ``params.seed`` set, each row is sent its own seed derived from
+  ``(seed, conversation, how many identical conversations came before it in the batch)``,
+  so duplicated prompts (K samples per prompt) still get different samples, and a row's
+  seed does not depend on the other rows of its batch.
+"""
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from actors.base import EngineError, Generation, SamplingParams
+from actors.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 30.0  # cap on any single retry wait, Retry-After included
+VERY_UNLIKELY = -9999.0  # OpenAI reports tokens outside its top 20 with this logprob
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# ---------------------------------------------------------------- pure helpers
+def conversation_key(conversation) -> str:
+    """A stable text key of a conversation (used to derive per-row seeds)."""
+    return json.dumps(conversation, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def row_seeds(seed: int | None, keys: list[str]) -> list[int | None]:
+    """One seed per row from ``(seed, key, occurrence of that key so far)``; ``None`` stays ``None``."""
+    if seed is None:
+        return [None] * len(keys)
+    seen: dict[str, int] = {}
+    out = []
+    for key in keys:
+        k = seen[key] = seen.get(key, -1) + 1
+        digest = hashlib.sha256(f"{seed}\x00{k}\x00{key}".encode()).digest()
+        out.append(int.from_bytes(digest[:4], "big") & 0x7FFFFFFF)
+    return out
+
+
+def retry_delay(attempt: int, backoff_s: float, retry_after: str | None = None) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): ``Retry-After`` (delta-seconds or an
+    HTTP date) when given, else ``backoff_s * 2**attempt`` plus up to 25 % jitter; ≤ 30 s."""
+    if retry_after:
+        try:
+            return min(MAX_WAIT_S, max(0.0, float(retry_after)))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(retry_after).timestamp()
+                return min(MAX_WAIT_S, max(0.0, when - time.time()))
+            except (TypeError, ValueError, OverflowError):
+                pass  # unparseable header: fall back to our own backoff
+    base = backoff_s * 2 ** attempt
+    return min(MAX_WAIT_S, base + random.uniform(0.0, 0.25 * base))
+
+
+def choice_matches(token: str, choice: str) -> bool:
+    """The matching rule of ``choice_logprobs``: a returned token stands for ``choice`` when,
+    whitespace-stripped, it equals the choice, ``"(" + choice``, ``choice + ")"`` or
+    ``"(" + choice + ")"`` (case-sensitive: "a" is not "A"). So " A", "A", "(A" and "A)" all
+    count as answer A."""
+    c, t = choice.strip(), token.strip()
+    return bool(c) and t in (c, f"({c}", f"{c})", f"({c})")
+
+
+def match_choices(candidates: list[tuple[str, float]], choices: list[str]) -> list[float]:
+    """Per choice, the max logprob over the ``(token, logprob)`` candidates matching it
+    (:func:`choice_matches`); ``-inf`` for a choice none matches. If *no* choice matches
+    any candidate the row is unknowable from the top-k: all NaN (callers treat NaN as a row
+    error). Logprobs at OpenAI's "very unlikely" sentinel (-9999) count as absent."""
+    out = []
+    for c in choices:
+        found = [float(lp) for tok, lp in candidates
+                 if lp is not None and float(lp) > VERY_UNLIKELY and choice_matches(str(tok), c)]
+        out.append(max(found) if found else -math.inf)
+    return out if any(v > -math.inf for v in out) else [math.nan] * len(choices)
+
+
+def _short(raw: bytes | str, limit: int = 200) -> str:
+    """A one-line error detail: the JSON ``error.message`` when there is one, else the text."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    try:
+        err = json.loads(text).get("error")
+        text = err.get("message", text) if isinstance(err, dict) else (err or text)
+    except (ValueError, AttributeError):
+        pass
+    text = " ".join(str(text).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+class _RowFailed(Exception):
+    """One row failed for good; ``str(exc)`` is ``"<code>: <detail>"``."""
+
+
+# ---------------------------------------------------------------- the engine
+class OpenAIEngine:
+    """``Engine`` over an OpenAI-compatible ``/chat/completions`` endpoint; ``name`` is
+    ``openai:<model>``. ``requests`` and ``retries`` count HTTP attempts and retries."""
+
+    def __init__(self, cfg: EngineConfig):
+        o = cfg.openai
+        if not str(o.base_url).startswith(("http://", "https://")):
+            raise EngineError(f"engine.openai.base_url: {o.base_url!r} is not an http(s) URL — "
+                              "use e.g. http://127.0.0.1:8000/v1")
+        if not _ENV_NAME.fullmatch(str(o.api_key_env or "")):
+            # Never echo the value: it may be a key pasted into the wrong field.
+            raise EngineError("engine.openai.api_key_env: must be the NAME of an environment variable "
+                              "(letters, digits, _), e.g. OPENAI_API_KEY — never the key itself")
+        if o.max_concurrency < 1 or o.max_retries < 0 or o.timeout_s <= 0 or o.top_logprobs < 1:
+            raise EngineError("engine.openai: max_concurrency ≥ 1, max_retries ≥ 0, timeout_s > 0 and "
+                              f"top_logprobs ≥ 1 are required (got {o.max_concurrency}, {o.max_retries}, "
+                              f"{o.timeout_s}, {o.top_logprobs})")
+        self.cfg, self.opts = cfg, o
+        self.url = str(o.base_url).rstrip("/") + "/chat/completions"
+        self.name = f"openai:{cfg.model}"
+        self.requests = 0
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(name={self.name!r}, url={self.url!r}, key_from=${self.opts.api_key_env})"
+
+    # ------------------------------------------------------------ HTTP
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.opts.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _count(self, attr: str) -> None:
+        with self._lock:
+            setattr(self, attr, getattr(self, attr) + 1)
+
+    def _post(self, payload: dict) -> dict:
+        """POST with retries; the parsed JSON body, or :class:`_RowFailed`."""
+        try:
+            body = json.dumps(payload).encode()
+        except (TypeError, ValueError) as e:
+            raise _RowFailed(f"bad_conversation: not JSON-serializable: {e}") from None
+        last = ""
+        for attempt in range(self.opts.max_retries + 1):
+            retry_after = None
+            self._count("requests")
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
+                with urllib.request.urlopen(req, timeout=self.opts.timeout_s) as resp:
+                    raw = resp.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise _RowFailed(f"bad_response: not JSON: {_short(raw)}") from None
+            except urllib.error.HTTPError as e:
+                try:
+                    detail = _short(e.read())
+                except Exception:  # noqa: BLE001 — the body is only for the message
+                    detail = str(e.reason)
+                last = f"http_{e.code}: {detail}"
+                if e.code != 429 and e.code < 500:
+                    raise _RowFailed(last) from None
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, bad status lines
+                reason = getattr(e, "reason", e)
+                code = "timeout" if isinstance(reason, TimeoutError) else "connection_error"
+                last = f"{code}: {type(reason).__name__}: {reason}"
+            if attempt < self.opts.max_retries:
+                self._count("retries")
+                time.sleep(retry_delay(attempt, self.opts.backoff_s, retry_after))
+        raise _RowFailed(f"{last} (gave up after {self.opts.max_retries + 1} attempts)")
+
+    def _map(self, fn, rows: list) -> list:
+        """``fn`` over ``rows`` on at most ``max_concurrency`` threads, results in input order."""
+        if not rows:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.opts.max_concurrency, len(rows))) as pool:
+            return list(pool.map(fn, rows))
+
+    # ------------------------------------------------------------ generate
+    def generate(self, conversations, params: SamplingParams) -> list[Generation]:
+        """One assistant reply per conversation, in input order (see the module docstring)."""
+        if params.max_new_tokens < 1:
+            raise EngineError(f"sampling.max_new_tokens must be ≥ 1, got {params.max_new_tokens}")
+        seeds = row_seeds(params.seed, [conversation_key(c) for c in conversations])
+        return self._map(lambda row: self._generate_one(row[0], params, row[1]), list(zip(conversations, seeds)))
+
+    def _generate_one(self, conversation, params: SamplingParams, seed: int | None) -> Generation:
+        payload = {"model": self.cfg.model, "messages": conversation, "max_tokens": params.max_new_tokens,
+                   "temperature": max(0.0, params.temperature), "top_p": params.top_p}
+        if seed is not None:
+            payload["seed"] = seed
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        if params.repetition_penalty != 1.0:  # an extension vLLM's OpenAI server accepts; others ignore it
+            payload["repetition_penalty"] = params.repetition_penalty
+        try:
+            data = self._post(payload)
+            choice = data["choices"][0]
+            text = (choice.get("message") or {}).get("content") or ""
+            usage = data.get("usage") or {}
+        except _RowFailed as e:
+            return Generation.failed(str(e))
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            return Generation.failed(f"bad_response: no choices[0].message ({type(e).__name__}: {e})")
+        raw_reason = choice.get("finish_reason") or "stop"
+        gen = Generation(text=str(text).strip(), prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                         completion_tokens=int(usage.get("completion_tokens") or 0),
+                         finish_reason="length" if raw_reason == "length" else "stop")
+        if raw_reason not in ("stop", "length"):
+            gen.extra["finish_reason"] = raw_reason  # e.g. content_filter, tool_calls
+        return gen
+
+    # ------------------------------------------------------------ choices
+    def choice_logprobs(self, conversations, choices: list[str]) -> list[list[float]]:
+        """log P(each choice) as the assistant's first token, from the server's top-k
+        alternatives (``max_tokens=1, temperature=0, logprobs=true, top_logprobs=k``) matched to
+        the choices by :func:`choice_matches`. A choice outside the top-k gets ``-inf``; a row
+        where no choice is in the top-k, or whose request failed, is all NaN (a row error)."""
+        choices = list(choices)
+        if not choices or not all(str(c).strip() for c in choices):
+            raise EngineError("choice_logprobs: choices must be non-empty strings — pass e.g. ['A', 'B']")
+        rows = self._map(lambda conv: self._choice_one(conv, choices), list(conversations))
+        failed = [r for r in rows if isinstance(r, str)]
+        if failed:
+            log.warning("%s: %d/%d choice_logprobs rows failed, e.g. %s", self.name, len(failed), len(rows), failed[0])
+        return [[math.nan] * len(choices) if isinstance(r, str) else r for r in rows]
+
+    def _choice_one(self, conversation, choices: list[str]) -> list[float] | str:
+        payload = {"model": self.cfg.model, "messages": conversation, "max_tokens": 1, "temperature": 0.0,
+                   "logprobs": True, "top_logprobs": self.opts.top_logprobs}
+        try:
+            first = self._post(payload)["choices"][0]["logprobs"]["content"][0]
+            candidates = [(first.get("token", ""), first.get("logprob"))]
+            candidates += [(t.get("token", ""), t.get("logprob")) for t in first.get("top_logprobs") or []]
+        except _RowFailed as e:
+            return str(e)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            return f"bad_response: no choices[0].logprobs.content[0] ({type(e).__name__}: {e})"
+        return match_choices(candidates, choices)

@@ -1,0 +1,1 @@
+"""YAML constitutions: data, not code."""

@@ -1,0 +1,189 @@
+"""Typed configs of the training jobs (DESIGN.md §5), validated by ``workflows.typed.from_dict``.
+
+``TrainConfig`` holds what every job shares (model, DeepSpeed/ZeRO, optimisation, data,
+checkpoints, Ray resources); ``SFTConfig``, ``RewardConfig`` and ``DPOConfig`` add their own
+fields. In a recipe they are flat stage entries::
+
+    - stage: dpo
+      model: sft_model          # an earlier stage's model, a directory, a .gguf, or `embedded`
+      input: preferences        # an earlier stage's dataset, or a parquet directory
+      zero_stage: 2
+      num_workers: 2
+      beta: 0.1
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from workflows.errors import ConfigError
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters (peft) instead of full fine-tuning; merged into the exported model."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self, where: str) -> None:
+        if self.r < 1:
+            raise ConfigError(f"{where}.r", f"got {self.r}", "use a rank of 1 or more (8–64 is usual)")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha", f"got {self.alpha}", "use a positive scale, e.g. 2 × r")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout", f"got {self.dropout}", "use a value in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError(f"{where}.target_modules", "is empty", "list module names, e.g. [q_proj, v_proj]")
+
+
+@dataclass
+class TrainConfig:
+    """What every training job shares. ``model``/``input`` may name an earlier stage's output."""
+
+    model: str = "embedded"  # `embedded`, a save_pretrained directory, a .gguf, or an earlier stage's model
+    input: str = "sft"  # dataset of an earlier stage, or a parquet directory
+    output: str = "model"  # name of the exported Hugging Face directory inside the stage directory
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0–3
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    micro_batch_size: int = 4  # sequences (pairs for reward/DPO) per worker per forward pass
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_length: int = 1024  # tokens per sequence; rows whose answer would be cut off entirely are dropped
+    epochs: int = 1
+    max_steps: int | None = None  # cap on optimizer steps
+    seed: int | None = None  # default: the recipe's seed
+    eval_fraction: float = 0.05  # held-out rows (chosen by a hash of the row id)
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    group_by_length: bool = True  # sort within windows of batches by length to cut padding
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100  # steps between checkpoints; 0: none before the end
+    keep_checkpoints: int = 2
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2  # restarts from the last checkpoint after a worker fails (-1: unlimited)
+    lora: LoraSettings | None = None
+    # Fault injection, for tests of resuming only: rank 0 raises once when it reaches this step
+    # (a `_fault_injected` marker in the stage directory makes it once per stage directory).
+    fail_at_step: int | None = None
+
+    def validate(self, where: str) -> None:
+        def bad(name: str, fix: str) -> ConfigError:
+            return ConfigError(f"{where}.{name}", f"got {getattr(self, name)!r}", fix)
+
+        if not self.model.strip():
+            raise bad("model", "use `embedded`, a model directory, a .gguf file or an earlier stage's model")
+        if not self.input.strip():
+            raise bad("input", "name an earlier stage's dataset or a parquet directory")
+        if not self.output or "/" in self.output or "\\" in self.output or self.output.startswith(("_", ".")):
+            raise bad("output", "use a plain directory name such as `model`")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise bad("zero_stage", "use 0 (plain data parallel), 1, 2 or 3")
+        for name in ("micro_batch_size", "grad_accum", "epochs", "num_workers", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise bad(name, "use 1 or more")
+        if self.lr <= 0:
+            raise bad("lr", "use a positive learning rate, e.g. 1e-5")
+        for name in ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every",
+                     "gpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise bad(name, "use 0 or more")
+        if self.max_length < 16:
+            raise bad("max_length", "use at least 16 tokens (a prompt and an answer must fit)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("max_steps", "use 1 or more, or leave it out for full epochs")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise bad("eval_fraction", "use a fraction in [0, 1), e.g. 0.05")
+        if self.cpus_per_worker <= 0:
+            raise bad("cpus_per_worker", "use a positive number (fractions are fine)")
+        if self.max_failures < -1:
+            raise bad("max_failures", "use -1 (unlimited), 0 (no restarts) or more")
+        if self.fail_at_step is not None and self.fail_at_step < 1:
+            raise bad("fail_at_step", "leave it out (it is a fault-injection knob for tests) or use 1 or more")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on the ``sft`` dataset: loss on assistant tokens only."""
+
+    input: str = "sft"
+    output: str = "sft_model"
+    lr: float = 2e-5
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A reward (preference) model: backbone + scalar head, Bradley–Terry loss."""
+
+    input: str = "preferences"
+    output: str = "reward_model"
+    lr: float = 1e-5
+    margin: float = 0.0  # subtracted from r_chosen - r_rejected inside the loss
+    use_soft_labels: bool = True  # train on p_chosen (soft BCE) instead of hard 1/0 labels
+    normalize: bool = True  # `score` returns (r - mean) / std over the training set's rewards
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.margin < 0:
+            raise ConfigError(f"{where}.margin", f"got {self.margin}", "use 0 (no margin) or a positive margin")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation against the frozen starting model."""
+
+    input: str = "preferences"
+    output: str = "dpo_model"
+    lr: float = 5e-7
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO; ignored for rows with soft labels when use_soft_labels
+    use_soft_labels: bool = False  # use p_chosen as the per-pair label (cDPO/soft IPO)
+    reference: Literal["precompute", "model"] = "precompute"  # logprobs once up front, or a frozen copy
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.beta <= 0:
+            raise ConfigError(f"{where}.beta", f"got {self.beta}", "use a positive beta, e.g. 0.1")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{where}.label_smoothing", f"got {self.label_smoothing}", "use a value in [0, 0.5)")
+
+
+# ---------------------------------------------------------------- derived settings
+
+def resolve_precision(cfg) -> str:
+    return cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.gpus_per_worker > 0 else "fp32")
+
+
+def deepspeed_config(cfg, precision: str) -> dict:
+    """DeepSpeed's config dict. The optimizer is torch's AdamW (``torch_adam``): nothing to
+    compile, and it runs on CPU and GPU alike."""
+    ds = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+          "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": precision == "bf16"},
+          "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                    "weight_decay": cfg.weight_decay, "torch_adam": True}},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    if cfg.max_grad_norm > 0:
+        ds["gradient_clipping"] = cfg.max_grad_norm
+    return ds
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr for optimizer step ``s`` (0-based): linear warmup to 1 over
+    ``warmup`` steps, then cosine/linear decay towards 0 at ``total`` (or constant)."""
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress if schedule == "linear" else 1.0
+    return f

@@ -1,0 +1,176 @@
+"""The driver: runs a recipe's stages in order, handing each the datasets of the ones before.
+
+A recipe is YAML (see ``workflows/recipes/``)::
+
+    name: demo
+    run_dir: runs/demo
+    stages:
+      - stage: prompts
+        path: builtin:red_team
+      - stage: critique_revision
+        rounds: 1
+
+Adding a stage = one entry in ``STAGES`` (its config dataclass, its ``run(cfg, ctx)``,
+the datasets it makes). A finished stage (``_SUCCESS`` with the same config hash) is
+skipped; an interrupted one resumes from its raw rows.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cluster.connect import RayConfig, connect
+from workflows import stage as stage_mod
+from workflows import storage, summary
+from workflows.errors import ConfigError
+from workflows.stage import StageContext
+from workflows.typed import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    config: str  # "module:Class" of the stage's config dataclass
+    run: str  # "module:function" taking (cfg, ctx) and returning the _SUCCESS info
+    outputs: tuple[str, ...]
+    help: str
+
+    def load(self, ref: str):
+        module, attr = ref.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+STAGES: dict[str, StageSpec] = {
+    "prompts": StageSpec("workflows.prompts:PromptsConfig", "workflows.ingest:run", ("prompts",),
+                         "read prompts (jsonl/csv/parquet/HF dataset/builtin) into the prompts dataset"),
+    "critique_revision": StageSpec(
+        "workflows.critique_revision:CritiqueRevisionConfig", "workflows.critique_revision:run", ("sl_cai", "sft"),
+        "SL-CAI: answer, then N rounds of critique and revision under sampled principles"),
+    "preference": StageSpec(
+        "workflows.preference:PreferenceConfig", "workflows.preference:run", ("pairs", "preferences"),
+        "RL-CAI: K samples per prompt, pairs judged (A)/(B) under sampled principles in both orders, soft labels"),
+    "sft": StageSpec("training.config:SFTConfig", "training.sft:run", ("sft_model",),
+                     "supervised fine-tuning on the sft dataset (Ray Train + DeepSpeed)"),
+    "reward": StageSpec("training.config:RewardConfig", "training.reward:run", ("reward_model",),
+                        "reward model: backbone + scalar head, Bradley–Terry with soft labels, on preferences"),
+    "dpo": StageSpec("training.config:DPOConfig", "training.dpo:run", ("dpo_model",),
+                     "DPO / cDPO / IPO against the frozen starting model, on preferences"),
+}
+# Fields that size the pool but do not change results: changing them still resumes a run.
+_RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
+# Training settings that change how a job runs, not what it learns.
+_RUNTIME_FIELDS = ("cpus_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every", "fail_at_step")
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    run_dir: str = "runs/run"  # a local path or s3://bucket/prefix
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    stages: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    kind: str
+    config: object
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "no such recipe file", "see workflows/recipes/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
+    return from_dict(Recipe, data, str(path))
+
+
+def plan(recipe: Recipe, where: str = "recipe") -> list[PlannedStage]:
+    """Validate every stage entry into its typed config; names must be unique."""
+    if not recipe.stages:
+        raise ConfigError(f"{where}: stages", "is empty", "list at least one stage, e.g. `- stage: prompts`")
+    planned, names = [], set()
+    for i, entry in enumerate(recipe.stages):
+        at = f"{where}: stages[{i}]"
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise ConfigError(at, "needs a `stage:` key", f"one of: {', '.join(STAGES)}")
+        body = dict(entry)
+        kind, name = body.pop("stage"), body.pop("name", None) or entry["stage"]
+        if kind not in STAGES:
+            raise ConfigError(f"{at}.stage", f"unknown stage {kind!r}", f"one of: {', '.join(STAGES)}")
+        if name in names:
+            raise ConfigError(f"{at}.name", f"duplicate stage name {name!r}", "give each stage a unique `name:`")
+        names.add(name)
+        spec = STAGES[kind]
+        planned.append(PlannedStage(name, kind, from_dict(spec.load(spec.config), body, at)))
+    return planned
+
+
+def _without_resources(data):
+    """Drop pool-sizing fields of every engine config, wherever it sits (engine, policy, judges[i])."""
+    if isinstance(data, dict):
+        is_engine = "backend" in data and "model" in data
+        return {k: _without_resources(v) for k, v in data.items() if not (is_engine and k in _RESOURCE_FIELDS)}
+    if isinstance(data, list):
+        return [_without_resources(v) for v in data]
+    return data
+
+
+def result_hash(cfg, seed: int) -> str:
+    data = {k: v for k, v in _without_resources(to_dict(cfg)).items() if k not in _RUNTIME_FIELDS}
+    return stage_mod.config_hash({**data, "_seed": seed})
+
+
+def _check_resumable(ctx: StageContext, h: str, info: dict | None) -> bool:
+    """True if the stage is already finished with this config. A finished or half-finished
+    stage made with another config is an error: mixing results would be silent corruption."""
+    started_uri = ctx.path("_config.json")
+    old = info["config_hash"] if info else (storage.read_json(started_uri)["config_hash"]
+                                            if storage.exists(started_uri) else None)
+    if old is not None and old != h:
+        raise ConfigError(f"stage {ctx.name}", f"{ctx.dir} was made with a different config",
+                          f"re-run with `--restart-from {ctx.name}` to redo it (and what follows), "
+                          "or use another run_dir")
+    return info is not None
+
+
+def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "recipe") -> dict[str, dict]:
+    stages = plan(recipe, where)
+    names = [s.name for s in stages]
+    if restart_from is not None and restart_from not in names:
+        raise ConfigError("--restart-from", f"no stage named {restart_from!r}", f"stages: {', '.join(names)}")
+    connect(recipe.ray)
+    storage.makedirs(recipe.run_dir)
+    storage.write_text(storage.join(recipe.run_dir, "recipe.yaml"), yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    if restart_from is not None:
+        for s in stages[names.index(restart_from):]:
+            storage.delete(storage.join(recipe.run_dir, s.name))
+    datasets: dict[str, str] = {}
+    infos: dict[str, dict] = {}
+    started = time.time()
+    for s in stages:
+        h = result_hash(s.config, recipe.seed)
+        ctx = StageContext(recipe.run_dir, s.name, recipe.seed, inputs=dict(datasets), config_hash=h)
+        info = stage_mod.read_success(ctx.dir)
+        if _check_resumable(ctx, h, info):
+            print(f"[{s.name}] already finished ({info['outputs']} rows, {info['errors']} errors) — skipped")
+        else:
+            storage.write_json(ctx.path("_config.json"), {"config_hash": h, "config": to_dict(s.config)})
+            spec = STAGES[s.kind]
+            info = spec.load(spec.run)(s.config, ctx)
+        infos[s.name] = info
+        outputs = (s.config.output,) if hasattr(s.config, "output") else STAGES[s.kind].outputs
+        datasets.update({d: ctx.path(d) for d in outputs})
+    summary.run_summary(recipe.run_dir, recipe.name, infos)
+    print(f"\nrun {recipe.name} finished in {time.time() - started:.0f} s; "
+          f"summary: {storage.join(recipe.run_dir, 'summary.md')}")
+    return infos
