@@ -241,6 +241,11 @@ def load_items(tokenize: Callable, tok, cfg, run: dict) -> tuple[list, list, dic
     return train[:keep], evals, total
 
 
+def token_count(batch: dict) -> int:
+    """Real (unpadded) tokens in a collated batch: the sum of its attention masks."""
+    return int(sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")))
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -356,7 +361,7 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     for ax, keys in ((ax1, ["loss", "eval_loss"]), (ax2, sorted({k for h in history for k in h} - {
-            "step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "seconds"}) or ["lr"])):
+            "step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "seconds", "tokens"}) or ["lr"])):
         for k in keys:
             pts = [(h["step"], h[k]) for h in history if h.get(k) is not None]
             if pts:
@@ -421,16 +426,19 @@ def fit(task: Task, cfg, run: dict) -> None:
             if cfg.fail_at_step == state["step"] + 1 and dist.get_rank() == 0 and not storage.exists(marker):
                 storage.write_text(marker, f"fault injected at step {cfg.fail_at_step}\n")
                 raise RuntimeError(f"fault injection: fail_at_step={cfg.fail_at_step} (a test-only setting)")
-            t0, lr, acc = time.time(), sched.get_last_lr()[0], {}
+            t0, lr, acc, ntok = time.time(), sched.get_last_lr()[0], {}, 0
             for b in batches[s * ga:(s + 1) * ga]:
-                loss, stats = task.step(engine, _to(task.collate([task.train[i] for i in b]), engine.device))
+                batch = task.collate([task.train[i] for i in b])
+                ntok += token_count(batch)
+                loss, stats = task.step(engine, _to(batch, engine.device))
                 engine.backward(loss)
                 engine.step()
                 for key, v in {"loss": loss.item(), **stats}.items():
                     acc[key] = acc.get(key, 0.0) + float(v) / ga
-            rec = dict(zip(sorted(acc), (v / world for v in _reduce([acc[k] for k in sorted(acc)]))))
+            *sums, tokens = _reduce([acc[k] for k in sorted(acc)] + [ntok])
+            rec = dict(zip(sorted(acc), (v / world for v in sums)))
             state["step"] += 1
-            rec.update(step=state["step"], epoch=epoch, lr=lr, seconds=round(time.time() - t0, 4))
+            rec.update(step=state["step"], epoch=epoch, lr=lr, tokens=int(tokens), seconds=round(time.time() - t0, 4))
             if engine.get_global_grad_norm() is not None:
                 rec["grad_norm"] = float(engine.get_global_grad_norm())
             if task.eval and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total:
