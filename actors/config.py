@@ -46,5 +46,10 @@ class EngineConfig:
     num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor
     torch_threads: int | None = None  # intra-op threads per actor (default: num_cpus)
+    # transformers backend: prefill the token prefix the rows of a micro-batch share once, keep its
+    # keys/values, and reuse them across micro-batches and calls (the few-shot conversation of every
+    # critique prompt, the fixed header of every judge prompt). Outputs stay the same, up to float noise.
+    prefix_cache: bool = True
+    min_prefix_tokens: int = 32  # shorter shared prefixes are not worth the bookkeeping: plain left padding
     openai: OpenAIOptions = field(default_factory=OpenAIOptions)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)

@@ -7,11 +7,20 @@ come back in input order. A bad row (over-long prompt, broken conversation, a
 row the model chokes on) becomes a failed :class:`Generation` / a NaN row; it
 never fails the batch.
 
+Shared prefixes (``cfg.prefix_cache``, see :mod:`actors.prefix_cache`): when the rows of a
+micro-batch share at least ``cfg.min_prefix_tokens`` leading tokens, that prefix is prefilled
+once (or reused from the previous micro-batch or call), its keys/values are copied to every
+row, and only the suffixes run, padded in the middle. ``engine.stats`` counts what it saved.
+
 Reproducibility: with ``params.seed`` set, ``torch.manual_seed(seed)`` runs before
 each micro-batch, so sampled outputs repeat exactly for the same batch composition
 (same rows, same ``batch_size``); the same row in a different batch may differ.
-Greedy outputs do not depend on batch composition (left padding is masked and
-position ids follow the attention mask).
+Greedy outputs do not depend on batch composition (padding is masked and position
+ids follow the attention mask), nor on the prefix cache — up to float rounding, which
+in bfloat16 can flip a near-tie token now and then, as batching itself can. With the
+prefix cache that rounding also depends on how the kept prefix was computed (afresh,
+or extended/cropped from the previous micro-batch's), so a fresh engine given the same
+calls repeats them exactly, but one warmed up by other calls may differ at that level.
 """
 from __future__ import annotations
 
@@ -22,6 +31,8 @@ import torch
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
 from actors.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model
+from actors.prefix_cache import (STAT_KEYS, PrefixCache, pad_middle, positions_from_mask, shared_prefix_len,
+                                 supports_prefix_cache)
 
 # End-of-turn markers of common chat templates; each one the template uses also stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -40,6 +51,9 @@ class TransformersEngine:
         self.name = f"transformers:{self.source.label}"
         self.pad_id = self.tokenizer.pad_token_id
         self.stop_ids = self._stop_token_ids()
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.prefix = (PrefixCache(self.model, cfg.min_prefix_tokens, self.stats)
+                       if cfg.prefix_cache and supports_prefix_cache(self.model) else None)
 
     # ---------------------------------------------------------------- prompts
     def _stop_token_ids(self) -> list[int]:
@@ -87,6 +101,20 @@ class TransformersEngine:
         mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
         return (torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device))
 
+    def _batch_inputs(self, rows: list[list[int]]):
+        """(ids, attention mask, cache or None) of the full prompts. With a shared prefix the cache
+        holds its keys/values for every row and the rows are ``[prefix][pads][suffix]``; the model
+        must then run ``ids[:, cache length:]`` only. Without one: left padded, no cache."""
+        n = shared_prefix_len(rows, self.cfg.min_prefix_tokens) if self.prefix is not None else 0
+        if not n:
+            ids, mask = self._pad_left(rows)
+            self.stats["prefill_tokens"] += ids.numel()
+            return ids, mask, None
+        cache = self.prefix.batch_cache(rows[0][:n], len(rows))
+        ids, mask = pad_middle(rows, n, self.pad_id)
+        self.stats["prefill_tokens"] += len(rows) * (len(ids[0]) - n)
+        return torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), cache
+
     @staticmethod
     def _run_chunk(chunk: list[int], fn, on_error):
         """``fn(chunk)``; if it raises, ``fn`` row by row, ``on_error(exc)`` for the rows that still fail."""
@@ -120,8 +148,10 @@ class TransformersEngine:
         return out
 
     def _generate_rows(self, rows: list[list[int]], params: SamplingParams) -> list[Generation]:
-        ids, mask = self._pad_left(rows)
+        ids, mask, cache = self._batch_inputs(rows)
         kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        if cache is not None:  # generate runs the uncached tokens only; positions follow the mask
+            kwargs["past_key_values"] = cache
         if params.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = params.repetition_penalty
         if params.greedy:
@@ -194,10 +224,12 @@ class TransformersEngine:
         return out
 
     def _prefill(self, rows: list[list[int]], choice_ids: list[int]) -> list[list[float]]:
-        ids, mask = self._pad_left(rows)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded: each row starts at position 0
+        ids, mask, cache = self._batch_inputs(rows)
+        positions = positions_from_mask(mask)  # as if unpadded: each row starts at position 0
+        start = cache.get_seq_length() if cache is not None else 0  # the cached prefix is not run again
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                use_cache=False, logits_to_keep=1).logits[:, -1, :]
+            logits = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
+                                past_key_values=cache, use_cache=cache is not None,
+                                logits_to_keep=1).logits[:, -1, :]
         logp = torch.log_softmax(logits.float(), dim=-1)
         return logp[:, choice_ids].tolist()

@@ -29,6 +29,19 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
+
+# Ray Train's placement-group cleaner asks the state API (served by the dashboard) once a
+# second whether the train controller lives; without a dashboard every ask logs a warning.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Runs at the start of every Ray worker process (``worker_process_setup_hook``)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def connect(cfg: RayConfig | None = None) -> None:
     """Start or join Ray once per process; a second call is a no-op."""
     import ray
@@ -36,10 +49,13 @@ def connect(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
-    runtime_env: dict = {"env_vars": worker_env()}
+    runtime_env: dict = {"env_vars": worker_env(), "worker_process_setup_hook": "cluster.connect.quiet_worker_logs"}
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     if cfg.address in ("local", "", None):
-        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False)
+        # No dashboard and no metrics agent on a laptop/CI node: the local cluster starts faster, and
+        # the metrics exporter thread (a known source of segfaults in exiting Ray workers) never runs.
+        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False,
+                      _system_config=LOCAL_SYSTEM_CONFIG)
     else:
         # Ship the repo so the top-level packages import on every node with no install step.
         runtime_env["working_dir"] = str(REPO_ROOT)

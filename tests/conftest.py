@@ -47,11 +47,44 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def varied_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """``tiny_llama_dir``'s architecture and tokenizer with an *untied*, larger random head.
+
+    With tied embeddings a random tiny model just repeats the last prompt token ("\\n" after
+    the assistant header), so every output would be the same empty string after strip() and
+    no padding or caching bug could show. An untied random head makes outputs depend on the
+    whole context.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(tiny_llama_dir)
+    cfg.tie_word_embeddings, cfg.initializer_range = False, 0.1
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("varied-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """Engines set torch's (process-wide) thread count; give it back to later tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        from cluster.connect import LOCAL_SYSTEM_CONFIG
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -23,31 +23,7 @@ CONVS = [  # four prompts of clearly different lengths
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The engine sets torch's (process-wide) thread count; give it back to later test modules."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def varied_llama_dir(tiny_llama_dir, tmp_path_factory):
-    """``tiny_llama_dir``'s architecture and tokenizer with an *untied* output head.
-
-    With tied embeddings a random tiny model just repeats the last prompt token ("\\n" after
-    the assistant header), so every output would be the same empty string after strip() and
-    no padding bug could show. An untied random head makes outputs depend on the whole context.
-    """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig.from_pretrained(tiny_llama_dir)
-    cfg.tie_word_embeddings, cfg.initializer_range = False, 0.1
-    torch.manual_seed(1)
-    out = tmp_path_factory.mktemp("varied-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def _engine(model_dir, **kw) -> TransformersEngine:

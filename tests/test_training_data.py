@@ -194,3 +194,22 @@ def test_merge_lora_matches_peft(tiny_llama_dir):
     assert sorted(merged) == sorted(expected)
     for k in expected:
         torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_exported_model_drops_the_gguf_quantization_setting(tiny_llama_dir, tmp_path):
+    """A model trained from a GGUF source is saved as plain tensors; its config.json must not
+    send loaders back to a GGUF file, and the directory must reload with the same weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from training.core import save_lm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False}
+    save_lm({k: v.clone() for k, v in model.state_dict().items()}, str(tmp_path), model, SFTConfig())
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert hasattr(model.config, "quantization_config")  # the live model's config is left alone
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, p in again.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name]), name

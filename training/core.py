@@ -16,11 +16,14 @@ Hugging Face directory, ``metrics.jsonl``, ``loss.png`` and ``train_summary.json
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,7 +99,9 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
     fs, path = storage.resolve(ctx.path("_ray"))
     resources = {"CPU": _worker_cpus(cfg), **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     train.context.enable_progress_bars = False  # per-worker bars garble the driver's log; fit prints steps
-    ingest = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own default sets a field it has deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker in the same order after a restart
     trainer = TorchTrainer(
         loop, datasets={"train": train},
@@ -166,7 +171,11 @@ def finish_stage(ctx: StageContext, summary: dict) -> dict:
             "seconds": summary["seconds"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows,
             "steps": summary["steps"], "final_loss": loss, "eval": summary["eval"],
             "model_dir": summary["model_dir"], "training": summary}
+    unused = rows.get("unused_to_balance_workers", 0) + rows.get("unused_by_split", 0)
     lines = stage_lines(info) + [
+        f"rows: {rows['trained']} trained + {rows.get('eval', 0)} held out for eval + "
+        f"{sum(n for k, n in rows.items() if k.startswith('dropped:'))} dropped (errors) + {unused} unused "
+        "(to give every worker the same number of rows)",
         f"steps {summary['steps']} on {summary['world_size']} workers (ZeRO-{summary['zero_stage']}, "
         f"{summary['precision']}), final loss {'n/a' if loss is None else f'{loss:.4f}'}, "
         f"resumed {summary['resumes']}×",
@@ -334,6 +343,17 @@ def load_lm(spec: str, cfg):
     return model
 
 
+def plain_config(config):
+    """A copy of a model config without the quantization settings of its source: a model loaded
+    from a GGUF file carries ``quantization_config`` (``quant_method: gguf``), but the trained
+    weights are saved as plain tensors, and a loader that saw the setting would look for the
+    GGUF file again."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def save_lm(sd: dict, out_dir: str, module, cfg, tokenizer=None) -> None:
     """A plain Hugging Face causal-LM directory from a full state dict (LoRA merged): a fresh
     model is built on the meta device, the weights are assigned (strictly) and saved."""
@@ -341,8 +361,9 @@ def save_lm(sd: dict, out_dir: str, module, cfg, tokenizer=None) -> None:
 
     if cfg.lora:
         sd, module = merge_lora(sd, cfg.lora.alpha / cfg.lora.r), module.get_base_model()
+    config = plain_config(module.config)
     with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(module.config)
+        fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(sd, strict=True, assign=True)
     fresh.tie_weights()
     fresh.config.use_cache = True
@@ -445,7 +466,9 @@ def fit(task: Task, cfg, run: dict) -> None:
                 rec.update(task.summarize(evaluate(engine, task, task.eval, task.evaluate, mb)))
             state["history"].append(rec)
             if dist.get_rank() == 0:
-                print(f"[{run['job']}] step {state['step']}/{total} loss {rec['loss']:.4f} lr {lr:.2e}", flush=True)
+                # straight to the process's stdout: Ray Train's patched print would log the line twice
+                print(f"[{run['job']}] step {state['step']}/{total} loss {rec['loss']:.4f} lr {lr:.2e}",
+                      file=sys.__stdout__, flush=True)
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
                 _save_checkpoint(engine, state, rec)
     _finish(engine, task, cfg, run, state, total, time.time() - started)

@@ -61,18 +61,18 @@ def write_stage_summary(ctx, info: dict, examples: list[dict] | None = None) -> 
 
 
 def run_summary(run_dir: str, recipe_name: str, infos: dict[str, dict]) -> str:
-    """Top-level ``summary.md`` of a run: every stage's counts and where its datasets are."""
+    """Top-level ``summary.md`` of a run: each stage's own summary (counts, errors by reason,
+    training figures, before/after examples) and where its datasets are."""
     lines = [f"# Run `{recipe_name}`", "", f"Run directory: `{run_dir}`", ""]
     for name, info in infos.items():
-        lines += [f"## {name}", *[f"- {line}" for line in stage_lines(info)]]
-        for ds in info.get("datasets", {}):
-            lines.append(f"- `{storage.join(run_dir, name, ds)}`")
-        lines.append("")
+        lines.append(f"## {name}")
         stage_md = storage.join(run_dir, name, "summary.md")
-        if storage.exists(stage_md):
-            body = storage.read_text(stage_md).split("## Before / after examples", 1)
-            if len(body) == 2:
-                lines += ["### Before / after examples", body[1].strip(), ""]
+        body = storage.read_text(stage_md).splitlines()[1:] if storage.exists(stage_md) else []
+        # the stage's own summary, its headings one level down; or the counts alone
+        lines += [("#" + x if x.startswith("#") else x) for x in body if x.strip()] or \
+            [f"- {line}" for line in stage_lines(info)]
+        lines += [f"- `{storage.join(run_dir, name, ds)}`" for ds in info.get("datasets", {})]
+        lines.append("")
     text = "\n".join(lines)
     storage.write_text(storage.join(run_dir, "summary.md"), text + "\n")
     return text
