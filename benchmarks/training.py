@@ -2,7 +2,7 @@
 versus a plain single-process PyTorch loop, same model, same rows, same global batch, same
 optimizer (AdamW), measured in one run.
 
-    python benchmarks/training.py [--model embedded] [--workers 2] [--steps 8] [--zero-stage 2]
+    python benchmarks/training.py [--model embedded] [--workers 2] [--steps 8] [--zero-stage 0]
 
 Both sides count real (unpadded) tokens and time optimizer steps only: the first step of each is
 a warm-up and left out, and neither side's model load or start-up is in the steady-state figure.
@@ -18,9 +18,15 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 
+# This file is named like the `training` package: take its folder off the import path (Ray
+# hands the driver's path to its workers too) and put the repository root there instead.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = ("I can't help with that, but here is some general and safe information that may be useful: "
@@ -104,7 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded", help="model spec: `embedded`, a directory or a .gguf")
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers")
-    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=0,
+                    help="DeepSpeed ZeRO stage; 0 (plain data parallel) suits a model that fits each worker, "
+                         "2 and 3 trade extra gloo traffic for memory")
     ap.add_argument("--micro-batch", type=int, default=4, help="rows per worker per step")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps on each side (the first is a warm-up)")
     ap.add_argument("--max-length", type=int, default=256)
