@@ -182,23 +182,27 @@ BAD_EXPECTED = {  # record index (blank line skipped) → reason
 }
 
 
-def check_bad_rows(rows):
-    assert len(rows) == len(BAD_EXPECTED)
-    by_loc = {r["_loc"]: r for r in rows}
-    for i, reason in BAD_EXPECTED.items():
-        r = by_loc[f"bad.jsonl:{i}"]
-        assert r["_error"] == reason, r
+def reasons_by_record(rows) -> dict[int, str | None]:
+    """``{record index in bad.jsonl: error reason or None}`` of the rows read."""
+    return {int(r["_loc"].removeprefix("bad.jsonl:")): r["_error"] for r in rows}
+
+
+def check_bad_row_fields(rows) -> None:
+    """Bad rows keep a location id and no messages; good rows a content id; both the file's source."""
+    for r in rows:
         assert r["source"] == "bad"
-        if reason:
-            assert r["prompt_id"] == f"row:bad.jsonl:{i}" and r["messages"] == [] and r["_detail"]
+        if r["_error"]:
+            assert r["prompt_id"] == f"row:{r['_loc']}" and r["messages"] == [] and r["_detail"], r
         else:
-            assert r["_detail"] is None and r["prompt_id"] == prompt_id(r["messages"])
-    assert by_loc["bad.jsonl:4"]["messages"] == user("good two")
+            assert r["_detail"] is None and r["prompt_id"] == prompt_id(r["messages"]), r
 
 
 def test_iter_bad_rows(tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(BAD_LINES) + "\n")
-    check_bad_rows(list(iter_prompt_rows(cfg(path=str(tmp_path / "bad.jsonl"), max_chars=40))))
+    rows = list(iter_prompt_rows(cfg(path=str(tmp_path / "bad.jsonl"), max_chars=40)))
+    assert len(rows) == len(BAD_EXPECTED) and reasons_by_record(rows) == BAD_EXPECTED
+    assert next(r for r in rows if r["_loc"] == "bad.jsonl:4")["messages"] == user("good two")
+    check_bad_row_fields(rows)
 
 
 def test_iter_formats_agree(tmp_path):
@@ -294,7 +298,9 @@ def test_ray_messages_columns_agree(ray_local, tmp_path):
 
 def test_ray_bad_rows(ray_local, tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(BAD_LINES) + "\n")
-    check_bad_rows(plain(ray_rows(cfg(path=str(tmp_path / "bad.jsonl"), max_chars=40))))
+    rows = plain(ray_rows(cfg(path=str(tmp_path / "bad.jsonl"), max_chars=40)))
+    assert len(rows) == len(BAD_EXPECTED) and reasons_by_record(rows) == BAD_EXPECTED
+    check_bad_row_fields(rows)
 
 
 def test_ray_directory_and_hf_ranges(ray_local, tmp_path):
