@@ -9,8 +9,9 @@ two orders of one judged pair. Instead of prefilling that prefix once per row, t
 2. gets the prefix's keys/values at batch size 1 from :class:`PrefixCache` — reused from the
    last prefix it computed when the two agree on their first tokens (cropped, and extended
    by the missing tokens only), else computed afresh;
-3. copies them to the batch size (:meth:`PrefixCache.batch_cache`: a fresh cache, so the stored
-   tensors are never touched by the forward passes that follow) and runs only the suffixes,
+3. spreads them over the batch (:meth:`PrefixCache.batch_cache`: a fresh cache of expanded
+   views; a cache grows by concatenation, never in place, so the forward passes that follow
+   leave the stored tensors as they are) and runs only the suffixes,
    padded *in the middle*: ``[prefix][pads][suffix]`` with attention mask ``1…1 0…0 1…1``
    (:func:`pad_middle`). Position ids follow the mask (``cumsum − 1``), so every row sees the
    positions it would see unpadded.
@@ -103,9 +104,6 @@ class PrefixCache:
         self.ids: list[int] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def clear(self) -> None:
-        self.ids, self.kv = [], []
-
     def prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of ``prefix`` (batch 1), reusing the stored prefix as far as it agrees
         (at least ``min_tokens`` of it) and running the model on the rest only."""
@@ -131,8 +129,9 @@ class PrefixCache:
         return kv
 
     def batch_cache(self, prefix: list[int], batch: int):
-        """A fresh cache holding ``prefix``'s keys/values for each of ``batch`` rows. Its tensors
-        are copies: forward passes grow this cache without touching the stored prefix."""
+        """A fresh cache holding ``prefix``'s keys/values for each of ``batch`` rows, as expanded
+        views (no copy): forward passes grow it by concatenation, so the stored prefix stays intact
+        (``test_prefix_is_reused_across_calls_and_survives_generate`` checks it)."""
         self.stats["prefix_batches"] += 1
         kv = self.prefix_kv(prefix)
         with torch.inference_mode():
