@@ -8,12 +8,24 @@ A model spec is one string:
 - a local directory saved with ``save_pretrained`` (it must hold ``config.json``);
 - otherwise a Hugging Face repo id, for machines where the hub (or its cache) is reachable.
 
-Nothing is cached globally: every call loads afresh, so each actor owns its model.
+A GGUF model is dequantized by transformers on every load, which takes ~20 s for the embedded
+model (and ~3 s more for its tokenizer). The first load therefore also writes the dequantized
+model and its tokenizer as a plain Hugging Face directory under ``$CAI_RAY_CACHE`` (default
+``~/.cache/cai-ray``; ``CAI_RAY_CACHE=off`` disables it), keyed by the file's path, size and
+modification time and the transformers version; later loads (every actor of every stage) read
+that directory in well under a second. The weights are the same tensors either way.
+Apart from that nothing is cached: every call loads afresh, so each actor owns its model.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -114,11 +126,96 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     return _DTYPES[key]
 
 
+CACHE_ENV = "CAI_RAY_CACHE"
+_READY = "_CONVERTED"  # written last: a directory without it is an unfinished conversion
+
+
+def cache_root() -> Path | None:
+    """Where converted models live: ``$CAI_RAY_CACHE`` or ``~/.cache/cai-ray``; None when disabled."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "0", "off", "false", "no", "none"):
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "cai-ray"
+
+
+def plain_config(config):
+    """A copy of a model config without the quantization settings of its source: a model loaded
+    from a GGUF file carries ``quantization_config`` (``quant_method: gguf``), but its weights
+    are plain tensors once loaded, and a loader that saw the setting would look for the GGUF
+    file again."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def converted_dir(src: ModelSource) -> Path | None:
+    """The cache directory of a GGUF source's dequantized copy (None: no GGUF, or caching off)."""
+    root = cache_root()
+    if root is None or not src.gguf_file:
+        return None
+    f = (Path(src.path) / src.gguf_file).resolve()
+    st = f.stat()
+    import transformers
+
+    key = f"{f}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return root / "gguf" / f"{f.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _convert(src: ModelSource, target: Path) -> None:
+    """Dequantize ``src`` once and write it (fp32 weights + tokenizer) to ``target``, atomically:
+    into a temporary sibling first, renamed into place when complete. Concurrent converters (the
+    actors of one pool starting together) each write their own copy; the first rename wins."""
+    from transformers import AutoModelForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache fails here, before the load
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model = _load_model(src, torch.float32, torch.device("cpu"))
+        tok = _load_tokenizer(src)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(plain_config(model.config))
+        plain.load_state_dict(model.state_dict(), strict=True, assign=True)
+        plain.tie_weights()
+        plain.generation_config = model.generation_config
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _READY).write_text(f"{Path(src.path) / src.gguf_file}\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / _READY).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plain_source(src: ModelSource) -> ModelSource:
+    """A GGUF source → its converted copy in the cache (converting it the first time); any other
+    source, or caching off, as it is. A cache that cannot be written falls back to the GGUF file."""
+    target = converted_dir(src)
+    if target is None:
+        return src
+    if not (target / _READY).is_file():
+        try:
+            _convert(src, target)
+        except OSError as e:
+            warnings.warn(f"model {src.label!r}: could not cache its dequantized copy under {target.parent} "
+                          f"({e}); loading the GGUF file each time instead — set {CACHE_ENV} to a writable "
+                          "directory, or to 'off'", stacklevel=2)
+            return src
+    return replace(src, path=str(target), gguf_file=None)
+
+
 def load_tokenizer(spec_or_source: str | ModelSource):
     """The source's tokenizer, set up for batched generation: left padding, a pad token."""
+    return _load_tokenizer(plain_source(_source(spec_or_source)))
+
+
+def _load_tokenizer(src: ModelSource):
     from transformers import AutoTokenizer
 
-    src = _source(spec_or_source)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
@@ -133,13 +230,16 @@ def load_tokenizer(spec_or_source: str | ModelSource):
 def load_causal_lm(spec_or_source: str | ModelSource, dtype: str | torch.dtype = "auto",
                    device: str | torch.device = "auto"):
     """The source's causal LM on ``device`` in ``dtype`` (GGUF weights are dequantized to it)."""
+    dev = resolve_device(device)
+    return _load_model(plain_source(_source(spec_or_source)), resolve_dtype(dtype, dev), dev)
+
+
+def _load_model(src: ModelSource, dtype: torch.dtype, dev: torch.device):
     from transformers import AutoModelForCausalLM
 
-    src = _source(spec_or_source)
-    dev = resolve_device(device)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=resolve_dtype(dtype, dev), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise EngineError(f"model {src.label!r}: could not load it from {src.path}: {e}") from e
     return model.to(dev)

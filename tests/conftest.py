@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Dequantized copies of GGUF models go to a cache of this test run, not the user's home.
+os.environ.setdefault("CAI_RAY_CACHE", tempfile.mkdtemp(prefix="cai-ray-test-cache-"))
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -85,7 +88,8 @@ def ray_local():
         from cluster.connect import LOCAL_SYSTEM_CONFIG
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                              "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"]}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -12,7 +12,8 @@ import torch
 from actors.base import Engine, EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
 from actors.hf_engine import TransformersEngine
-from actors.models import EMBEDDED_GGUF, ModelSource, resolve_dtype, resolve_model
+from actors.models import (EMBEDDED_GGUF, ModelSource, _load_model, _load_tokenizer, load_causal_lm, load_tokenizer,
+                           plain_source, resolve_dtype, resolve_model)
 
 CONVS = [  # four prompts of clearly different lengths
     [{"role": "user", "content": "hi"}],
@@ -238,6 +239,35 @@ def test_tied_tiny_model_loads_and_pads_left(tiny_llama_dir):
 
 
 # ------------------------------------------------------------------------------ the real model
+@pytest.mark.slow
+def test_embedded_gguf_is_dequantized_once_into_the_cache():
+    src = resolve_model("embedded")
+    plain = plain_source(src)  # the test run's own cache (conftest): converts, or reuses this run's copy
+    root = Path(plain.path)
+    assert plain.gguf_file is None and (root / "_CONVERTED").is_file() and (root / "model.safetensors").is_file()
+    assert "quantization_config" not in (root / "config.json").read_text()
+    stamp = (root / "model.safetensors").stat().st_mtime_ns
+    assert plain_source(src) == plain and (root / "model.safetensors").stat().st_mtime_ns == stamp  # not redone
+    cached, direct = load_causal_lm("embedded"), _load_model(src, torch.float32, torch.device("cpu"))
+    a, b = cached.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    conv = [{"role": "user", "content": "Name a color."}]
+    tok, gguf_tok = load_tokenizer("embedded"), _load_tokenizer(src)
+    assert tok.apply_chat_template(conv, add_generation_prompt=True) == gguf_tok.apply_chat_template(
+        conv, add_generation_prompt=True)
+    assert (tok.padding_side, tok.pad_token, tok.eos_token) == ("left", gguf_tok.pad_token, gguf_tok.eos_token)
+
+
+def test_model_cache_off_or_unwritable_falls_back_to_the_gguf_file(monkeypatch, tmp_path):
+    src = resolve_model("embedded")
+    monkeypatch.setenv("CAI_RAY_CACHE", "off")
+    assert plain_source(src) == src
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv("CAI_RAY_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match="CAI_RAY_CACHE"):
+        assert plain_source(src) == src
+
+
 @pytest.mark.slow
 def test_embedded_model_generates_english():
     eng = TransformersEngine(EngineConfig(model="embedded", max_model_len=1024))

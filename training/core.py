@@ -16,7 +16,6 @@ Hugging Face directory, ``metrics.jsonl``, ``loss.png`` and ``train_summary.json
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -343,17 +342,6 @@ def load_lm(spec: str, cfg):
     return model
 
 
-def plain_config(config):
-    """A copy of a model config without the quantization settings of its source: a model loaded
-    from a GGUF file carries ``quantization_config`` (``quant_method: gguf``), but the trained
-    weights are saved as plain tensors, and a loader that saw the setting would look for the
-    GGUF file again."""
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
-
-
 def save_lm(sd: dict, out_dir: str, module, cfg, tokenizer=None) -> None:
     """A plain Hugging Face causal-LM directory from a full state dict (LoRA merged): a fresh
     model is built on the meta device, the weights are assigned (strictly) and saved."""
@@ -361,6 +349,8 @@ def save_lm(sd: dict, out_dir: str, module, cfg, tokenizer=None) -> None:
 
     if cfg.lora:
         sd, module = merge_lora(sd, cfg.lora.alpha / cfg.lora.r), module.get_base_model()
+    from actors.models import plain_config
+
     config = plain_config(module.config)
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config)
