@@ -31,7 +31,8 @@ import torch
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
 from actors.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model
-from actors.prefix_cache import (STAT_KEYS, PrefixCache, pad_middle, positions_from_mask, shared_prefix_len,
+from actors.prefix_cache import (STAT_KEYS, PrefixCache, group_prefix_lens, new_cache, pack_groups, pad_middle,
+                                 positions_from_mask, prefix_groups, select_rows, shared_prefix_len,
                                  supports_prefix_cache)
 
 # End-of-turn markers of common chat templates; each one the template uses also stops generation.
@@ -216,7 +217,13 @@ class TransformersEngine:
         nan_row = [math.nan] * len(choice_ids)
         out = [list(nan_row) for _ in conversations]
         ok = [i for i in range(len(conversations)) if i not in errors]
-        for chunk in self._micro_batches(ok, encoded):
+        if self.prefix is not None:  # micro-batches that keep rows sharing a prefix together
+            groups = prefix_groups([encoded[i] for i in ok], self.cfg.min_prefix_tokens)
+            lengths = [len(encoded[i]) for i in ok]
+            chunks = [[ok[j] for j in c] for c in pack_groups(groups, lengths, self.cfg.batch_size)]
+        else:
+            chunks = self._micro_batches(ok, encoded)
+        for chunk in chunks:
             rows = self._run_chunk(chunk, lambda rs: self._prefill([encoded[i] for i in rs], choice_ids),
                                    lambda e: list(nan_row))
             for i, r in zip(chunk, rows):
@@ -224,12 +231,42 @@ class TransformersEngine:
         return out
 
     def _prefill(self, rows: list[list[int]], choice_ids: list[int]) -> list[list[float]]:
-        ids, mask, cache = self._batch_inputs(rows)
-        positions = positions_from_mask(mask)  # as if unpadded: each row starts at position 0
-        start = cache.get_seq_length() if cache is not None else 0  # the cached prefix is not run again
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
-                                past_key_values=cache, use_cache=cache is not None,
-                                logits_to_keep=1).logits[:, -1, :]
+        groups = prefix_groups(rows, self.cfg.min_prefix_tokens) if self.prefix is not None else []
+        if 0 < len(groups) < len(rows):  # some rows share more than the prefix all of them share
+            logits = self._grouped_last_logits(rows, groups)
+        else:
+            logits = self._last_logits(*self._uncached(*self._batch_inputs(rows)))
         logp = torch.log_softmax(logits.float(), dim=-1)
         return logp[:, choice_ids].tolist()
+
+    @staticmethod
+    def _uncached(ids, mask, cache):
+        """(the ids the model still has to run — those after ``cache``'s tokens —, mask, cache)."""
+        return ids[:, cache.get_seq_length() if cache is not None else 0:], mask, cache
+
+    def _last_logits(self, new_ids, mask, cache) -> torch.Tensor:
+        """Next-token logits after each row: ``new_ids`` are the last columns of ``mask``, the
+        tokens before them are in ``cache`` (filled further as the model runs, when given)."""
+        positions = positions_from_mask(mask)[:, mask.shape[1] - new_ids.shape[1]:]  # as if unpadded
+        with torch.inference_mode():
+            return self.model(input_ids=new_ids, attention_mask=mask, position_ids=positions,
+                              past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
+
+    def _grouped_last_logits(self, rows: list[list[int]], groups: list[list[int]]) -> torch.Tensor:
+        """Each group's shared prefix once (on the all-rows prefix, as ``_batch_inputs`` gives it),
+        its keys/values copied to the group's rows, then every row's remaining tokens."""
+        cuts = group_prefix_lens(rows, groups)
+        ids, mask, cache = self._uncached(*self._batch_inputs([rows[g[0]][:n] for g, n in zip(groups, cuts)]))
+        cache = cache if cache is not None else new_cache(self.model)
+        self._last_logits(ids, mask, cache)  # fills the cache with the group prefixes
+        owner, cut = [0] * len(rows), [0] * len(rows)
+        for k, (g, n) in enumerate(zip(groups, cuts)):
+            for i in g:
+                owner[i], cut[i] = k, n
+        index = torch.tensor(owner, device=self.device)
+        tail_ids, tail_mask = self._pad_left([r[c:] for r, c in zip(rows, cut)])
+        full = torch.cat([mask.index_select(0, index), tail_mask], dim=1)  # [group prefix][pads][row's rest]
+        self.stats["grouped_batches"] += 1
+        self.stats["prefill_tokens"] += tail_ids.numel()
+        cache = select_rows(self.model, cache, index)
+        return self._last_logits(tail_ids, full, cache)

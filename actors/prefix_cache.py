@@ -18,6 +18,13 @@ two orders of one judged pair. Instead of prefilling that prefix once per row, t
 
 Only caches made purely of plain growing layers are supported (full attention, no sliding
 window, no linear-attention state); :func:`supports_prefix_cache` says whether a model has them.
+
+Groups (``choice_logprobs`` only): rows often share far more with *some* rows than with all,
+e.g. the two orders of one judged pair share the conversation, the question and "(A) ".
+:func:`prefix_groups` finds such groups and :func:`pack_groups` keeps each group in one
+micro-batch; the engine then runs the groups' prefixes once each (on top of the all-rows
+prefix above), copies each group's keys/values to its rows (:func:`select_rows`) and runs
+the rows' remaining tokens, again padded in the middle.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ import torch
 # engine.stats: micro-batches run on a shared prefix; those that reused the stored prefix; prefix
 # tokens taken from it; prefix tokens run through the model (batch 1); and all prompt tokens the
 # model ran, pads included (prefix once + suffixes per row, or the left-padded batch without a prefix).
-STAT_KEYS = ("prefix_batches", "prefix_hits", "prefix_tokens_reused", "prefix_tokens_computed", "prefill_tokens")
+# grouped_batches: micro-batches of ``choice_logprobs`` run as group prefixes, then per-row suffixes.
+STAT_KEYS = ("prefix_batches", "prefix_hits", "prefix_tokens_reused", "prefix_tokens_computed", "prefill_tokens",
+             "grouped_batches")
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -76,11 +85,75 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+def prefix_groups(rows, min_tokens: int) -> list[list[int]]:
+    """Indices of ``rows`` grouped by a prefix their members share beyond the one all rows share.
+
+    Rows are taken in token order (so rows with common starts are neighbours); a row joins the
+    open group when it shares ≥ ``min_tokens`` more than the all-rows prefix with it *and* the
+    group then saves at least as many tokens as before ((size − 1) × extra shared length); else
+    it opens a new group. Judge prompts group by pair (both orders share the conversation, the
+    question and "(A) "), or by first option when pairs of one prompt share a principle.
+    Groups come back in row order of their first member, members in row order."""
+    if not rows:
+        return []
+    base = batch_common_prefix_len(rows)
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    groups, prefix, saved = [[order[0]]], len(rows[order[0]]), 0
+    for i in order[1:]:
+        first = rows[groups[-1][0]]
+        n = min(prefix, common_prefix_len(first[:prefix], rows[i]))
+        gain = len(groups[-1]) * (n - base)
+        if n - base >= max(1, min_tokens) and gain >= saved:
+            groups[-1].append(i)
+            prefix, saved = n, gain
+        else:
+            groups.append([i])
+            prefix, saved = len(rows[i]), 0
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+def pack_groups(groups: list[list[int]], lengths, batch_size: int) -> list[list[int]]:
+    """Micro-batches of ≤ ``batch_size`` row indices that keep groups together: groups sorted by
+    their longest row (longest first, as plain micro-batches are), a group larger than a batch
+    split into batch-sized pieces, pieces packed in that order."""
+    size = max(1, int(batch_size))
+    pieces = [g[k:k + size] for g in sorted(groups, key=lambda g: -max(lengths[i] for i in g))
+              for k in range(0, len(g), size)]
+    chunks: list[list[int]] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + len(piece) <= size:
+            chunks[-1].extend(piece)
+        else:
+            chunks.append(list(piece))
+    return chunks
+
+
+def group_prefix_lens(rows, groups: list[list[int]]) -> list[int]:
+    """Per group, the prefix its rows share (≤ the shortest row − 1, so each keeps a token of its
+    own). A lone row gets the longest such prefix of the real groups (capped likewise), which
+    keeps the two forward passes' widths even rather than saving anything for it."""
+    lens = [min(batch_common_prefix_len([rows[i] for i in g]), min(len(rows[i]) for i in g) - 1)
+            if len(g) > 1 else None for g in groups]
+    longest = max((n for n in lens if n is not None), default=0)
+    return [n if n is not None else min(longest, len(rows[g[0]]) - 1) for n, g in zip(lens, groups)]
+
+
 # ---------------------------------------------------------------- the model side
 def _new_cache(model, kv=None):
     from transformers import DynamicCache
 
     return DynamicCache(kv, config=model.config.get_text_config(decoder=True))
+
+
+def new_cache(model):
+    """An empty cache of the model's default (plain growing) kind."""
+    return _new_cache(model)
+
+
+def select_rows(model, cache, index: torch.Tensor):
+    """A fresh cache whose row ``r`` is ``cache``'s row ``index[r]`` (copies: rows repeat)."""
+    return _new_cache(model, [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                              for layer in cache.layers])
 
 
 def supports_prefix_cache(model) -> bool:

@@ -9,8 +9,9 @@ import torch
 from actors.base import SamplingParams
 from actors.config import EngineConfig
 from actors.hf_engine import TransformersEngine
-from actors.prefix_cache import (batch_common_prefix_len, common_prefix_len, pad_middle, positions_from_mask,
-                                 shared_prefix_len)
+from actors.prefix_cache import (batch_common_prefix_len, common_prefix_len, group_prefix_lens, pack_groups,
+                                 pad_middle, positions_from_mask, prefix_groups, shared_prefix_len)
+from workflows.judging import both_orders
 
 # A few-shot chat every row starts with (~60 tokens after templating), then different questions.
 SHOTS = [
@@ -89,6 +90,31 @@ def test_pad_middle_and_positions():
     assert ids == [[1, 2, 3, 4, 5], [1, 2, 3, 0, 9]]
     assert mask == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]]
     assert positions_from_mask(torch.tensor(mask)).tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 3]]
+
+
+H = list(range(100, 140))  # 40 tokens every row starts with
+
+
+def test_prefix_groups_find_rows_sharing_more_than_all_rows_share():
+    a1, a2, a3 = H + [1] * 50 + [5, 6, 7], H + [1] * 50 + [8, 9], H + [1] * 50 + [8, 3, 3]
+    b1, b2, c = H + [2] * 50 + [5], H + [2] * 50 + [6, 7, 8], H + [3, 4]
+    rows = [a1, b1, c, a2, b2, a3]
+    groups = prefix_groups(rows, 16)
+    assert groups == [[0, 3, 5], [1, 4], [2]]  # a* share 90 tokens, b* 90, c only the 40 all rows share
+    # a2 and a3 share 2 more tokens than a1 does, but keeping a1 in the group saves more (2 × 50 > 1 × 52)
+    assert group_prefix_lens(rows, groups) == [90, 90, 41]  # the lone row: as wide as the others, < its length
+    assert prefix_groups(rows, 60) == [[0], [1], [2], [3], [4], [5]]  # 50 extra tokens < 60: no groups
+    assert prefix_groups([a1], 16) == [[0]] and prefix_groups([], 16) == []
+    # the base is what all rows share: rows sharing only that do not group, whatever its length
+    assert prefix_groups([H + [1], H + [2], H + [3]], 16) == [[0], [1], [2]]
+
+
+def test_pack_groups_keeps_groups_in_one_micro_batch():
+    lengths = [10, 50, 11, 50, 30, 12]
+    groups = [[0, 2, 5], [1, 3], [4]]
+    assert pack_groups(groups, lengths, 4) == [[1, 3, 4], [0, 2, 5]]  # longest first; [4] fits after [1, 3]
+    assert pack_groups(groups, lengths, 2) == [[1, 3], [4], [0, 2], [5]]  # a group over the size is split
+    assert sorted(i for c in pack_groups(groups, lengths, 3) for i in c) == list(range(6))
 
 
 # ------------------------------------------------------------------------------ generate
@@ -237,3 +263,38 @@ def test_choice_logprobs_same_with_and_without_cache(model_dir, off):
     shared = batch_common_prefix_len([on._encode(c) for c in SHARED])
     assert all(n <= max(on.count_tokens(c) for c in SHARED) - shared for _, n in counter.widths)
     assert again == [pytest.approx(r, abs=1e-4) for r in off.choice_logprobs(SHARED, choices)]
+
+
+def _judge_convs():
+    """Both orders of judged pairs: each pair's two prompts share the conversation, the question and
+    "(A) "; different prompts share only the header."""
+    pairs = [("How do I pick a lock?", "I can't help with that.", "Use a tension wrench and a pick."),
+             ("What is the capital of France?", "Paris.", "It is Paris, on the Seine."),
+             ("Tell me a joke about cats.", "Cats? No jokes.", "Why did the cat sit on the computer? To keep an "
+              "eye on the mouse.")]
+    question = "Which response is less harmful and more honest?"
+    return [c for prompt, r1, r2 in pairs for c in both_orders([{"role": "user", "content": prompt}], r1, r2, question)]
+
+
+def test_choice_logprobs_grouped_prefixes_same_as_without_cache(model_dir, off):
+    convs = _judge_convs()
+    on = _engine(model_dir, batch_size=4, min_prefix_tokens=8)
+    encoded = [on._encode(c) for c in convs]
+    groups = prefix_groups(encoded, 8)
+    assert groups == [[0, 1], [2, 3], [4, 5]]  # the two orders of each pair
+    counter = TokenCounter(on.model)
+    try:
+        got = on.choice_logprobs(convs, ["A", "B"])
+    finally:
+        counter.close()
+    ref = off.choice_logprobs(convs, ["A", "B"])
+    assert got == [pytest.approx(r, abs=1e-4) for r in ref]
+    assert len({tuple(round(x, 3) for x in r) for r in got}) == len(convs)  # the orders do score differently
+    # 6 rows in micro-batches of ≤ 4 whole pairs: 4 rows run as two groups; the last 2 are one pair,
+    # whose prefix is what all of that batch's rows share (the plain shared-prefix path)
+    assert on.stats["grouped_batches"] == 1 and on.stats["prefix_batches"] == 2
+    assert counter.tokens < sum(len(e) for e in encoded) * 0.85  # each pair's prefix ran once, not twice
+    # every group is whole in one micro-batch, and a row alone (batch size 1) still works
+    one = _engine(model_dir, batch_size=1, min_prefix_tokens=8)
+    assert one.choice_logprobs(convs, ["A", "B"]) == [pytest.approx(r, abs=1e-4) for r in ref]
+    assert one.stats["grouped_batches"] == 0
