@@ -132,7 +132,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def in_process(convs: list, batch_size: int, rounds: int, dtype: str) -> dict:
+def in_process(convs: list, batch_size: int, rounds: int, dtype: str, naive_dtype: str = "float32") -> dict:
     """The naive loop, the stage's own engine (same batch size, same dtype) on the same
     conversations, and the matmul peak in the engine's dtype, in this process with every core,
     alternated ``rounds`` times: best of each, so that load from other processes on a shared
@@ -146,7 +146,7 @@ def in_process(convs: list, batch_size: int, rounds: int, dtype: str) -> dict:
     threads = os.cpu_count() or 1
     eng = TransformersEngine(EngineConfig(model="embedded", batch_size=batch_size, torch_threads=threads,
                                           dtype=dtype))
-    tok, model = load_tokenizer("embedded"), load_causal_lm("embedded")
+    tok, model = load_tokenizer("embedded"), load_causal_lm("embedded", dtype=naive_dtype)
     torch.set_num_threads(threads)
     eng.choice_logprobs(convs[:2], ["A", "B"])  # warm-up both
     naive(tok, model, convs[:1])
@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16",
                     help="(a, b) the stage's engines (bfloat16 prefills ~2x faster than float32 on CPUs with "
                          "AVX512-BF16/AMX); the naive loop keeps transformers' float32 default")
+    ap.add_argument("--naive-dtype", default="float32", help="(a) the naive loop's dtype")
     ap.add_argument("--skip-model", action="store_true", help="only (c)")
     ap.add_argument("--dataflow", default="100000,1000000", help="(c) sizes in prompts (= pairs), comma-separated")
     ap.add_argument("--checkpoint-rows", type=int, default=8192, help="(c) rows per raw file")
@@ -276,7 +277,7 @@ def main() -> None:
             info = stage_run(os.path.join(tmp, "run"), args)
             pairs, convs = judge_work(os.path.join(tmp, "run", "preference"), args.principles)
         ray.shutdown()  # free the cores for the in-process measurements
-        m = in_process(convs, args.batch_size, args.rounds, args.dtype)
+        m = in_process(convs, args.batch_size, args.rounds, args.dtype, args.naive_dtype)
         n, judging_s = len(pairs), info["phases"]["judging"]["seconds"]
         naive_rate = n / m["naive_s"]
         figures.update({"pairs": n, "judgments": len(convs), "stage_judging_s": judging_s,
@@ -286,7 +287,7 @@ def main() -> None:
                         "steady_ratio": round(n / m["engine_s"] / naive_rate, 2),
                         "gflops": round(m["flops"] / 1e9, 1), "gflops_effective": round(m["flops_effective"] / 1e9, 1),
                         "peak_gflops": round(m["peak"] / 1e9, 1), "mfu": round(m["flops"] / m["peak"], 3),
-                        "dtype": args.dtype,
+                        "dtype": args.dtype, "naive_dtype": args.naive_dtype,
                         "tokens": m["tokens"], "tokens_run": m["tokens_run"], "threads": m["threads"]})
         print(json.dumps(figures))
     sizes = [int(s) for s in args.dataflow.split(",") if s.strip()]

@@ -40,9 +40,11 @@ def pool_args(engine: EngineConfig) -> dict:
 def check_engine(engine: EngineConfig) -> None:
     """Fail on the driver, in one clear line, before a pool of actors fails one by one."""
     if engine.backend in ("transformers", "vllm"):
-        from actors.models import resolve_model
+        from actors.models import plain_source, resolve_model
 
-        resolve_model(engine.model)
+        source = resolve_model(engine.model)
+        if engine.backend == "transformers":
+            plain_source(source)  # a GGUF model is dequantized into the cache here, once, not by every actor
 
 
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
