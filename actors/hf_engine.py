@@ -10,7 +10,9 @@ never fails the batch.
 Shared prefixes (``cfg.prefix_cache``, see :mod:`actors.prefix_cache`): when the rows of a
 micro-batch share at least ``cfg.min_prefix_tokens`` leading tokens, that prefix is prefilled
 once (or reused from the previous micro-batch or call), its keys/values are copied to every
-row, and only the suffixes run, padded in the middle. ``engine.stats`` counts what it saved.
+row, and only the suffixes run, padded in the middle. ``choice_logprobs`` also keeps rows that
+share a longer prefix among themselves (the two orders of a judged pair) in one micro-batch and
+prefills each such group's prefix once. ``engine.stats`` counts what it saved.
 
 Reproducibility: with ``params.seed`` set, ``torch.manual_seed(seed)`` runs before
 each micro-batch, so sampled outputs repeat exactly for the same batch composition
