@@ -149,6 +149,25 @@ def plain_config(config):
     return config
 
 
+def save_plain_lm(state_dict: dict, config, out_dir, tokenizer=None, generation_config=None) -> None:
+    """A plain Hugging Face causal-LM directory from a full state dict: a fresh model of
+    ``plain_config(config)`` is built on the meta device, the weights assigned (strictly), and saved
+    (with the tokenizer and generation config when given)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(plain_config(config))
+    fresh.load_state_dict(state_dict, strict=True, assign=True)
+    fresh.tie_weights()
+    fresh.config.use_cache = True
+    fresh.config.dtype = next(v.dtype for v in state_dict.values() if v.is_floating_point())
+    if generation_config is not None:
+        fresh.generation_config = generation_config
+    fresh.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
 def converted_dir(src: ModelSource) -> Path | None:
     """The cache directory of a GGUF source's dequantized copy (None: no GGUF, or caching off)."""
     root = cache_root()
@@ -166,21 +185,12 @@ def _convert(src: ModelSource, target: Path) -> None:
     """Dequantize ``src`` once and write it (fp32 weights + tokenizer) to ``target``, atomically:
     into a temporary sibling first, renamed into place when complete. Concurrent converters (the
     actors of one pool starting together) each write their own copy; the first rename wins."""
-    from transformers import AutoModelForCausalLM
-
     target.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache fails here, before the load
     print(f"[model] first use of {src.gguf_file}: dequantizing it once into {target}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model = _load_model(src, torch.float32, torch.device("cpu"))
-        tok = _load_tokenizer(src)
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(plain_config(model.config))
-        plain.load_state_dict(model.state_dict(), strict=True, assign=True)
-        plain.tie_weights()
-        plain.generation_config = model.generation_config
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        save_plain_lm(model.state_dict(), model.config, tmp, _load_tokenizer(src), model.generation_config)
         (tmp / _READY).write_text(f"{Path(src.path) / src.gguf_file}\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
         try:

@@ -139,20 +139,16 @@ def group_prefix_lens(rows, groups: list[list[int]]) -> list[int]:
 
 
 # ---------------------------------------------------------------- the model side
-def _new_cache(model, kv=None):
+def new_cache(model, kv=None):
+    """A cache of the model's default (plain growing) kind: empty, or holding ``kv`` (per layer)."""
     from transformers import DynamicCache
 
     return DynamicCache(kv, config=model.config.get_text_config(decoder=True))
 
 
-def new_cache(model):
-    """An empty cache of the model's default (plain growing) kind."""
-    return _new_cache(model)
-
-
 def select_rows(model, cache, index: torch.Tensor):
     """A fresh cache whose row ``r`` is ``cache``'s row ``index[r]`` (copies: rows repeat)."""
-    return _new_cache(model, [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+    return new_cache(model, [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
                               for layer in cache.layers])
 
 
@@ -162,7 +158,7 @@ def supports_prefix_cache(model) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     try:
-        layers = _new_cache(model).layers
+        layers = new_cache(model).layers
     except Exception:  # noqa: BLE001 — an exotic config: just do without the cache
         return False
     forced = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
@@ -186,7 +182,7 @@ class PrefixCache:
         kv = [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in self.kv] if reuse else None
         if reuse < len(prefix):
             with torch.inference_mode():
-                cache = _new_cache(self.model, kv)
+                cache = new_cache(self.model, kv)
                 self.model(input_ids=torch.tensor([prefix[reuse:]], device=self.model.device),
                            position_ids=torch.arange(reuse, len(prefix), device=self.model.device)[None],
                            past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -208,4 +204,4 @@ class PrefixCache:
         self.stats["prefix_batches"] += 1
         kv = self.prefix_kv(prefix)
         with torch.inference_mode():
-            return _new_cache(self.model, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+            return new_cache(self.model, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])

@@ -32,3 +32,16 @@ class ScriptedEngine:
 
     def choice_logprobs(self, conversations, choices):
         return [[-0.5] * len(choices) for _ in conversations]
+
+
+def fail_batches_holding(engine, n_tokens: int, monkeypatch) -> None:
+    """Make ``engine.model.generate`` raise ``RuntimeError("boom")`` on any batch holding a row
+    of ``n_tokens`` prompt tokens (count them with ``engine.count_tokens``); others run normally."""
+    real = engine.model.generate
+
+    def flaky(input_ids, attention_mask, **kw):
+        if bool((attention_mask.sum(-1) == n_tokens).any()):
+            raise RuntimeError("boom")
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(engine.model, "generate", flaky)

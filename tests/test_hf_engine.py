@@ -14,6 +14,7 @@ from actors.config import EngineConfig
 from actors.hf_engine import TransformersEngine
 from actors.models import (EMBEDDED_GGUF, ModelSource, _load_model, _load_tokenizer, load_causal_lm, load_tokenizer,
                            plain_source, resolve_dtype, resolve_model)
+from tests.fakes import fail_batches_holding
 
 CONVS = [  # four prompts of clearly different lengths
     [{"role": "user", "content": "hi"}],
@@ -137,15 +138,7 @@ def test_too_long_prompt_fails_only_its_row(varied_llama_dir):
 
 def test_generate_error_falls_back_to_single_rows(varied_llama_dir, monkeypatch):
     eng = _engine(varied_llama_dir, batch_size=4)
-    bad_len = eng.count_tokens(CONVS[1])
-    real = eng.model.generate
-
-    def flaky(input_ids, attention_mask, **kw):  # fails on any batch holding row 1
-        if bool((attention_mask.sum(-1) == bad_len).any()):
-            raise RuntimeError("boom")
-        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
-
-    monkeypatch.setattr(eng.model, "generate", flaky)
+    fail_batches_holding(eng, eng.count_tokens(CONVS[1]), monkeypatch)  # any batch holding row 1 fails
     out = eng.generate(CONVS, SamplingParams(max_new_tokens=6))
     assert out[1].error == "generate_error: RuntimeError: boom"
     assert all(out[i].error is None and out[i].text for i in (0, 2, 3))

@@ -12,6 +12,7 @@ from actors.hf_engine import TransformersEngine
 from actors.prefix_cache import (batch_common_prefix_len, common_prefix_len, group_prefix_lens, pack_groups,
                                  pad_middle, positions_from_mask, prefix_groups, shared_prefix_len)
 from workflows.judging import both_orders
+from tests.fakes import fail_batches_holding
 
 # A few-shot chat every row starts with (~60 tokens after templating), then different questions.
 SHOTS = [
@@ -217,15 +218,7 @@ def test_seeded_sampling_same_with_cache(model_dir, off):
 
 def test_batch_error_falls_back_to_rows_with_cache(model_dir, off, monkeypatch):
     on = _engine(model_dir, batch_size=8)
-    bad_len = on.count_tokens(SHARED[1])
-    real = on.model.generate
-
-    def flaky(input_ids, attention_mask, **kw):  # fails on any batch holding row 1
-        if bool((attention_mask.sum(-1) == bad_len).any()):
-            raise RuntimeError("boom")
-        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
-
-    monkeypatch.setattr(on.model, "generate", flaky)
+    fail_batches_holding(on, on.count_tokens(SHARED[1]), monkeypatch)  # any batch holding row 1 fails
     params = SamplingParams(max_new_tokens=8)
     out = on.generate(SHARED, params)
     assert out[1].error == "generate_error: RuntimeError: boom"

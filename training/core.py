@@ -343,24 +343,12 @@ def load_lm(spec: str, cfg):
 
 
 def save_lm(sd: dict, out_dir: str, module, cfg, tokenizer=None) -> None:
-    """A plain Hugging Face causal-LM directory from a full state dict (LoRA merged): a fresh
-    model is built on the meta device, the weights are assigned (strictly) and saved."""
-    from transformers import AutoModelForCausalLM
+    """A plain Hugging Face causal-LM directory from a full state dict (LoRA merged first)."""
+    from actors.models import save_plain_lm
 
     if cfg.lora:
         sd, module = merge_lora(sd, cfg.lora.alpha / cfg.lora.r), module.get_base_model()
-    from actors.models import plain_config
-
-    config = plain_config(module.config)
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config)
-    fresh.load_state_dict(sd, strict=True, assign=True)
-    fresh.tie_weights()
-    fresh.config.use_cache = True
-    fresh.config.dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
-    fresh.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    save_plain_lm(sd, module.config, out_dir, tokenizer)
 
 
 def plot_curves(history: list[dict], path: str, title: str) -> None:
