@@ -65,3 +65,12 @@ class Engine(Protocol):
         """For each conversation, log P(choice) of each choice as the *next* token(s) of
         the assistant turn, in ``choices`` order (one prefill, no sampling)."""
         ...
+
+
+def describe(engine) -> dict:
+    """What an engine runs as — name, device, number format and why — for logs and stage summaries.
+    Engines without a local model (an HTTP endpoint) have no device or dtype."""
+    p = getattr(engine, "precision", None)
+    return {"engine": str(getattr(engine, "name", type(engine).__name__)),
+            "device": str(getattr(getattr(engine, "device", None), "type", getattr(engine, "device", "")) or ""),
+            "dtype": str(getattr(p, "name", "") or ""), "dtype_reason": str(getattr(p, "reason", "") or "")}

@@ -32,9 +32,9 @@ import torch
 
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
-from actors.models import load_causal_lm, load_tokenizer, resolve_device, resolve_model
-from actors.prefix_cache import (STAT_KEYS, PrefixCache, group_prefix_lens, new_cache, pack_groups, pad_middle,
-                                 positions_from_mask, prefix_groups, select_rows, shared_prefix_len,
+from actors.models import choose, load_causal_lm, load_tokenizer, resolve_device, resolve_model
+from actors.prefix_cache import (STAT_KEYS, PrefixCache, cache_kwarg, group_prefix_lens, new_cache, pack_groups,
+                                 pad_middle, positions_from_mask, prefix_groups, select_rows, shared_prefix_len,
                                  supports_prefix_cache)
 
 # End-of-turn markers of common chat templates; each one the template uses also stops generation.
@@ -49,10 +49,14 @@ class TransformersEngine:
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         self.source = resolve_model(cfg.model)
         self.device = resolve_device(cfg.device)
-        self.model = load_causal_lm(self.source, cfg.dtype, self.device).eval()
+        self.precision = choose(cfg.dtype, self.device)
+        self.model = load_causal_lm(self.source, self.precision.dtype, self.device).eval()
         self.tokenizer = load_tokenizer(cfg.tokenizer or self.source)
         self.name = f"transformers:{self.source.label}"
+        print(f"[engine] {self.name} on {self.device.type}, {self.precision}, "
+              f"{torch.get_num_threads()} threads", flush=True)
         self.pad_id = self.tokenizer.pad_token_id
+        self.cache_kwarg = cache_kwarg(self.model)
         self.stop_ids = self._stop_token_ids()
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self.prefix = (PrefixCache(self.model, cfg.min_prefix_tokens, self.stats)
@@ -152,9 +156,12 @@ class TransformersEngine:
 
     def _generate_rows(self, rows: list[list[int]], params: SamplingParams) -> list[Generation]:
         ids, mask, cache = self._batch_inputs(rows)
-        kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        # use_cache explicitly: a model saved with training's ``use_cache: false`` would otherwise
+        # recompute the whole sequence at every new token
+        kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                      use_cache=True)
         if cache is not None:  # generate runs the uncached tokens only; positions follow the mask
-            kwargs["past_key_values"] = cache
+            kwargs[self.cache_kwarg] = cache
         if params.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = params.repetition_penalty
         if params.greedy:
@@ -252,7 +259,8 @@ class TransformersEngine:
         positions = positions_from_mask(mask)[:, mask.shape[1] - new_ids.shape[1]:]  # as if unpadded
         with torch.inference_mode():
             return self.model(input_ids=new_ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
+                              use_cache=cache is not None, logits_to_keep=1,
+                              **{self.cache_kwarg: cache}).logits[:, -1, :]
 
     def _grouped_last_logits(self, rows: list[list[int]], groups: list[list[int]]) -> torch.Tensor:
         """Each group's shared prefix once (on the all-rows prefix, as ``_batch_inputs`` gives it),

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from actors.base import EngineError
+from actors.precision import DtypeChoice, DtypeError, choose_dtype
 
 EMBEDDED = "embedded"
 EMBEDDED_ALIASES = (EMBEDDED, "smollm2", "SmolLM2-135M-Instruct")
@@ -108,22 +109,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise EngineError(f"engine.device: {device!r} is not a device — use auto, cpu, cuda or cuda:N") from e
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+def choose(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+           setting: str = "engine.dtype") -> DtypeChoice:
+    """The number format for ``device`` (see :mod:`actors.precision`), with its reason."""
+    try:
+        return choose_dtype(dtype, resolve_device(device), setting=setting)
+    except DtypeError as e:
+        raise EngineError(str(e)) from e
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> torch.dtype:
-    """``auto`` → bfloat16 on CUDA, float32 elsewhere. On CPUs with AVX512-BF16 or AMX, ``bfloat16``
-    prefills ~2x faster than float32 (slightly different numerics, so it is opt-in there)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "", "auto"):
-        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise EngineError(f"engine.dtype: unknown dtype {dtype!r} — use auto, float32, bfloat16 or float16")
-    return _DTYPES[key]
+    """``choose(dtype, device).dtype``: ``auto`` → bfloat16 on CUDA; on a CPU bfloat16 only where
+    the processor computes it natively, else float32."""
+    return choose(dtype, device).dtype
 
 
 CACHE_ENV = "CAI_RAY_CACHE"
@@ -152,18 +150,31 @@ def plain_config(config):
 def save_plain_lm(state_dict: dict, config, out_dir, tokenizer=None, generation_config=None) -> None:
     """A plain Hugging Face causal-LM directory from a full state dict: a fresh model of
     ``plain_config(config)`` is built on the meta device, the weights assigned (strictly), and saved
-    (with the tokenizer and generation config when given)."""
-    from transformers import AutoModelForCausalLM
+    (with the tokenizer and generation config when given).
 
+    The directory is saved ready for inference whatever training needed: ``use_cache`` is true in
+    both ``config.json`` and ``generation_config.json``. (Training turns the cache off; a model
+    exported with that setting makes every ``generate`` recompute the whole sequence per token.)"""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = plain_config(config)
+    config.use_cache = True
     with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(plain_config(config))
+        fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(state_dict, strict=True, assign=True)
     fresh.tie_weights()
     fresh.config.use_cache = True
     fresh.config.dtype = next(v.dtype for v in state_dict.values() if v.is_floating_point())
-    if generation_config is not None:
-        fresh.generation_config = generation_config
+    gen = copy.deepcopy(generation_config) if generation_config is not None else (
+        fresh.generation_config or GenerationConfig.from_model_config(fresh.config))
+    gen.use_cache = True
+    fresh.generation_config = gen
+    # Newer transformers write nothing from a process whose torch.distributed rank is not 0 (a
+    # Ray Train worker converting a GGUF model, say), silently; this save is always meant.
+    fresh.should_save_on_this_rank = lambda is_main_process=True: True
     fresh.save_pretrained(out_dir)
+    if not (Path(out_dir) / "config.json").is_file():
+        raise OSError(f"saving the model to {out_dir} wrote no config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
@@ -193,13 +204,21 @@ def _convert(src: ModelSource, target: Path) -> None:
         save_plain_lm(model.state_dict(), model.config, tmp, _load_tokenizer(src), model.generation_config)
         (tmp / _READY).write_text(f"{Path(src.path) / src.gguf_file}\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
+        if target.exists() and not _ready(target):  # an unfinished or broken copy: move it aside
+            target.rename(tmp.with_name(tmp.name + "-broken"))
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / _READY).is_file():
+            if not _ready(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.with_name(tmp.name + "-broken"), ignore_errors=True)
+
+
+def _ready(target: Path) -> bool:
+    """A finished conversion: the marker (written last) and the model's config are there."""
+    return (target / _READY).is_file() and (target / "config.json").is_file()
 
 
 def plain_source(src: ModelSource) -> ModelSource:
@@ -208,7 +227,7 @@ def plain_source(src: ModelSource) -> ModelSource:
     target = converted_dir(src)
     if target is None:
         return src
-    if not (target / _READY).is_file():
+    if not _ready(target):
         try:
             _convert(src, target)
         except OSError as e:

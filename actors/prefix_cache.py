@@ -152,6 +152,14 @@ def select_rows(model, cache, index: torch.Tensor):
                               for layer in cache.layers])
 
 
+def cache_kwarg(model) -> str:
+    """The keyword a model's ``forward``/``generate`` take a cache by: ``cache`` in newer
+    transformers (which deprecate ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def supports_prefix_cache(model) -> bool:
     """True when the model's default cache is all plain growing layers, and ``generate`` would
     accept a cache passed in (no ``cache_implementation`` forced by its generation config)."""
@@ -185,7 +193,7 @@ class PrefixCache:
                 cache = new_cache(self.model, kv)
                 self.model(input_ids=torch.tensor([prefix[reuse:]], device=self.model.device),
                            position_ids=torch.arange(reuse, len(prefix), device=self.model.device)[None],
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                           use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
             kv = [(layer.keys, layer.values) for layer in cache.layers]
         self.stats["prefix_hits"] += bool(reuse)
         self.stats["prefix_tokens_reused"] += reuse

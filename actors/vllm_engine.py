@@ -54,6 +54,18 @@ def llm_kwargs(source, cfg: EngineConfig) -> dict:
     return kwargs
 
 
+def vllm_precision(model_config, requested: str):
+    """The dtype vLLM chose (its ``auto`` follows the checkpoint: fp32 checkpoints run in fp16/bf16)."""
+    import torch
+
+    from actors.precision import DtypeChoice
+
+    dtype = getattr(model_config, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.bfloat16 if requested in ("auto", "bfloat16") else torch.float16
+    return DtypeChoice(dtype, f"vLLM's choice for dtype {requested}")
+
+
 def encode_rows(encode, conversations, limit: int) -> tuple[list, dict[int, str]]:
     """``(token ids per row, {row: error})``: rows ``encode`` rejects, or longer than ``limit``."""
     encoded, errors = [], {}
@@ -163,6 +175,9 @@ class VLLMEngine:
         self.max_model_len = int(getattr(model_config, "max_model_len", None) or cfg.vllm.max_model_len
                                  or cfg.max_model_len)
         self.stop_ids = end_of_turn_ids(self.tokenizer, END_OF_TURN_TOKENS)
+        self.device = "cuda"
+        self.precision = vllm_precision(model_config, llm_kwargs(self.source, cfg)["dtype"])
+        print(f"[engine] {self.name} on cuda, {self.precision}", flush=True)
 
     def _encode(self, conversation) -> list[int]:
         """Token ids of the chat-templated prompt, ending with the assistant-turn header."""

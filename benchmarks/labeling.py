@@ -8,7 +8,8 @@
     Steady state: the stage's engine (same batch size) against the naive loop in this process,
     every core each, alternated ``--rounds`` times, best of each. Goal ≥ 5×.
 (b) achieved FLOP/s of those batched judge forward passes as a fraction of the matmul peak in
-    the engine's dtype measured in this process (best of five 2048² ``torch.matmul``). FLOPs
+    the engine's dtype measured in this process (best of five 2048² ``torch.matmul``; the first
+    line printed gives the processor, the dtype ``auto`` chose there, and both peaks). FLOPs
     executed: 2 × non-embedding parameters × tokens the model ran (pads included; prompt
     tokens that prefix sharing skipped are not counted) + the LM head once per row; attention
     scores are left out. ``gflops_effective`` counts every prompt token instead: the work a
@@ -117,15 +118,6 @@ def naive(tok, model, convs: list) -> float:
 
 # ---------------------------------------------------------------- (b) FLOP/s vs peak
 
-def matmul_peak(n: int = 2048, reps: int = 5, dtype=None) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps))
-    return 2 * n ** 3 / best
-
-
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -142,6 +134,7 @@ def in_process(convs: list, batch_size: int, rounds: int, dtype: str, naive_dtyp
     from actors import EngineConfig
     from actors.hf_engine import TransformersEngine
     from actors.models import load_causal_lm, load_tokenizer
+    from benchmarks.common import matmul_peak
 
     threads = os.cpu_count() or 1
     eng = TransformersEngine(EngineConfig(model="embedded", batch_size=batch_size, torch_threads=threads,
@@ -156,7 +149,7 @@ def in_process(convs: list, batch_size: int, rounds: int, dtype: str, naive_dtyp
         before = eng.stats["prefill_tokens"]
         engine_s.append(_timed(lambda: eng.choice_logprobs(convs, ["A", "B"])))
         ran = eng.stats["prefill_tokens"] - before  # tokens the model ran, pads included
-        peaks.append(matmul_peak(dtype=eng.model.dtype))
+        peaks.append(matmul_peak(eng.model.dtype))
     body = sum(p.numel() for p in eng.model.parameters()) - eng.model.get_input_embeddings().weight.numel()
     head = eng.model.get_output_embeddings().weight.numel()  # run once per row (the last position)
     tokens = sum(eng.count_tokens(c) for c in convs)
@@ -256,9 +249,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="(a, b) judge batch size")
     ap.add_argument("--concurrency", type=int, default=2, help="(a) judge actors")
     ap.add_argument("--rounds", type=int, default=3, help="(a, b) alternated in-process rounds, best of each")
-    ap.add_argument("--dtype", default="bfloat16",
-                    help="(a, b) the stage's engines (bfloat16 prefills ~2x faster than float32 on CPUs with "
-                         "AVX512-BF16/AMX); the naive loop keeps transformers' float32 default")
+    ap.add_argument("--dtype", default="auto",
+                    help="(a, b) the stage's engines: auto (bfloat16 where the CPU computes it natively, ~2x the "
+                         "float32 rate; float32 elsewhere), float32 or bfloat16; the naive loop keeps "
+                         "transformers' float32 default")
     ap.add_argument("--naive-dtype", default="float32", help="(a) the naive loop's dtype")
     ap.add_argument("--skip-model", action="store_true", help="only (c)")
     ap.add_argument("--dataflow", default="100000,1000000", help="(c) sizes in prompts (= pairs), comma-separated")
@@ -272,6 +266,12 @@ def main() -> None:
     figures: dict = {}
     if not args.skip_model:
         import ray
+
+        from benchmarks.common import formats_line, number_formats
+
+        formats = number_formats(args.dtype)
+        print(formats_line(formats), flush=True)
+        figures.update(formats)
 
         with tempfile.TemporaryDirectory() as tmp:
             info = stage_run(os.path.join(tmp, "run"), args)
@@ -287,7 +287,7 @@ def main() -> None:
                         "steady_ratio": round(n / m["engine_s"] / naive_rate, 2),
                         "gflops": round(m["flops"] / 1e9, 1), "gflops_effective": round(m["flops_effective"] / 1e9, 1),
                         "peak_gflops": round(m["peak"] / 1e9, 1), "mfu": round(m["flops"] / m["peak"], 3),
-                        "dtype": args.dtype, "naive_dtype": args.naive_dtype,
+                        "naive_dtype": args.naive_dtype,
                         "tokens": m["tokens"], "tokens_run": m["tokens_run"], "threads": m["threads"]})
         print(json.dumps(figures))
     sizes = [int(s) for s in args.dataflow.split(",") if s.strip()]
@@ -303,7 +303,7 @@ def main() -> None:
         parts.append(f"(a) stage {figures['stage_pairs_s']} pairs/s vs naive {figures['naive_pairs_s']} = "
                      f"{figures['ratio']}x end to end ({figures['pairs']} pairs, start-up included), batched engine "
                      f"{figures['engine_pairs_s']} pairs/s = {figures['steady_ratio']}x steady state (goal >= 5x)")
-        parts.append(f"(b) judge {figures['gflops']} GFLOP/s of {figures['peak_gflops']} {args.dtype} peak = "
+        parts.append(f"(b) judge {figures['gflops']} GFLOP/s of {figures['peak_gflops']} {figures['dtype']} peak = "
                      f"{100 * figures['mfu']:.0f}% (goal >= 40%)")
     if runs:
         parts.append("(c) " + ", ".join(f"{r['n']} rows {r['rows_per_s']:.0f} rows/s peak RSS {r['peak_rss_mb']:.0f} MB"

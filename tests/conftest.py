@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Dequantized copies of GGUF models go to a cache of this test run, not the user's home.
 os.environ.setdefault("CAI_RAY_CACHE", tempfile.mkdtemp(prefix="cai-ray-test-cache-"))
+# `dtype: auto` picks float32 on every processor in tests, so what they compare does not depend on
+# whether the CI machine's CPU has native bfloat16 (the choice itself is tested with both answers).
+os.environ.setdefault("CAI_RAY_CPU_BF16", "0")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,7 +92,8 @@ def ray_local():
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                              "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"]}})
+                                              "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],
+                                              "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"]}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

@@ -217,7 +217,7 @@ def test_resolve_unknown_name_is_clear(monkeypatch, tmp_path):
 
 
 def test_resolve_dtype():
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32  # tests run with CAI_RAY_CPU_BF16=0 (conftest)
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(EngineError, match="dtype"):
         resolve_dtype("float8", "cpu")
@@ -249,6 +249,39 @@ def test_embedded_gguf_is_dequantized_once_into_the_cache():
     assert tok.apply_chat_template(conv, add_generation_prompt=True) == gguf_tok.apply_chat_template(
         conv, add_generation_prompt=True)
     assert (tok.padding_side, tok.pad_token, tok.eos_token) == ("left", gguf_tok.pad_token, gguf_tok.eos_token)
+
+
+def test_plain_save_writes_the_model_on_any_distributed_rank(tiny_llama_dir, monkeypatch, tmp_path):
+    """Newer transformers skip ``save_pretrained`` silently on torch.distributed ranks other than 0;
+    a GGUF conversion run by a Ray Train worker of rank 1 once left a cache copy without a model."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.models import save_plain_lm
+
+    mixin = pytest.importorskip("transformers.distributed.mixin")
+    if not hasattr(mixin, "_get_torch_distributed_rank"):
+        pytest.skip("this transformers does not check the distributed rank when saving")
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.config.use_cache = False  # as training leaves it
+    save_plain_lm(model.state_dict(), model.config, tmp_path / "out")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert saved.config.use_cache and saved.generation_config.use_cache  # saved ready for inference
+
+
+def test_a_broken_cache_copy_is_converted_again(monkeypatch, tmp_path):
+    from actors.models import converted_dir
+
+    monkeypatch.setenv("CAI_RAY_CACHE", str(tmp_path / "cache"))
+    src = resolve_model("embedded")
+    broken = converted_dir(src)
+    broken.mkdir(parents=True)
+    (broken / "_CONVERTED").write_text("marker without a model\n")
+    plain = plain_source(src)
+    assert Path(plain.path) == broken and (broken / "config.json").is_file()
+    assert load_causal_lm("embedded").config.model_type == "llama"
 
 
 def test_model_cache_off_or_unwritable_falls_back_to_the_gguf_file(monkeypatch, tmp_path):

@@ -70,6 +70,16 @@ def test_every_prompt_is_output_or_error(finished_run):
     assert "critique_revision" in (run / "summary.md").read_text()
 
 
+def test_the_summary_says_which_number_format_each_engine_chose_and_why(finished_run, tiny_llama_dir):
+    d, _, infos = finished_run
+    engines = infos["critique_revision"]["engines"]
+    assert [(e["engine"], e["device"], e["dtype"], e["actors"]) for e in engines] == [
+        (f"transformers:{tiny_llama_dir.name}", "cpu", "float32", 1)]
+    assert engines[0]["dtype_reason"].startswith("auto: CAI_RAY_CPU_BF16=0: no native bfloat16")
+    text = (d / "run" / "critique_revision" / "summary.md").read_text()
+    assert f"engine transformers:{tiny_llama_dir.name} on cpu, float32 — auto: CAI_RAY_CPU_BF16=0" in text
+
+
 def test_sft_output_loads_as_trl_conversational_dataset(finished_run):
     import datasets
 

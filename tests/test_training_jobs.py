@@ -87,6 +87,19 @@ def changed(model_dir: Path, start_dir: Path) -> float:
     return sum(not torch.equal(a[k], b[k]) for k in b) / len(b)
 
 
+def assert_ready_for_inference(model_dir: Path) -> None:
+    """Exported for inference whatever training set: the KV cache is on in config.json and
+    generation_config.json, and a plain ``generate`` with the saved settings uses it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((model_dir / name).read_text())["use_cache"] is True, name
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    out = model.generate(**tok("Name a fruit.", return_tensors="pt"), max_new_tokens=3, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() > 0
+
+
 def rows_by_id(uri: str, col: str) -> dict[str, dict]:
     return {r[col]: r for r in pq.read_table(uri).to_pylist()}
 
@@ -109,6 +122,9 @@ def test_sft_zero2_learns_and_exports_a_reloadable_model(sft_run, sft_data, tiny
     assert info["eval"]["eval_loss"] < 0.8 * losses(stage_dir)[0]
     model_dir = Path(info["model_dir"])
     assert model_dir == stage_dir / "sft_model" and changed(model_dir, tiny_llama_dir) > 0.9
+    assert_ready_for_inference(model_dir)
+    assert info["training"]["precision"] == "fp32"  # auto on a CPU without native bf16 (faked: conftest)
+    assert "CAI_RAY_CPU_BF16=0" in info["training"]["precision_reason"]
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     summary = info["training"]
     src = rows_by_id(sft_data, "prompt_id")
@@ -141,6 +157,7 @@ def test_reward_model_zero3_ranks_held_out_pairs(ray_local, tiny_llama_dir, pref
     summary = info["training"]
     model_dir = stage_dir / "reward_model"
     assert changed(model_dir, tiny_llama_dir) > 0.5
+    assert_ready_for_inference(model_dir)
     model, tok = reward.load_reward_model(str(model_dir)), load_tokenizer(str(model_dir))
     assert model.normalize and model.mean == pytest.approx(summary["reward_mean"]) and model.std > 0
     src = rows_by_id(pref_data, "pair_id")
@@ -165,6 +182,7 @@ def test_dpo_zero0_learns_and_exports_a_reloadable_model(ray_local, tiny_llama_d
     assert info["eval"]["eval_reward_accuracy"] >= 0.9 and info["eval"]["eval_reward_margin"] > 0
     model_dir = stage_dir / "dpo_model"
     assert changed(model_dir, tiny_llama_dir) > 0.9
+    assert_ready_for_inference(model_dir)
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     src, summary = rows_by_id(pref_data, "pair_id"), info["training"]
     batch = collate_pairs([tokenize_preference(tok, src[i], 48) for i in summary["probe_ids"]], tok.pad_token_id)
@@ -172,6 +190,26 @@ def test_dpo_zero0_learns_and_exports_a_reloadable_model(ray_local, tiny_llama_d
         logps = sequence_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                   batch["labels"])
     torch.testing.assert_close(logps, torch.tensor(summary["probe"]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_bf16_training_exports_the_fp32_master_weights(ray_local, tiny_llama_dir, sft_data, tmp_path, zero_stage):
+    """precision: bf16 (what ``auto`` picks on CPUs with native bf16): the model computes in bf16,
+    the optimizer keeps fp32 master weights, and the export is those masters — not the bf16
+    copies, which would drop every update below bf16's resolution."""
+    from safetensors.torch import load_file
+
+    info, stage_dir = train(sft, SFTConfig, tmp_path, "sft", model=str(tiny_llama_dir), input=sft_data,
+                            zero_stage=zero_stage, lr=5e-3, max_steps=12, checkpoint_every=0, eval_fraction=0.0,
+                            precision="bf16")
+    assert info["training"]["precision"] == "bf16" and info["training"]["precision_reason"].startswith("as configured")
+    assert_learned(stage_dir, info, 12)
+    weights = load_file(stage_dir / "sft_model" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    off_grid = sum(int((w != w.bfloat16().float()).sum()) for w in weights.values())
+    assert off_grid > 0.5 * sum(w.numel() for w in weights.values())  # full fp32 precision, not bf16 copies
+    assert changed(stage_dir / "sft_model", tiny_llama_dir) > 0.9
+    assert_ready_for_inference(stage_dir / "sft_model")
 
 
 def test_unusable_input_fails_before_training(ray_local, tiny_llama_dir, pref_data, tmp_path):

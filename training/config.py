@@ -48,7 +48,7 @@ class TrainConfig:
     input: str = "sft"  # dataset of an earlier stage, or a parquet directory
     output: str = "model"  # name of the exported Hugging Face directory inside the stage directory
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0–3
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU and on CPUs with native bf16, else fp32
     micro_batch_size: int = 4  # sequences (pairs for reward/DPO) per worker per forward pass
     grad_accum: int = 1
     lr: float = 1e-5
@@ -159,8 +159,27 @@ class DPOConfig(TrainConfig):
 
 # ---------------------------------------------------------------- derived settings
 
-def resolve_precision(cfg) -> str:
-    return cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.gpus_per_worker > 0 else "fp32")
+def choose_precision(cfg, native_bf16: bool | None = None, cuda_bf16: bool | None = None):
+    """The training precision as a :class:`~actors.precision.DtypeChoice`, by the engines' rule:
+    ``auto`` → bf16 on GPUs that have it; on CPU workers bf16 only where the processor computes it
+    natively, fp32 otherwise (a GPU without bf16 trains in fp32). Runs on the workers, whose
+    processors decide; ``native_bf16``/``cuda_bf16`` fake either answer in tests."""
+    import torch
+
+    from actors.precision import DtypeChoice, choose_dtype
+
+    device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
+    requested = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[cfg.precision]
+    choice = choose_dtype(requested, device, native_bf16=native_bf16, cuda_bf16=cuda_bf16,
+                          setting="training precision")
+    if choice.dtype == torch.float16:  # DeepSpeed fp16 needs loss scaling we do not configure
+        return DtypeChoice(torch.float32, "auto: CUDA GPU without bfloat16, so float32")
+    return choice
+
+
+def resolve_precision(cfg, **fake) -> str:
+    """``fp32`` or ``bf16`` (see :func:`choose_precision`)."""
+    return choose_precision(cfg, **fake).short
 
 
 def deepspeed_config(cfg, precision: str) -> dict:

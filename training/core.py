@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from training.config import deepspeed_config, lr_lambda, resolve_precision
+from training.config import choose_precision, deepspeed_config, lr_lambda
 from training.data import is_eval, length_grouped_batches, tokenize_rows
 from workflows import stage, storage
 from workflows.errors import CaiError, DataError
@@ -102,10 +102,12 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
         warnings.simplefilter("ignore", DeprecationWarning)
         ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker in the same order after a restart
+    model = resolve_ref(cfg.model, ctx)
+    _prepare_model(model)
     trainer = TorchTrainer(
         loop, datasets={"train": train},
         train_loop_config={"cfg": to_dict(cfg), "job": job, "seed": seed, "stage_dir": stage_dir,
-                           "model": resolve_ref(cfg.model, ctx), "precision": resolve_precision(cfg),
+                           "model": model, "precision": cfg.precision,
                            "eval_rows": ray.put(held_out) if held_out is not None else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -123,6 +125,15 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
     summary["rows"]["unused_by_split"] = rows["train"] - summary["rows"]["train_shards"]  # Ray's equal split
     summary["seconds"] = round(time.time() - started, 2)
     return summary
+
+
+def _prepare_model(spec: str) -> None:
+    """A GGUF model is dequantized into the cache here, once, before the workers start (not by
+    every worker at once); a bad model spec fails here in one line."""
+    from actors.models import plain_source, resolve_model
+
+    if not storage.is_remote(spec):
+        plain_source(resolve_model(spec))
 
 
 def _worker_cpus(cfg) -> float:
@@ -176,7 +187,8 @@ def finish_stage(ctx: StageContext, summary: dict) -> dict:
         f"{sum(n for k, n in rows.items() if k.startswith('dropped:'))} dropped (errors) + {unused} unused "
         "(to give every worker the same number of rows)",
         f"steps {summary['steps']} on {summary['world_size']} workers (ZeRO-{summary['zero_stage']}, "
-        f"{summary['precision']}), final loss {'n/a' if loss is None else f'{loss:.4f}'}, "
+        f"{summary['precision']}: {summary.get('precision_reason') or 'as configured'}), "
+        f"final loss {'n/a' if loss is None else f'{loss:.4f}'}, "
         f"resumed {summary['resumes']}×",
         "eval: " + (", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()) or "none"),
         f"model: `{summary['model_dir']}`; curves: `{ctx.path(CURVES_FILE)}`; metrics: `{ctx.path(METRICS_FILE)}`"]
@@ -224,6 +236,18 @@ def setup_worker(cfg, run: dict) -> None:
     else:
         torch.cuda.set_device(ray.train.torch.get_device())
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing group, no re-init
+    run["precision"], run["precision_reason"] = agree_precision(cfg)
+
+
+def agree_precision(cfg) -> tuple[str, str]:
+    """Every rank picks its precision on its own processor (``choose_precision``); all ranks
+    must train in the same one, so where they differ (mixed CPUs) all fall back to fp32."""
+    choice = choose_precision(cfg)
+    picks = [None] * dist.get_world_size()
+    dist.all_gather_object(picks, (choice.short, choice.reason))
+    if len({p[0] for p in picks}) == 1:
+        return choice.short, choice.reason
+    return "fp32", "workers disagree on native bfloat16 (mixed processors), so fp32 on all"
 
 
 def load_items(tokenize: Callable, tok, cfg, run: dict) -> tuple[list, list, dict]:
@@ -285,20 +309,29 @@ def evaluate(engine, task: Task, items: list, fn: Callable, mb: int, sharded: bo
     return dict(zip(keys, _reduce([sums[k] for k in keys])))
 
 
-def full_state_dict(engine, zero3: bool) -> dict | None:
+def full_state_dict(engine, zero3: bool, master: bool = False) -> dict | None:
     """The full (unpartitioned) state dict on rank 0, ``None`` elsewhere; call it on every rank.
-    Under ZeRO-3 the parameters are gathered one module at a time, copied, and released."""
+    Under ZeRO-3 the parameters are gathered one module at a time, copied, and released. With
+    ``master`` (bf16 training) the optimizer's fp32 master weights are taken instead of the bf16
+    copies the model computes with: updates smaller than bf16's resolution live only there."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     rank, sd = dist.get_rank(), {}
-    if not zero3:
+    if not zero3 and not master:
         return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+    masters = _plain_masters(engine) if master else {}
 
     def visit(module, prefix: str) -> None:
-        with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=None):
+        own = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own if zero3 else [], modifier_rank=None):
+            for name, p in module.named_parameters(recurse=False):
+                full = safe_get_full_fp32_param(p) if master else None  # collective: every rank calls it
+                full = masters.get(id(p)) if full is None else full
+                if rank == 0:
+                    kept = full if full is not None else (p.float() if master else p)  # frozen: no master
+                    sd[prefix + name] = kept.detach().cpu().clone()
             if rank == 0:
-                for name, p in module.named_parameters(recurse=False):
-                    sd[prefix + name] = p.detach().cpu().clone()
                 for name, b in module.named_buffers(recurse=False):
                     if name not in module._non_persistent_buffers_set:
                         sd[prefix + name] = b.detach().cpu().clone()
@@ -307,6 +340,21 @@ def full_state_dict(engine, zero3: bool) -> dict | None:
 
     visit(engine.module, "")
     return sd if rank == 0 else None
+
+
+def _plain_masters(engine) -> dict[int, torch.Tensor]:
+    """ZeRO-0 with bf16: DeepSpeed's mixed-precision optimizer keeps the fp32 masters itself,
+    without a per-parameter mapping — per parameter (``fp32_groups``) or one flat tensor per group
+    (``fp32_groups_flat``, the fused variant). Returns them keyed by ``id(param)``."""
+    from torch._utils import _unflatten_dense_tensors
+
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None) or []
+    if getattr(opt, "fp32_groups_flat", None):
+        masters = [_unflatten_dense_tensors(f, g) for g, f in zip(groups, opt.fp32_groups_flat)]
+    else:
+        masters = getattr(opt, "fp32_groups", None) or []
+    return {id(p): m for g, ms in zip(groups, masters) for p, m in zip(g, ms)}
 
 
 def merge_lora(sd: dict, scale: float) -> dict:
@@ -348,7 +396,7 @@ def save_lm(sd: dict, out_dir: str, module, cfg, tokenizer=None) -> None:
 
     if cfg.lora:
         sd, module = merge_lora(sd, cfg.lora.alpha / cfg.lora.r), module.get_base_model()
-    save_plain_lm(sd, module.config, out_dir, tokenizer)
+    save_plain_lm(sd, module.config, out_dir, tokenizer, getattr(module, "generation_config", None))
 
 
 def plot_curves(history: list[dict], path: str, title: str) -> None:
@@ -466,7 +514,7 @@ def _finish(engine, task: Task, cfg, run: dict, state: dict, total: int, seconds
         probe = task.probe(engine, _to(task.collate(probe_items), engine.device))
     engine.train()
     extra = task.finalize(engine, task) if task.finalize else {}
-    sd = full_state_dict(engine, cfg.zero_stage == 3)
+    sd = full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
     if dist.get_rank() == 0:
         out, at = storage.join(run["stage_dir"], cfg.output), lambda name: storage.join(run["stage_dir"], name)
         with tempfile.TemporaryDirectory() as d:
@@ -481,7 +529,8 @@ def _finish(engine, task: Task, cfg, run: dict, state: dict, total: int, seconds
         storage.write_text(at(METRICS_FILE), "".join(json.dumps(h) + "\n" for h in hist))
         storage.write_json(at(SUMMARY_FILE), {
             "job": run["job"], "steps": state["step"], "total_steps": total, "world_size": dist.get_world_size(),
-            "zero_stage": cfg.zero_stage, "precision": run["precision"], "model_dir": out,
+            "zero_stage": cfg.zero_stage, "precision": run["precision"],
+            "precision_reason": run.get("precision_reason", ""), "model_dir": out,
             "final_loss": hist[-1]["loss"] if hist else None, "eval": final, "probe": probe,
             "probe_ids": [x.id for x in probe_items], "rows": task.counts, "resumes": state["resumes"],
             "resumed_from_steps": state["resumed_from"], "train_seconds": round(seconds, 2), **extra})

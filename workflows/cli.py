@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="embedded",
                    help="'embedded' (SmolLM2-135M-Instruct), a model directory, or a .gguf file")
     c.add_argument("--dtype", default="auto",
-                   help="engine dtype: auto (float32 on CPU, bfloat16 on GPU), float32 or bfloat16 "
-                        "(bfloat16 is ~2x faster on CPUs with AVX512-BF16/AMX)")
+                   help="engine dtype: auto (bfloat16 on a GPU and on CPUs that compute it natively, "
+                        "AVX512-BF16/AMX, where it is ~2x faster; float32 on other CPUs, where bfloat16 is "
+                        "~60x slower), float32 or bfloat16")
     c.add_argument("--constitution", default="default", help="default, harmless, or a .yaml/.json path")
     c.add_argument("--batch-size", type=int, default=8, help="prompts per engine batch (default: 8)")
     c.add_argument("--concurrency", type=int, default=max(1, min(2, os.cpu_count() or 1)),

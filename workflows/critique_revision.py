@@ -125,9 +125,10 @@ def _raw_row(s: dict, final: str | None) -> dict:
 class CritiqueReviseWorker:
     """Ray Data actor-pool UDF: one engine per actor, ``critique_revise`` per batch."""
 
-    def __init__(self, cfg: dict, constitution: Constitution, seed: int):
+    def __init__(self, cfg: dict, constitution: Constitution, seed: int, engines_dir: str | None = None):
         self.cfg = from_dict(CritiqueRevisionConfig, cfg)
         self.engine = make_engine(self.cfg.engine)
+        engine_pool.record_engine(self.engine, engines_dir)
         self.constitution, self.seed = constitution, seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -158,6 +159,7 @@ def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
         checkpoint_rows=cfg.checkpoint_rows)
     fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["sl_cai", "sft"])
     info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"constitution": constitution.name, "rounds": cfg.rounds,
-                                     "engine": f"{cfg.engine.backend}:{cfg.engine.model}"})
+                                     "engine": f"{cfg.engine.backend}:{cfg.engine.model}",
+                                     "engines": engine_pool.engines_used(ctx.dir)})
     summary.write_stage_summary(ctx, info, examples=summary.before_after_examples(ctx.path("sl_cai")))
     return info

@@ -2,16 +2,45 @@
 callable class), skipping rows an interrupted earlier run already finished."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import socket
 
 import pyarrow as pa
 import ray
 
 from actors import EngineConfig
+from actors.base import describe
 from workflows import stage, storage
 from workflows.stage import StageContext
 
 log = logging.getLogger(__name__)
+ENGINES = "_engines"  # <stage>/_engines/*.json: what each actor's engine runs as (for the summary)
+
+
+def record_engine(engine, engines_dir: str | None) -> None:
+    """Called by a pool's actor once its engine is built: writes the engine's name, device and
+    number format (with the reason it was chosen, on *that* node's processor) to ``engines_dir``."""
+    if not engines_dir:
+        return
+    info = {**describe(engine), "host": socket.gethostname()}
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    storage.write_json(storage.join(engines_dir, f"{info['host']}-{os.getpid()}-{key}.json"), info)
+
+
+def engines_used(*stage_dirs: str) -> list[dict]:
+    """The distinct engines the actors of these stage directories recorded, each with ``actors``
+    (how many actors ran it), in a stable order."""
+    seen: dict[str, dict] = {}
+    for d in stage_dirs:
+        for f in storage.list_files(storage.join(d, ENGINES), ".json"):
+            info = storage.read_json(f)
+            info.pop("host", None)
+            key = json.dumps(info, sort_keys=True)
+            seen.setdefault(key, {**info, "actors": 0})["actors"] += 1
+    return [seen[k] for k in sorted(seen)]
 
 
 def fit_cpus(engine: EngineConfig, cluster_cpus: float) -> float:
@@ -66,6 +95,7 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
                             fn_kwargs={"id_col": id_col, "done": pa.array(sorted(done), pa.string())})
     # Blocks of at most checkpoint_rows, and at least one block per actor so none idles.
     ds = ds.repartition(target_num_rows_per_block=max(1, min(checkpoint_rows, -(-todo // engine.concurrency))))
+    worker_kwargs = {**worker_kwargs, "engines_dir": ctx.path(ENGINES)}
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_format="pyarrow",
                         **pool_args(engine))
     raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))

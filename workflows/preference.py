@@ -72,9 +72,10 @@ JUDGE_RAW_SCHEMA = pa.schema([*LABELS_SCHEMA, ("_error", pa.string()), ("_detail
 class SampleWorker:
     """Ray Data actor-pool UDF: one policy engine per actor, ``sample_pairs`` per batch."""
 
-    def __init__(self, cfg: dict, seed: int):
+    def __init__(self, cfg: dict, seed: int, engines_dir: str | None = None):
         self.cfg = from_dict(PreferenceConfig, cfg)
         self.engine, self.seed = build_engine(self.cfg.policy, self.cfg.engine_factory), seed
+        engine_pool.record_engine(self.engine, engines_dir)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = sample_pairs(self.engine, table.to_pylist(), self.cfg, self.seed)
@@ -105,10 +106,11 @@ class LazyEngine:
     """A judge engine built on first use, so batches the label cache answers whole load no model.
     ``name`` is the engine's own (``<backend>:<model label>``) without building it."""
 
-    def __init__(self, cfg: EngineConfig, factory: str | None):
-        self.cfg, self.factory = cfg, factory
+    def __init__(self, cfg: EngineConfig, factory: str | None, engines_dir: str | None = None):
+        self.cfg, self.factory, self.engines_dir = cfg, factory, engines_dir
         self._engine = build_engine(cfg, factory) if factory else None  # a factory's engine names itself
         if self._engine is not None:
+            engine_pool.record_engine(self._engine, engines_dir)
             self.name = self._engine.name
         elif cfg.backend == "openai":
             self.name = f"openai:{cfg.model}"
@@ -120,6 +122,7 @@ class LazyEngine:
     def _get(self):
         if self._engine is None:
             self._engine = build_engine(self.cfg, self.factory)
+            engine_pool.record_engine(self._engine, self.engines_dir)
         return self._engine
 
     def generate(self, conversations, params):
@@ -132,9 +135,10 @@ class LazyEngine:
 class JudgeWorker:
     """Ray Data actor-pool UDF: every judge engine in each actor, ``judge_pairs`` per batch."""
 
-    def __init__(self, cfg: dict, constitution: Constitution, seed: int, cache_uri: str | None):
+    def __init__(self, cfg: dict, constitution: Constitution, seed: int, cache_uri: str | None,
+                 engines_dir: str | None = None):
         self.cfg = from_dict(PreferenceConfig, cfg)
-        self.judges = [(LazyEngine(j, self.cfg.engine_factory), judge_id(j)) for j in self.cfg.judges]
+        self.judges = [(LazyEngine(j, self.cfg.engine_factory, engines_dir), judge_id(j)) for j in self.cfg.judges]
         self.constitution, self.seed = constitution, seed
         self.cache = ActorCache(cache_uri) if cache_uri else None
 
@@ -245,6 +249,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
                                "pairs_per_s": round(n_pairs / max(judged - sampled, 1e-9), 3)}},
         "mix": out["mix"], "labels": out["stats"].summary(), "constitution": constitution.name,
         "policy": f"{cfg.policy.backend}:{cfg.policy.model}", "judges": [judge_id(j) for j in cfg.judges],
+        "engines": engine_pool.engines_used(ctx.dir, jctx.dir),
         "principles_per_pair": cfg.principles_per_pair, "both_orders": cfg.both_orders, "cot": cfg.cot,
         "report": "report.md"}
     preference_report.write_report(ctx, info, out["stats"])

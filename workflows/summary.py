@@ -20,6 +20,11 @@ def stage_lines(info: dict) -> list[str]:
         lines.append(f"generated tokens {int(gen)} ({gen / secs:.1f} tokens/s)")
     if info.get("errors_by_reason"):
         lines.append("errors by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_reason"].items())))
+    for e in info.get("engines") or []:
+        where = ", ".join(x for x in (e.get("device"), e.get("dtype")) if x)
+        why = f" — {e['dtype_reason']}" if e.get("dtype_reason") else ""
+        lines.append(f"engine {e['engine']}" + (f" on {where}" if where else "") + why +
+                     f" ({e['actors']} actor{'s' if e['actors'] != 1 else ''})")
     if info.get("datasets"):
         lines.append("datasets: " + ", ".join(f"{k} ({v} rows)" for k, v in info["datasets"].items()))
     return lines
