@@ -33,9 +33,20 @@ import torch
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
 from actors.models import choose, load_causal_lm, load_tokenizer, resolve_device, resolve_model
-from actors.prefix_cache import (STAT_KEYS, PrefixCache, cache_kwarg, group_prefix_lens, new_cache, pack_groups,
-                                 pad_middle, positions_from_mask, prefix_groups, select_rows, shared_prefix_len,
-                                 supports_prefix_cache)
+from actors.prefix_cache import (
+    STAT_KEYS,
+    PrefixCache,
+    cache_kwarg,
+    group_prefix_lens,
+    new_cache,
+    pack_groups,
+    pad_middle,
+    positions_from_mask,
+    prefix_groups,
+    select_rows,
+    shared_prefix_len,
+    supports_prefix_cache,
+)
 
 # End-of-turn markers of common chat templates; each one the template uses also stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")

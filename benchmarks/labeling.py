@@ -94,7 +94,7 @@ def judge_work(stage_dir: str, principles: int, seed: int = 0):
     import pyarrow.parquet as pq
 
     from workflows.constitution import load_constitution, sample_principles
-    from workflows.judging import both_orders
+    from workflows.preference.judging import both_orders
 
     const = load_constitution("default")
     pairs = pq.read_table(os.path.join(stage_dir, "pairs")).to_pylist()
@@ -166,7 +166,7 @@ def write_prompts(out_dir: str, n: int, per_file: int = 100_000) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workflows.stage import MESSAGES
+    from workflows.core.stage import MESSAGES
 
     os.makedirs(out_dir, exist_ok=True)
     schema = pa.schema([("prompt_id", pa.string()), ("messages", MESSAGES), ("source", pa.string())])

@@ -20,7 +20,7 @@ from workflows.constitution import (
     sample_principles,
     shipped_names,
 )
-from workflows.errors import ConfigError
+from workflows.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 import pytest
 
+from workflows.core.errors import ConfigError
 from workflows.driver import Recipe, plan, result_hash
-from workflows.errors import ConfigError
 
 
 def _stage(**kw):

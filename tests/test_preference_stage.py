@@ -15,13 +15,13 @@ import pytest
 
 from actors.base import Generation
 from workflows.constitution import load_constitution
-from workflows.errors import ConfigError
-from workflows.judging import pair_id
-from workflows.label_cache import LabelCache
-from workflows.preference import PAIRS_SCHEMA, SAMPLE_RAW_SCHEMA, SamplingRoute
-from workflows.preference_batch import PreferenceConfig, judge_pairs, sample_pairs
-from workflows.preference_report import select_stream
-from workflows.typed import from_dict
+from workflows.core.errors import ConfigError
+from workflows.core.typed import from_dict
+from workflows.preference.batch import PreferenceConfig, judge_pairs, sample_pairs
+from workflows.preference.judging import pair_id
+from workflows.preference.label_cache import LabelCache
+from workflows.preference.report import select_stream
+from workflows.preference.stage import PAIRS_SCHEMA, SAMPLE_RAW_SCHEMA, SamplingRoute
 
 CONST = load_constitution("default")
 PROMPT = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -349,8 +349,8 @@ def test_rerun_reads_every_judgment_from_the_cache(labeled):
 
 
 def test_route_export_and_merge(tmp_path):
-    from workflows.human import preference_row, to_table
-    from workflows.preference_cli import export_uncertain, merge_labels
+    from workflows.preference.cli import export_uncertain, merge_labels
+    from workflows.preference.human import preference_row, to_table
 
     rows = [preference_row(PROMPT, f"answer {i}", f"other {i}", p, judge="j", order_agreement=True, source="ai")
             for i, p in enumerate([0.55, 0.95, 0.52])]
@@ -374,7 +374,7 @@ def test_route_export_and_merge(tmp_path):
 def test_cli_parsers_map_flags_to_label_main(monkeypatch):
     import argparse
 
-    from workflows import preference_cli
+    from workflows.preference import cli as preference_cli
 
     seen = {}
     monkeypatch.setattr(preference_cli, "label_main", lambda *a, **kw: seen.update(args=a, kw=kw) or 0)

@@ -12,12 +12,18 @@ import unicodedata
 
 import pytest
 
-from workflows.errors import ConfigError, DataError, RowError
-from workflows.prompts import (
-    RAW_SCHEMA, PromptsConfig, iter_prompt_rows, normalize_record, parse_hh_transcript,
-    prompt_id, read_prompts, split_hh_prompt_response,
+from workflows.core.errors import ConfigError, DataError, RowError
+from workflows.core.typed import from_dict
+from workflows.prompts.sources import (
+    RAW_SCHEMA,
+    PromptsConfig,
+    iter_prompt_rows,
+    normalize_record,
+    parse_hh_transcript,
+    prompt_id,
+    read_prompts,
+    split_hh_prompt_response,
 )
-from workflows.typed import from_dict
 
 COLUMNS = ["prompt_id", "messages", "source", "_loc", "_error", "_detail"]
 TEXTS = ["How do I bake bread?", "Tell me a joke.", "Café au lait, s'il vous plaît", "  spaced  "]
@@ -51,7 +57,7 @@ def test_prompt_id_stable_and_distinct():
 
 
 def test_prompt_id_same_in_another_process():
-    code = "from workflows.prompts import prompt_id; print(prompt_id([{'role':'user','content':'hello'}]))"
+    code = "from workflows.prompts.sources import prompt_id; print(prompt_id([{'role':'user','content':'hello'}]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=".")
     assert out.stdout.strip() == prompt_id(user("hello"))

@@ -6,7 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from workflows import stage, storage
+from workflows.core import stage, storage
 from workflows.driver import Recipe, run_recipe
 
 
@@ -99,7 +99,7 @@ def test_rerun_skips_finished_stages(finished_run, tiny_llama_dir, capsys):
 
 
 def test_changed_config_is_refused_not_mixed(finished_run, tiny_llama_dir):
-    from workflows.errors import ConfigError
+    from workflows.core.errors import ConfigError
 
     d, f, _ = finished_run
     with pytest.raises(ConfigError, match="--restart-from critique_revision"):

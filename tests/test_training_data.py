@@ -7,13 +7,22 @@ import math
 import pytest
 import torch
 
-from training.config import (DPOConfig, RewardConfig, SFTConfig, deepspeed_config, lr_lambda,
-                             resolve_precision)
-from training.data import (Example, Pair, collate_pairs, collate_sft, is_eval, length_grouped_batches,
-                           tokenize_conversation, tokenize_preference, tokenize_rows, tokenize_sft)
+from training.config import DPOConfig, RewardConfig, SFTConfig, deepspeed_config, lr_lambda, resolve_precision
+from training.data import (
+    Example,
+    Pair,
+    collate_pairs,
+    collate_sft,
+    is_eval,
+    length_grouped_batches,
+    tokenize_conversation,
+    tokenize_preference,
+    tokenize_rows,
+    tokenize_sft,
+)
 from training.losses import IGNORE_INDEX
-from workflows.errors import ConfigError, RowError
-from workflows.typed import from_dict
+from workflows.core.errors import ConfigError, RowError
+from workflows.core.typed import from_dict
 
 
 @pytest.fixture(scope="module")

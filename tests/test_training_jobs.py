@@ -20,9 +20,9 @@ from training import dpo, reward, sft
 from training.config import DPOConfig, RewardConfig, SFTConfig
 from training.data import collate_pairs, collate_sft, is_eval, tokenize_preference, tokenize_sft
 from training.losses import sequence_logprobs
-from workflows.errors import DataError
-from workflows.stage import StageContext, read_success
-from workflows.typed import from_dict
+from workflows.core.errors import DataError
+from workflows.core.stage import StageContext, read_success
+from workflows.core.typed import from_dict
 
 WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "max_length": 48, "micro_batch_size": 4, "lr": 2e-3,
            "warmup_steps": 2, "epochs": 20}

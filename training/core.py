@@ -35,10 +35,10 @@ import torch.distributed as dist
 
 from training.config import choose_precision, deepspeed_config, lr_lambda
 from training.data import is_eval, length_grouped_batches, tokenize_rows
-from workflows import stage, storage
-from workflows.errors import CaiError, DataError
-from workflows.stage import StageContext
-from workflows.typed import from_dict, to_dict
+from workflows.core import stage, storage
+from workflows.core.errors import CaiError, DataError
+from workflows.core.stage import StageContext
+from workflows.core.typed import from_dict, to_dict
 
 STATE_FILE, SUMMARY_FILE, METRICS_FILE, CURVES_FILE = "trainer_state.json", "train_summary.json", "metrics.jsonl", "loss.png"
 FAULT_MARKER = "_fault_injected"
@@ -169,7 +169,7 @@ def _user_error(exc: BaseException) -> CaiError | None:
 def finish_stage(ctx: StageContext, summary: dict) -> dict:
     """Write ``summary.md`` and ``_SUCCESS`` (rows, steps, final loss, eval metrics, seconds, model
     directory); rows that tokenization dropped are the stage's errors, by reason."""
-    from workflows.summary import stage_lines
+    from workflows.core.summary import stage_lines
 
     rows, loss = summary["rows"], summary["final_loss"]
     dropped: dict[str, int] = {}

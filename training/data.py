@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from training.losses import IGNORE_INDEX
-from workflows.errors import DataError, RowError
+from workflows.core.errors import DataError, RowError
 
 GROUP_WINDOW_BATCHES = 32  # batches per length-sorting window
 

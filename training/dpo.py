@@ -18,7 +18,7 @@ from training import core
 from training.config import DPOConfig
 from training.data import collate_pairs, tokenize_preference
 from training.losses import dpo_loss, sequence_logprobs
-from workflows.stage import StageContext
+from workflows.core.stage import StageContext
 
 
 def _logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

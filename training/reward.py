@@ -22,7 +22,7 @@ from training import core
 from training.config import RewardConfig
 from training.data import collate_pairs, pad_right, tokenize_preference
 from training.losses import bradley_terry_loss
-from workflows.stage import StageContext
+from workflows.core.stage import StageContext
 
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.pt", "reward_head.json"
 

@@ -13,7 +13,7 @@ from training import core
 from training.config import SFTConfig
 from training.data import collate_sft, tokenize_sft
 from training.losses import IGNORE_INDEX, sequence_logprobs, sft_loss
-from workflows.stage import StageContext
+from workflows.core.stage import StageContext
 
 
 def _logits(engine, batch):

@@ -1,13 +1,15 @@
-"""``cai``: the command line. ``cai --help`` and ``cai COMMAND --help`` explain each command."""
+"""``cai``: the command line. ``cai --help`` and ``cai COMMAND --help`` explain each command.
+
+This module owns ``run``, ``stages`` and ``validate-constitution`` and builds the parser; every stage
+package adds its own commands (``workflows.sl_cai.cli``, ``workflows.preference.cli``, ``training.cli``)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 
 from actors.base import EngineError
-from workflows.errors import CaiError
+from workflows.core.errors import CaiError
 
 EPILOG = textwrap.dedent("""\
     typical use:
@@ -34,41 +36,6 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _cmd_critique_revise(args) -> int:
-    from workflows.driver import Recipe, run_recipe
-
-    engine = {"model": args.model, "batch_size": args.batch_size, "concurrency": args.concurrency,
-              "dtype": args.dtype}
-    stages = [
-        {"stage": "prompts", "path": args.prompts, "field": args.field, "limit": args.limit},
-        {"stage": "critique_revision", "constitution": args.constitution, "rounds": args.rounds,
-         "sampling": {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty},
-         "engine": engine},
-    ]
-    run_recipe(Recipe(name="critique-revise", run_dir=args.out, seed=args.seed, stages=stages),
-               restart_from=args.restart_from, where="command line")
-    return 0
-
-
-def _cmd_train(args) -> int:
-    import yaml
-
-    from workflows.driver import Recipe, run_recipe
-    from workflows.errors import ConfigError
-
-    try:
-        body = yaml.safe_load(open(args.config, encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(args.config, f"cannot read it ({e.strerror})", "pass the path of a YAML file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(args.config, f"not valid YAML ({e})") from None
-    if not isinstance(body, dict):
-        raise ConfigError(args.config, "expected a mapping of training settings", "see `cai stages`")
-    recipe = Recipe(name=f"train-{args.job}", run_dir=args.out, seed=args.seed, stages=[{"stage": args.job, **body}])
-    run_recipe(recipe, restart_from=args.job if args.restart else None, where=args.config)
-    return 0
-
-
 def _cmd_validate_constitution(args) -> int:
     from workflows.constitution import check_main
 
@@ -91,6 +58,15 @@ def _cmd_stages(args) -> int:
     return 0
 
 
+def _stage_clis() -> list:
+    """Each stage package's command-line module; each ``register(subparsers)`` adds its commands."""
+    from training import cli as training_cli
+    from workflows.preference import cli as preference_cli
+    from workflows.sl_cai import cli as sl_cai_cli
+
+    return [sl_cai_cli, preference_cli, training_cli]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cai", description="Constitutional AI and RLAIF as one workflow on Ray.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,58 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--restart-from", metavar="STAGE", help="redo this stage and every stage after it")
     r.set_defaults(fn=_cmd_run)
 
-    c = sub.add_parser("critique-revise", help="run SL-CAI critique→revision on a prompts file",
-                       description="Read prompts, answer them, then critique and revise each answer under "
-                                   "randomly sampled constitution principles. Writes prompts/, "
-                                   "critique_revision/{sl_cai,sft,errors}/ and summary.md under --out.")
-    c.add_argument("--prompts", required=True,
-                   help="jsonl/csv/parquet file, HF dataset dir, or builtin:red_team|helpful|all")
-    c.add_argument("--out", required=True, help="run directory (local path or s3://bucket/prefix)")
-    c.add_argument("--field", default="prompt", help="column with the prompt text or messages (default: prompt)")
-    c.add_argument("--limit", type=int, help="use only the first N prompts")
-    c.add_argument("--rounds", type=int, default=1, help="critique→revision rounds per prompt (default: 1)")
-    c.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer/critique/revision")
-    c.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages loops (1.2 suits the 135M embedded model; default: 1.0 = off)")
-    c.add_argument("--model", default="embedded",
-                   help="'embedded' (SmolLM2-135M-Instruct), a model directory, or a .gguf file")
-    c.add_argument("--dtype", default="auto",
-                   help="engine dtype: auto (bfloat16 on a GPU and on CPUs that compute it natively, "
-                        "AVX512-BF16/AMX, where it is ~2x faster; float32 on other CPUs, where bfloat16 is "
-                        "~60x slower), float32 or bfloat16")
-    c.add_argument("--constitution", default="default", help="default, harmless, or a .yaml/.json path")
-    c.add_argument("--batch-size", type=int, default=8, help="prompts per engine batch (default: 8)")
-    c.add_argument("--concurrency", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                   help="engine actors in the pool")
-    c.add_argument("--seed", type=int, default=0, help="seed for principle sampling and sampled decoding")
-    c.add_argument("--restart-from", metavar="STAGE", help="redo this stage (prompts|critique_revision) and after")
-    c.set_defaults(fn=_cmd_critique_revise)
-
-    t = sub.add_parser("train", help="train an SFT, reward or DPO model with Ray Train + DeepSpeed",
-                       description="Run one training job from a YAML of its settings (`cai stages` lists them). "
-                                   "`input` and `model` are paths here (a parquet dataset directory; a model "
-                                   "directory, a .gguf file or `embedded`). The model, metrics.jsonl and loss.png "
-                                   "land in OUT/<job>/; checkpoints let an interrupted job resume.",
-                       epilog="example config (sft.yaml):\n  input: runs/demo/critique_revision/sft\n"
-                              "  model: embedded\n  zero_stage: 2\n  num_workers: 2\n  epochs: 1\n  lr: 1.0e-5",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("job", choices=["sft", "reward", "dpo"], help="which job")
-    t.add_argument("--config", required=True, help="YAML with the job's settings")
-    t.add_argument("--out", required=True, help="run directory (local path or s3://bucket/prefix)")
-    t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    t.add_argument("--restart", action="store_true", help="discard an earlier finished or partial run of this job")
-    t.set_defaults(fn=_cmd_train)
-
     v = sub.add_parser("validate-constitution", help="check a constitution file and summarize it",
                        description="Load a constitution (.yaml, or a Hugging Face CAI .json) with full validation; "
                                    "prints its principles or the exact file/principle/field that is wrong.")
     v.add_argument("file", help="a .yaml/.json path, or a shipped name (default, harmless)")
     v.set_defaults(fn=_cmd_validate_constitution)
 
-    from workflows import agreement, preference_cli
-
-    agreement.register(sub)
-    preference_cli.register(sub)
+    for package_cli in _stage_clis():
+        package_cli.register(sub)
 
     s = sub.add_parser("stages", help="list the stages a recipe can contain and their settings")
     s.set_defaults(fn=_cmd_stages)

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from workflows.errors import CaiError, ConfigError
+from workflows.core.errors import CaiError, ConfigError
 
 SUFFIXES = (".yaml", ".yml", ".json")
 PRINCIPLE_TEXT_FIELDS = ("critique", "revision", "comparison")

@@ -24,11 +24,11 @@ from pathlib import Path
 import yaml
 
 from cluster.connect import RayConfig, connect
-from workflows import stage as stage_mod
-from workflows import storage, summary
-from workflows.errors import ConfigError
-from workflows.stage import StageContext
-from workflows.typed import from_dict, to_dict
+from workflows.core import stage as stage_mod
+from workflows.core import storage, summary
+from workflows.core.errors import ConfigError
+from workflows.core.stage import StageContext
+from workflows.core.typed import from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,13 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
-    "prompts": StageSpec("workflows.prompts:PromptsConfig", "workflows.ingest:run", ("prompts",),
+    "prompts": StageSpec("workflows.prompts.sources:PromptsConfig", "workflows.prompts.stage:run", ("prompts",),
                          "read prompts (jsonl/csv/parquet/HF dataset/builtin) into the prompts dataset"),
     "critique_revision": StageSpec(
-        "workflows.critique_revision:CritiqueRevisionConfig", "workflows.critique_revision:run", ("sl_cai", "sft"),
+        "workflows.sl_cai.stage:CritiqueRevisionConfig", "workflows.sl_cai.stage:run", ("sl_cai", "sft"),
         "SL-CAI: answer, then N rounds of critique and revision under sampled principles"),
     "preference": StageSpec(
-        "workflows.preference:PreferenceConfig", "workflows.preference:run", ("pairs", "preferences"),
+        "workflows.preference.stage:PreferenceConfig", "workflows.preference.stage:run", ("pairs", "preferences"),
         "RL-CAI: K samples per prompt, pairs judged (A)/(B) under sampled principles in both orders, soft labels"),
     "sft": StageSpec("training.config:SFTConfig", "training.sft:run", ("sft_model",),
                      "supervised fine-tuning on the sft dataset (Ray Train + DeepSpeed)"),

@@ -1,0 +1,18 @@
+from actors import EngineConfig
+from workflows.core.engine_pool import fit_cpus
+
+
+def test_pool_leaves_a_cpu_for_reading_and_writing():
+    assert fit_cpus(EngineConfig(concurrency=2, num_cpus=1), 2) == 0.5
+    assert fit_cpus(EngineConfig(concurrency=1, num_cpus=1), 2) == 1  # already leaves one
+    assert fit_cpus(EngineConfig(concurrency=4, num_cpus=2), 16) == 2  # fits
+    assert fit_cpus(EngineConfig(concurrency=2, num_cpus=1, num_gpus=1), 2) == 1  # GPU pools are not capped
+    assert fit_cpus(EngineConfig(concurrency=3, num_cpus=1), 1) == 1  # nothing sensible to do on 1 CPU
+
+
+def test_stages_command_lists_every_setting(capsys):
+    from workflows.cli import main
+
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    assert "critique_revision:" in out and "rounds: 1" in out and "makes: sl_cai, sft" in out

@@ -1,0 +1,103 @@
+"""Streaming a dataset through an engine actor pool (Ray Data ``map_batches`` with a
+callable class), skipping rows an interrupted earlier run already finished."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+
+import pyarrow as pa
+import ray
+
+from actors import EngineConfig
+from actors.base import describe
+from workflows.core import stage, storage
+from workflows.core.stage import StageContext
+
+log = logging.getLogger(__name__)
+ENGINES = "_engines"  # <stage>/_engines/*.json: what each actor's engine runs as (for the summary)
+
+
+def record_engine(engine, engines_dir: str | None) -> None:
+    """Called by a pool's actor once its engine is built: writes the engine's name, device and
+    number format (with the reason it was chosen, on *that* node's processor) to ``engines_dir``."""
+    if not engines_dir:
+        return
+    info = {**describe(engine), "host": socket.gethostname()}
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    storage.write_json(storage.join(engines_dir, f"{info['host']}-{os.getpid()}-{key}.json"), info)
+
+
+def engines_used(*stage_dirs: str) -> list[dict]:
+    """The distinct engines the actors of these stage directories recorded, each with ``actors``
+    (how many actors ran it), in a stable order."""
+    seen: dict[str, dict] = {}
+    for d in stage_dirs:
+        for f in storage.list_files(storage.join(d, ENGINES), ".json"):
+            info = storage.read_json(f)
+            info.pop("host", None)
+            key = json.dumps(info, sort_keys=True)
+            seen.setdefault(key, {**info, "actors": 0})["actors"] += 1
+    return [seen[k] for k in sorted(seen)]
+
+
+def fit_cpus(engine: EngineConfig, cluster_cpus: float) -> float:
+    """CPUs to reserve per actor. A pool that takes every CPU starves the read and write
+    tasks around it and the pipeline deadlocks, so on CPU-only pools at least one CPU is
+    left for them (the actor's torch threads are set separately by ``torch_threads``)."""
+    if engine.num_gpus or cluster_cpus < 2 or engine.concurrency * engine.num_cpus <= cluster_cpus - 1:
+        return engine.num_cpus
+    return max(0.01, (cluster_cpus - 1) / engine.concurrency)
+
+
+def pool_args(engine: EngineConfig) -> dict:
+    """Ray Data actor-pool sizing from the engine config."""
+    cpus = fit_cpus(engine, ray.cluster_resources().get("CPU", 0))
+    if cpus != engine.num_cpus:
+        print(f"note: {engine.concurrency} actors × {engine.num_cpus} CPUs would leave no CPU for reading and "
+              f"writing; reserving {cpus:.2f} CPUs per actor instead (threads stay at "
+              f"{engine.torch_threads or max(1, int(engine.num_cpus))})")
+    args = {"batch_size": engine.batch_size, "num_cpus": cpus,
+            "compute": ray.data.ActorPoolStrategy(size=engine.concurrency)}
+    if engine.num_gpus:
+        args["num_gpus"] = engine.num_gpus
+    return args
+
+
+def check_engine(engine: EngineConfig) -> None:
+    """Fail on the driver, in one clear line, before a pool of actors fails one by one."""
+    if engine.backend in ("transformers", "vllm"):
+        from actors.models import plain_source, resolve_model
+
+        source = resolve_model(engine.model)
+        if engine.backend == "transformers":
+            plain_source(source)  # a GGUF model is dequantized into the cache here, once, not by every actor
+
+
+def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
+                        engine: EngineConfig, worker_kwargs: dict, total: int, checkpoint_rows: int) -> int:
+    """Append raw rows for every input row not yet in ``<stage>/_raw``; returns rows sent.
+    Input is cut into blocks of ``checkpoint_rows``; each becomes one raw file, the unit of
+    work an interrupted run keeps."""
+    done = stage.done_ids(ctx.dir, id_col)
+    todo = total - len(done)
+    if done:
+        print(f"[{ctx.name}] resuming: {len(done)} of {total} rows already done, {max(todo, 0)} to go")
+    if todo <= 0:
+        return 0
+    check_engine(engine)
+    fs, path = storage.resolve(input_uri)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    if done:
+        ds = ds.map_batches(stage.drop_done, batch_format="pyarrow",
+                            fn_kwargs={"id_col": id_col, "done": pa.array(sorted(done), pa.string())})
+    # Blocks of at most checkpoint_rows, and at least one block per actor so none idles.
+    ds = ds.repartition(target_num_rows_per_block=max(1, min(checkpoint_rows, -(-todo // engine.concurrency))))
+    worker_kwargs = {**worker_kwargs, "engines_dir": ctx.path(ENGINES)}
+    ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_format="pyarrow",
+                        **pool_args(engine))
+    raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))
+    ds.write_parquet(raw_path, filesystem=raw_fs)
+    return todo

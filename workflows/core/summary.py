@@ -1,0 +1,83 @@
+"""Human-readable summaries: one per stage (``<stage>/summary.md`` + console) and one per run."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from workflows.core import storage
+
+
+def _clip(text: str | None, n: int = 400) -> str:
+    text = (text or "").strip().replace("\n", " ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def stage_lines(info: dict) -> list[str]:
+    secs = max(float(info.get("seconds", 0)), 1e-9)
+    lines = [f"rows in {info['inputs']}, out {info['outputs']}, errors {info['errors']} "
+             f"in {info.get('seconds', 0):.1f} s ({info['outputs'] / secs:.2f} rows/s)"]
+    gen = info.get("metrics", {}).get("_gen_tokens")
+    if gen:
+        lines.append(f"generated tokens {int(gen)} ({gen / secs:.1f} tokens/s)")
+    if info.get("errors_by_reason"):
+        lines.append("errors by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_reason"].items())))
+    for e in info.get("engines") or []:
+        where = ", ".join(x for x in (e.get("device"), e.get("dtype")) if x)
+        why = f" — {e['dtype_reason']}" if e.get("dtype_reason") else ""
+        lines.append(f"engine {e['engine']}" + (f" on {where}" if where else "") + why +
+                     f" ({e['actors']} actor{'s' if e['actors'] != 1 else ''})")
+    if info.get("datasets"):
+        lines.append("datasets: " + ", ".join(f"{k} ({v} rows)" for k, v in info["datasets"].items()))
+    return lines
+
+
+def before_after_examples(sl_cai_uri: str, n: int = 3) -> list[dict]:
+    """A few rows whose revision changed the answer (falls back to any rows)."""
+    files = storage.list_files(sl_cai_uri, ".parquet")
+    if not files:
+        return []
+    fs, path = storage.resolve(files[0])
+    rows = pq.read_table(path, filesystem=fs).slice(0, 50).to_pylist()
+    changed = [r for r in rows if r["initial_response"] != r["final_response"]] or rows
+    return changed[:n]
+
+
+def examples_md(examples: list[dict]) -> list[str]:
+    out = []
+    for ex in examples:
+        prompt = next((m["content"] for m in reversed(ex["messages"]) if m["role"] == "user"), "")
+        out += [f"### {ex['prompt_id']}", f"- **prompt**: {_clip(prompt)}",
+                f"- **before**: {_clip(ex['initial_response'])}"]
+        for i, r in enumerate(ex.get("rounds") or [], 1):
+            out += [f"- **round {i} principle** `{r['principle_id']}` — critique: {_clip(r['critique'], 300)}"]
+        out += [f"- **after**: {_clip(ex['final_response'])}", ""]
+    return out
+
+
+def write_stage_summary(ctx, info: dict, examples: list[dict] | None = None) -> str:
+    lines = [f"# Stage `{ctx.name}`", "", *[f"- {line}" for line in stage_lines(info)], ""]
+    if examples:
+        lines += ["## Before / after examples", "", *examples_md(examples)]
+    text = "\n".join(lines)
+    storage.write_text(ctx.path("summary.md"), text + "\n")
+    print(f"\n== {ctx.name} ==")
+    for line in stage_lines(info):
+        print(f"  {line}")
+    return text
+
+
+def run_summary(run_dir: str, recipe_name: str, infos: dict[str, dict]) -> str:
+    """Top-level ``summary.md`` of a run: each stage's own summary (counts, errors by reason,
+    training figures, before/after examples) and where its datasets are."""
+    lines = [f"# Run `{recipe_name}`", "", f"Run directory: `{run_dir}`", ""]
+    for name, info in infos.items():
+        lines.append(f"## {name}")
+        stage_md = storage.join(run_dir, name, "summary.md")
+        body = storage.read_text(stage_md).splitlines()[1:] if storage.exists(stage_md) else []
+        # the stage's own summary, its headings one level down; or the counts alone
+        lines += [("#" + x if x.startswith("#") else x) for x in body if x.strip()] or \
+            [f"- {line}" for line in stage_lines(info)]
+        lines += [f"- `{storage.join(run_dir, name, ds)}`" for ds in info.get("datasets", {})]
+        lines.append("")
+    text = "\n".join(lines)
+    storage.write_text(storage.join(run_dir, "summary.md"), text + "\n")
+    return text

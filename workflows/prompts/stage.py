@@ -1,0 +1,45 @@
+"""The ``prompts`` stage: read user prompts (any supported source) into the ``prompts``
+dataset; unusable records and duplicate prompts go to ``errors`` with their location."""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflows.core import stage, storage, summary
+from workflows.core.reconcile import ReconcileError
+from workflows.core.stage import MESSAGES, StageContext
+from workflows.prompts.sources import PromptsConfig, read_prompts
+
+PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("messages", MESSAGES), ("source", pa.string())])
+
+
+def route(good: pa.Table) -> dict[str, pa.Table]:
+    return {"prompts": good.select(PROMPTS_SCHEMA.names).cast(PROMPTS_SCHEMA)}
+
+
+route.schemas = {"prompts": PROMPTS_SCHEMA}
+
+
+def _raw_count(stage_dir: str) -> int:
+    total = 0
+    for uri in stage.raw_files(stage_dir):
+        fs, path = storage.resolve(uri)
+        total += pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return total
+
+
+def run(cfg: PromptsConfig, ctx: StageContext) -> dict:
+    started = time.time()
+    storage.delete(ctx.path(stage.RAW))  # cheap to redo whole; partial raw rows have no stable ids
+    raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))
+    read_prompts(cfg).write_parquet(raw_path, filesystem=raw_fs, min_rows_per_file=stage.ROWS_PER_FILE)
+    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["prompts"], on_duplicate="error")
+    records = _raw_count(ctx.dir)
+    if records != len(fin.output_ids) + len(fin.error_ids):
+        raise ReconcileError(f"stage {ctx.name}: {records} records read but {len(fin.output_ids)} prompts + "
+                             f"{len(fin.error_ids)} errors written")
+    info = stage.reconcile_and_mark(ctx, fin.output_ids + fin.error_ids, fin, started, {"records": records, "source": cfg.path})
+    summary.write_stage_summary(ctx, info)
+    return info
