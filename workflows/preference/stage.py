@@ -44,7 +44,7 @@ from workflows.core import engine_pool, stage, storage, summary
 from workflows.core.reconcile import ReconcileError, check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
-from workflows.preference import report as preference_report
+from workflows.preference import report
 from workflows.preference.batch import HumanData, PreferenceConfig, build_engine, judge_id, judge_pairs, sample_pairs  # noqa: F401
 from workflows.preference.human import PREFERENCES_SCHEMA
 from workflows.preference.label_cache import LabelCache
@@ -211,7 +211,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
     cfg = replace(cfg, policy=replace(cfg.policy, model=ctx.resolve(cfg.policy.model)),
                   judges=[replace(j, model=ctx.resolve(j.model)) for j in cfg.judges])  # e.g. `model: sft_model`
     constitution = load_constitution(cfg.constitution)
-    human = preference_report.load_human_data(cfg.human, ctx.name) if cfg.human else None  # fail fast
+    human = report.load_human_data(cfg.human, ctx.name) if cfg.human else None  # fail fast
     prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     prompt_ids = stage.ids_of(prompts_uri, "prompt_id")
     engine_pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
@@ -231,7 +231,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
     n_prompts, n_pairs = len(prompt_ids), len(pair_ids)
     n_prompt_errors, n_pair_errors = len(fin_a.error_ids), len(fin_b.error_ids)
     del prompt_ids, pair_ids, fin_a.output_ids, fin_a.error_ids, fin_b.output_ids, fin_b.error_ids  # flat memory
-    out = preference_report.assemble(ctx, jctx.path(LABELS), NOTES, jctx.path("errors"), human, cfg.human)
+    out = report.assemble(ctx, jctx.path(LABELS), NOTES, jctx.path("errors"), human, cfg.human)
     m = {**fin_a.metrics, **fin_b.metrics}
     info = {
         "stage": ctx.name, "inputs": n_prompts, "outputs": rec_b.outputs, "errors": n_prompt_errors + n_pair_errors,
@@ -252,7 +252,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
         "engines": engine_pool.engines_used(ctx.dir, jctx.dir),
         "principles_per_pair": cfg.principles_per_pair, "both_orders": cfg.both_orders, "cot": cfg.cot,
         "report": "report.md"}
-    preference_report.write_report(ctx, info, out["stats"])
+    report.write_report(ctx, info, out["stats"])
     stage.write_success(ctx.dir, info)
     summary.write_stage_summary(ctx, info)
     return info
