@@ -20,14 +20,22 @@ log = logging.getLogger(__name__)
 ENGINES = "_engines"  # <stage>/_engines/*.json: what each actor's engine runs as (for the summary)
 
 
-def record_engine(engine, engines_dir: str | None) -> None:
+def record_engine(engine, engines_dir: tuple | None) -> None:
     """Called by a pool's actor once its engine is built: writes the engine's name, device and
-    number format (with the reason it was chosen, on *that* node's processor) to ``engines_dir``."""
+    number format (with the reason it was chosen, on *that* node's processor) into the stage's
+    ``_engines/``. ``engines_dir`` is ``(filesystem, path)`` resolved on the driver, so actors
+    need no storage settings of their own. A failed write costs only this summary line."""
     if not engines_dir:
         return
+    fs, path = engines_dir
     info = {**describe(engine), "host": socket.gethostname()}
     key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
-    storage.write_json(storage.join(engines_dir, f"{info['host']}-{os.getpid()}-{key}.json"), info)
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{info['host']}-{os.getpid()}-{key}.json") as f:
+            f.write(json.dumps(info, sort_keys=True).encode())
+    except OSError as e:
+        log.warning("could not record engine %s in %s (%s); the stage summary will not list it", info["engine"], path, e)
 
 
 def engines_used(*stage_dirs: str) -> list[dict]:
@@ -95,7 +103,7 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
                             fn_kwargs={"id_col": id_col, "done": pa.array(sorted(done), pa.string())})
     # Blocks of at most checkpoint_rows, and at least one block per actor so none idles.
     ds = ds.repartition(target_num_rows_per_block=max(1, min(checkpoint_rows, -(-todo // engine.concurrency))))
-    worker_kwargs = {**worker_kwargs, "engines_dir": ctx.path(ENGINES)}
+    worker_kwargs = {**worker_kwargs, "engines_dir": storage.resolve(ctx.path(ENGINES))}
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_format="pyarrow",
                         **pool_args(engine))
     raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))

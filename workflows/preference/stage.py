@@ -72,7 +72,7 @@ JUDGE_RAW_SCHEMA = pa.schema([*LABELS_SCHEMA, ("_error", pa.string()), ("_detail
 class SampleWorker:
     """Ray Data actor-pool UDF: one policy engine per actor, ``sample_pairs`` per batch."""
 
-    def __init__(self, cfg: dict, seed: int, engines_dir: str | None = None):
+    def __init__(self, cfg: dict, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(PreferenceConfig, cfg)
         self.engine, self.seed = build_engine(self.cfg.policy, self.cfg.engine_factory), seed
         engine_pool.record_engine(self.engine, engines_dir)
@@ -106,7 +106,7 @@ class LazyEngine:
     """A judge engine built on first use, so batches the label cache answers whole load no model.
     ``name`` is the engine's own (``<backend>:<model label>``) without building it."""
 
-    def __init__(self, cfg: EngineConfig, factory: str | None, engines_dir: str | None = None):
+    def __init__(self, cfg: EngineConfig, factory: str | None, engines_dir: tuple | None = None):
         self.cfg, self.factory, self.engines_dir = cfg, factory, engines_dir
         self._engine = build_engine(cfg, factory) if factory else None  # a factory's engine names itself
         if self._engine is not None:
@@ -136,7 +136,7 @@ class JudgeWorker:
     """Ray Data actor-pool UDF: every judge engine in each actor, ``judge_pairs`` per batch."""
 
     def __init__(self, cfg: dict, constitution: Constitution, seed: int, cache_uri: str | None,
-                 engines_dir: str | None = None):
+                 engines_dir: tuple | None = None):
         self.cfg = from_dict(PreferenceConfig, cfg)
         self.judges = [(LazyEngine(j, self.cfg.engine_factory, engines_dir), judge_id(j)) for j in self.cfg.judges]
         self.constitution, self.seed = constitution, seed

@@ -126,7 +126,7 @@ def _raw_row(s: dict, final: str | None) -> dict:
 class CritiqueReviseWorker:
     """Ray Data actor-pool UDF: one engine per actor, ``critique_revise`` per batch."""
 
-    def __init__(self, cfg: dict, constitution: Constitution, seed: int, engines_dir: str | None = None):
+    def __init__(self, cfg: dict, constitution: Constitution, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(CritiqueRevisionConfig, cfg)
         self.engine = make_engine(self.cfg.engine)
         engine_pool.record_engine(self.engine, engines_dir)
