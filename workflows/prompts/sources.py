@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 from workflows.core.errors import ConfigError, DataError, RowError
 
 ROLES = ("system", "user", "assistant")
-BUILTIN_DIR = Path(__file__).parent / "data"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data"  # workflows/data
 RAW_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
