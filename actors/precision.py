@@ -51,20 +51,29 @@ class DtypeChoice:
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (oneDNN's check for AVX512-BF16/AMX), unless
     ``CAI_RAY_CPU_BF16`` says otherwise."""
+    return _cpu_bf16()[0]
+
+
+def _cpu_bf16() -> tuple[bool, str]:
+    """(native bfloat16?, what said so)."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
     if forced in ("0", "1", "false", "true", "off", "on", "no", "yes"):
-        return forced in ("1", "true", "on", "yes")
+        native = forced in ("1", "true", "on", "yes")
+        return native, f"{CPU_BF16_ENV}={forced}: {'native' if native else 'no native'} bfloat16 assumed"
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN: assume the slow path
-        return False
+        native = False
+    return native, _detected(native)
 
 
-def _cpu_reason(native: bool) -> str:
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    how = f"{CPU_BF16_ENV}={forced}" if forced else "this CPU"
-    return (f"{how}: native bfloat16 (AVX512-BF16/AMX)" if native
-            else f"{how}: no native bfloat16 (no AVX512-BF16/AMX), where bfloat16 is many times slower")
+def _detected(native: bool) -> str:
+    return ("this CPU: native bfloat16 (AVX512-BF16/AMX)" if native
+            else "this CPU: no native bfloat16 (no AVX512-BF16/AMX), where bfloat16 is many times slower")
+
+
+def _cpu_answer(native_bf16: bool | None) -> tuple[bool, str]:
+    return _cpu_bf16() if native_bf16 is None else (native_bf16, _detected(native_bf16))
 
 
 def choose_dtype(requested: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
@@ -82,15 +91,15 @@ def choose_dtype(requested: str | torch.dtype | None = "auto", device: str | tor
                     else DtypeChoice(torch.float16, "auto: CUDA GPU without bfloat16"))
         if kind != "cpu":
             return DtypeChoice(torch.float32, f"auto: {kind} device")
-        native = cpu_native_bf16() if native_bf16 is None else native_bf16
-        return DtypeChoice(torch.bfloat16 if native else torch.float32, "auto: " + _cpu_reason(native))
+        native, why = _cpu_answer(native_bf16)
+        return DtypeChoice(torch.bfloat16 if native else torch.float32, "auto: " + why)
     else:
         key = str(requested).lower().removeprefix("torch.")
         if key not in _DTYPES:
             raise DtypeError(f"{setting}: unknown dtype {requested!r} — use auto, float32, bfloat16 or float16")
         choice = DtypeChoice(_DTYPES[key], "as configured")
     if choice.dtype == torch.bfloat16 and kind == "cpu":
-        native = cpu_native_bf16() if native_bf16 is None else native_bf16
+        native, _ = _cpu_answer(native_bf16)
         if not native:
             warn_slow_bf16(setting)
             return DtypeChoice(choice.dtype, "as configured, on a CPU without native bfloat16: slow")

@@ -311,7 +311,7 @@ def test_every_prompt_and_pair_is_accounted_for(labeled):
     assert all(0.5 <= p <= 1.0 for p in labels["p_chosen"].to_pylist())
     # the policy actor and the judge actor ran the same model: one line in the summary, two actors
     assert [(e["dtype"], e["actors"]) for e in info["engines"]] == [("float32", 2)]
-    assert "no native bfloat16 (no AVX512-BF16/AMX)" in (st / "summary.md").read_text()
+    assert "CAI_RAY_CPU_BF16=0: no native bfloat16 assumed" in (st / "summary.md").read_text()
 
 
 def test_human_rows_are_mixed_by_ratio(labeled):
