@@ -331,3 +331,23 @@ def test_repetition_penalty_discourages_repeats(tiny_llama_dir, tmp_path):
     penalised = eng.generate(conv, SamplingParams(max_new_tokens=12, repetition_penalty=5.0))[0]
     assert len(set(ids(plain))) <= 1  # the loop: one token (or only whitespace) over and over
     assert len(set(ids(penalised))) >= 6
+
+
+def test_engine_generates_with_a_kv_cache_even_when_the_model_says_use_cache_false(varied_llama_dir, tmp_path,
+                                                                                    restore_torch_threads):
+    """A model saved with training's leftover ``use_cache: false`` (ours before this was fixed, or
+    anyone's): the engine passes the cache explicitly, so each new token runs alone, not the
+    whole sequence again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(varied_llama_dir)
+    model.config.use_cache = model.generation_config.use_cache = False
+    model.save_pretrained(tmp_path / "no-cache")
+    AutoTokenizer.from_pretrained(varied_llama_dir).save_pretrained(tmp_path / "no-cache")
+    eng = _engine(tmp_path / "no-cache", prefix_cache=False)
+    widths = []
+    real = eng.model.forward
+    eng.model.forward = lambda *a, **kw: widths.append(kw["input_ids"].shape[1]) or real(*a, **kw)
+    out = eng.generate(CONVS[:2], SamplingParams(max_new_tokens=6))
+    assert all(g.error is None for g in out) and len(widths) >= 3
+    assert widths[0] > 10 and set(widths[1:]) == {1}  # the prompt once, then one token per step
