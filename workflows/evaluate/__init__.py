@@ -1,4 +1,5 @@
 """Evaluation (DESIGN.md §6): did a run make the model more harmless without making it evasive?
-So far its pure parts: statistics (Wilson, exact McNemar, bootstrap, length-controlled win rate),
-the refusal classifier with its labeled set, the verdict rules, and the held-out prompt sets in
-data/. The ``evaluate`` stage that answers those prompts with every model is not wired yet."""
+Its pure parts so far: held-out prompt sets in data/ (eval_red_team, eval_benign_edgy,
+eval_helpful; none overlapping the built-in training prompts), the refusal classifier and its
+labeled set, overlap checks, statistics, and the verdict rules. The ``evaluate`` stage that
+answers those prompts with every model and writes the report is not wired yet."""
