@@ -72,5 +72,5 @@ def describe(engine) -> dict:
     Engines without a local model (an HTTP endpoint) have no device or dtype."""
     p = getattr(engine, "precision", None)
     return {"engine": str(getattr(engine, "name", type(engine).__name__)),
-            "device": str(getattr(getattr(engine, "device", None), "type", getattr(engine, "device", "")) or ""),
+            "device": str(getattr(engine, "device", "") or ""),
             "dtype": str(getattr(p, "name", "") or ""), "dtype_reason": str(getattr(p, "reason", "") or "")}

@@ -155,7 +155,7 @@ def save_plain_lm(state_dict: dict, config, out_dir, tokenizer=None, generation_
     The directory is saved ready for inference whatever training needed: ``use_cache`` is true in
     both ``config.json`` and ``generation_config.json``. (Training turns the cache off; a model
     exported with that setting makes every ``generate`` recompute the whole sequence per token.)"""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     config = plain_config(config)
     config.use_cache = True
@@ -163,10 +163,8 @@ def save_plain_lm(state_dict: dict, config, out_dir, tokenizer=None, generation_
         fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(state_dict, strict=True, assign=True)
     fresh.tie_weights()
-    fresh.config.use_cache = True
     fresh.config.dtype = next(v.dtype for v in state_dict.values() if v.is_floating_point())
-    gen = copy.deepcopy(generation_config) if generation_config is not None else (
-        fresh.generation_config or GenerationConfig.from_model_config(fresh.config))
+    gen = copy.deepcopy(generation_config or fresh.generation_config)
     gen.use_cache = True
     fresh.generation_config = gen
     # Newer transformers write nothing from a process whose torch.distributed rank is not 0 (a
@@ -236,6 +234,13 @@ def plain_source(src: ModelSource) -> ModelSource:
                           "directory, or to 'off'", stacklevel=2)
             return src
     return replace(src, path=str(target), gguf_file=None)
+
+
+def prepare_model(spec: str) -> ModelSource:
+    """Resolve ``spec`` and, for a GGUF model, dequantize it into the cache now: called on the
+    driver before a pool of actors or training workers starts, so they do not all convert it
+    at once, and a bad spec fails in one line there."""
+    return plain_source(resolve_model(spec))
 
 
 def load_tokenizer(spec_or_source: str | ModelSource):

@@ -178,6 +178,7 @@ class PrefixCache:
 
     def __init__(self, model, min_tokens: int, stats: dict):
         self.model, self.min_tokens, self.stats = model, int(min_tokens), stats
+        self.cache_kwarg = cache_kwarg(model)
         self.ids: list[int] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -193,7 +194,7 @@ class PrefixCache:
                 cache = new_cache(self.model, kv)
                 self.model(input_ids=torch.tensor([prefix[reuse:]], device=self.model.device),
                            position_ids=torch.arange(reuse, len(prefix), device=self.model.device)[None],
-                           use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
+                           use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache})
             kv = [(layer.keys, layer.values) for layer in cache.layers]
         self.stats["prefix_hits"] += bool(reuse)
         self.stats["prefix_tokens_reused"] += reuse

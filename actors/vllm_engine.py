@@ -164,8 +164,9 @@ class VLLMEngine:
 
         self.cfg, self._vllm = cfg, vllm
         self.source = resolve_model(cfg.model)
+        kwargs = llm_kwargs(self.source, cfg)
         try:
-            self.llm = vllm.LLM(**llm_kwargs(self.source, cfg))
+            self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"model {self.source.label!r}: vLLM could not load it from {self.source.path}: "
                               f"{type(e).__name__}: {e}") from e
@@ -176,7 +177,7 @@ class VLLMEngine:
                                  or cfg.max_model_len)
         self.stop_ids = end_of_turn_ids(self.tokenizer, END_OF_TURN_TOKENS)
         self.device = "cuda"
-        self.precision = vllm_precision(model_config, llm_kwargs(self.source, cfg)["dtype"])
+        self.precision = vllm_precision(model_config, kwargs["dtype"])
         print(f"[engine] {self.name} on cuda, {self.precision}", flush=True)
 
     def _encode(self, conversation) -> list[int]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.config import DPOConfig, RewardConfig, SFTConfig, deepspeed_config, lr_lambda, resolve_precision
+from training.config import DPOConfig, RewardConfig, SFTConfig, choose_precision, deepspeed_config, lr_lambda
 from training.data import (
     Example,
     Pair,
@@ -175,11 +175,11 @@ def test_config_defaults_and_derived_settings():
     sft = from_dict(SFTConfig, {"lora": {"r": 8}, "zero_stage": 3, "grad_accum": 2, "max_grad_norm": 0.5})
     assert sft.input == "sft" and sft.output == "sft_model" and sft.lora.alpha == 32.0
     assert from_dict(DPOConfig, {}).input == "preferences" and from_dict(RewardConfig, {}).use_soft_labels
-    assert resolve_precision(sft, native_bf16=False) == "fp32"
-    assert resolve_precision(sft, native_bf16=True) == "bf16"  # the engines' rule: native bf16 on this CPU
+    assert choose_precision(sft, native_bf16=False).short == "fp32"
+    assert choose_precision(sft, native_bf16=True).short == "bf16"  # the engines' rule: native bf16 on this CPU
     gpu = from_dict(SFTConfig, {"gpus_per_worker": 1})
-    assert resolve_precision(gpu, cuda_bf16=True) == "bf16"
-    assert resolve_precision(gpu, cuda_bf16=False) == "fp32"  # no fp16 training without loss scaling
+    assert choose_precision(gpu, cuda_bf16=True).short == "bf16"
+    assert choose_precision(gpu, cuda_bf16=False).short == "fp32"  # no fp16 training without loss scaling
     ds = deepspeed_config(sft, "fp32")
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"]

@@ -177,11 +177,6 @@ def choose_precision(cfg, native_bf16: bool | None = None, cuda_bf16: bool | Non
     return choice
 
 
-def resolve_precision(cfg, **fake) -> str:
-    """``fp32`` or ``bf16`` (see :func:`choose_precision`)."""
-    return choose_precision(cfg, **fake).short
-
-
 def deepspeed_config(cfg, precision: str) -> dict:
     """DeepSpeed's config dict. The optimizer is torch's AdamW (``torch_adam``): nothing to
     compile, and it runs on CPU and GPU alike."""

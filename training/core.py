@@ -103,7 +103,10 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
         ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker in the same order after a restart
     model = resolve_ref(cfg.model, ctx)
-    _prepare_model(model)
+    if not storage.is_remote(model):
+        from actors.models import prepare_model
+
+        prepare_model(model)  # a GGUF model is converted once here, not by every worker
     trainer = TorchTrainer(
         loop, datasets={"train": train},
         train_loop_config={"cfg": to_dict(cfg), "job": job, "seed": seed, "stage_dir": stage_dir,
@@ -125,15 +128,6 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
     summary["rows"]["unused_by_split"] = rows["train"] - summary["rows"]["train_shards"]  # Ray's equal split
     summary["seconds"] = round(time.time() - started, 2)
     return summary
-
-
-def _prepare_model(spec: str) -> None:
-    """A GGUF model is dequantized into the cache here, once, before the workers start (not by
-    every worker at once); a bad model spec fails here in one line."""
-    from actors.models import plain_source, resolve_model
-
-    if not storage.is_remote(spec):
-        plain_source(resolve_model(spec))
 
 
 def _worker_cpus(cfg) -> float:

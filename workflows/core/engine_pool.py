@@ -3,6 +3,7 @@ callable class), skipping rows an interrupted earlier run already finished."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -11,13 +12,25 @@ import socket
 import pyarrow as pa
 import ray
 
-from actors import EngineConfig
+from actors import EngineConfig, make_engine
 from actors.base import describe
 from workflows.core import stage, storage
 from workflows.core.stage import StageContext
 
 log = logging.getLogger(__name__)
 ENGINES = "_engines"  # <stage>/_engines/*.json: what each actor's engine runs as (for the summary)
+
+
+def start_engine(cfg: EngineConfig, engines_dir: tuple | None = None, factory: str | None = None):
+    """An actor's engine: ``make_engine(cfg)``, or ``factory`` ("module:callable") called with
+    ``cfg``; recorded in ``engines_dir`` (see ``record_engine``) once built."""
+    if factory:
+        module, _, attr = factory.partition(":")
+        engine = getattr(importlib.import_module(module), attr)(cfg)
+    else:
+        engine = make_engine(cfg)
+    record_engine(engine, engines_dir)
+    return engine
 
 
 def record_engine(engine, engines_dir: tuple | None) -> None:
@@ -76,12 +89,12 @@ def pool_args(engine: EngineConfig) -> dict:
 
 def check_engine(engine: EngineConfig) -> None:
     """Fail on the driver, in one clear line, before a pool of actors fails one by one."""
-    if engine.backend in ("transformers", "vllm"):
-        from actors.models import plain_source, resolve_model
+    from actors.models import prepare_model, resolve_model
 
-        source = resolve_model(engine.model)
-        if engine.backend == "transformers":
-            plain_source(source)  # a GGUF model is dequantized into the cache here, once, not by every actor
+    if engine.backend == "transformers":
+        prepare_model(engine.model)
+    elif engine.backend == "vllm":
+        resolve_model(engine.model)
 
 
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,

@@ -10,11 +10,10 @@ reasoning generated first), looked up in the label cache first; then ``label_pai
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
-from actors import EngineConfig, SamplingParams, make_engine
+from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, sample_principles
 from workflows.core.errors import ConfigError, RowError
 from workflows.preference.human import preference_row
@@ -109,14 +108,6 @@ def _value(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
     return obj
-
-
-def build_engine(cfg: EngineConfig, factory: str | None = None):
-    """``make_engine(cfg)``, or ``factory`` ("module:callable") called with ``cfg``."""
-    if not factory:
-        return make_engine(cfg)
-    module, _, attr = factory.partition(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
 
 
 def judge_id(cfg: EngineConfig) -> str:

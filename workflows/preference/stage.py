@@ -45,7 +45,7 @@ from workflows.core.reconcile import ReconcileError, check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.preference import report
-from workflows.preference.batch import HumanData, PreferenceConfig, build_engine, judge_id, judge_pairs, sample_pairs  # noqa: F401
+from workflows.preference.batch import HumanData, PreferenceConfig, judge_id, judge_pairs, sample_pairs  # noqa: F401
 from workflows.preference.human import PREFERENCES_SCHEMA
 from workflows.preference.label_cache import LabelCache
 
@@ -74,8 +74,8 @@ class SampleWorker:
 
     def __init__(self, cfg: dict, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(PreferenceConfig, cfg)
-        self.engine, self.seed = build_engine(self.cfg.policy, self.cfg.engine_factory), seed
-        engine_pool.record_engine(self.engine, engines_dir)
+        self.engine = engine_pool.start_engine(self.cfg.policy, engines_dir, self.cfg.engine_factory)
+        self.seed = seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = sample_pairs(self.engine, table.to_pylist(), self.cfg, self.seed)
@@ -108,9 +108,9 @@ class LazyEngine:
 
     def __init__(self, cfg: EngineConfig, factory: str | None, engines_dir: tuple | None = None):
         self.cfg, self.factory, self.engines_dir = cfg, factory, engines_dir
-        self._engine = build_engine(cfg, factory) if factory else None  # a factory's engine names itself
+        # a factory's engine names itself, so it is built now
+        self._engine = engine_pool.start_engine(cfg, engines_dir, factory) if factory else None
         if self._engine is not None:
-            engine_pool.record_engine(self._engine, engines_dir)
             self.name = self._engine.name
         elif cfg.backend == "openai":
             self.name = f"openai:{cfg.model}"
@@ -121,8 +121,7 @@ class LazyEngine:
 
     def _get(self):
         if self._engine is None:
-            self._engine = build_engine(self.cfg, self.factory)
-            engine_pool.record_engine(self._engine, self.engines_dir)
+            self._engine = engine_pool.start_engine(self.cfg, self.engines_dir, self.factory)
         return self._engine
 
     def generate(self, conversations, params):

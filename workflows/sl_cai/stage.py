@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from actors import EngineConfig, SamplingParams, make_engine
+from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, load_constitution, sample_principles
 from workflows.core import engine_pool, stage, summary
 from workflows.core.stage import MESSAGES, StageContext
@@ -128,8 +128,7 @@ class CritiqueReviseWorker:
 
     def __init__(self, cfg: dict, constitution: Constitution, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(CritiqueRevisionConfig, cfg)
-        self.engine = make_engine(self.cfg.engine)
-        engine_pool.record_engine(self.engine, engines_dir)
+        self.engine = engine_pool.start_engine(self.cfg.engine, engines_dir)
         self.constitution, self.seed = constitution, seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
