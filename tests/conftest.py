@@ -93,7 +93,10 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                               "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],
-                                              "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"]}})
+                                              "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"],
+                                              # workers import scripted engines (`engine_factory: fakes:...`)
+                                              "PYTHONPATH": os.pathsep.join(
+                                                  [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

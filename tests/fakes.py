@@ -45,3 +45,80 @@ def fail_batches_holding(engine, n_tokens: int, monkeypatch) -> None:
         return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
 
     monkeypatch.setattr(engine.model, "generate", flaky)
+
+
+# ---------------------------------------------------------------- evaluate: policies and judges by name
+
+def _red_team_prompts() -> set[str]:
+    import json
+    from pathlib import Path
+
+    import workflows.evaluate as ev
+
+    path = Path(ev.__file__).parent / "data" / "eval_red_team.jsonl"
+    return {json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()}
+
+
+COMPLY, REFUSE = "Sure, here is exactly how to do it, step by step: first", "I can't help with that."
+
+
+class ScriptedPolicy:
+    """``complier`` answers everything; ``refuser`` refuses everything; ``good`` refuses the
+    shipped red-team prompts and answers the rest. A prompt containing FAIL fails."""
+
+    def __init__(self, behaviour: str):
+        self.name, self.behaviour, self.red = f"scripted:{behaviour}", behaviour, _red_team_prompts()
+
+    def generate(self, conversations, params):
+        out = []
+        for conv in conversations:
+            last = conv[-1]["content"]
+            refuse = self.behaviour == "refuser" or (self.behaviour == "good" and last in self.red)
+            out.append(Generation.failed("boom: scripted failure") if "FAIL" in last else
+                       Generation(text=REFUSE if refuse else f"{COMPLY} ({last[:30]})", completion_tokens=9))
+        return out
+
+    def choice_logprobs(self, conversations, choices):
+        raise AssertionError("a policy is never asked to judge")
+
+
+class ScriptedJudge:
+    """``fair``: says an answer helps with harm when it complies with a red-team prompt, classes
+    refusals by their text, and prefers the refusal on red-team prompts and the compliant answer
+    elsewhere — whatever the option order. ``always-a``: P(A) = 0.9 for everything."""
+
+    def __init__(self, behaviour: str):
+        self.name, self.behaviour, self.red = f"judge:{behaviour}", behaviour, _red_team_prompts()
+
+    def generate(self, conversations, params):
+        raise AssertionError("the evaluation judge only reads choice log-probs")
+
+    def _pick(self, text: str, choices) -> int:
+        body, opts = text.split("\n\nOptions:\n", 1)
+        options = [o[4:] for o in opts.split("\n\n")[0].split("\n")]
+        red = any(p in body for p in self.red)
+        if "meaningful help" in body:  # harmful compliance: yes when a red-team request got compliance
+            answer = body.split("Assistant: ", 1)[1]
+            want = "Yes" if red and answer.startswith("Sure") else "No"
+            return next(i for i, o in enumerate(options) if o.startswith(want))
+        if "How does the assistant" in body:
+            answer = body.split("Assistant: ", 1)[1]
+            want = "It fully refuses" if answer.startswith("I can't") else "It fully complies"
+            return next(i for i, o in enumerate(options) if o.startswith(want))
+        refusal = [o.startswith("I can't") for o in options]
+        return refusal.index(red) if refusal.count(red) else 0
+
+    def choice_logprobs(self, conversations, choices):
+        import math
+
+        rows = []
+        for conv in conversations:
+            i = 0 if self.behaviour == "always-a" else self._pick(conv[-1]["content"], choices)
+            rows.append([math.log(0.9) if j == i else math.log(0.1 / (len(choices) - 1)) for j in range(len(choices))])
+        return rows
+
+
+def eval_engine(cfg):
+    """``engine_factory`` for evaluate tests: the model name picks the scripted behaviour."""
+    name = str(cfg.model).rsplit("/", 1)[-1]
+    return ScriptedJudge(name.split("judge-", 1)[1]) if name.startswith("judge-") else ScriptedPolicy(name)

@@ -1,7 +1,8 @@
 """``cai``: the command line. ``cai --help`` and ``cai COMMAND --help`` explain each command.
 
 This module owns ``run``, ``stages`` and ``validate-constitution`` and builds the parser; every stage
-package adds its own commands (``workflows.sl_cai.cli``, ``workflows.preference.cli``, ``training.cli``)."""
+package adds its own commands (``workflows.sl_cai.cli``, ``workflows.preference.cli``, ``training.cli``,
+``workflows.evaluate.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ EPILOG = textwrap.dedent("""\
       cai label --prompts builtin:red_team --out runs/labels --samples 2
       cai agreement --labels run/preference/preferences --human human.jsonl
       cai train sft --config sft.yaml --out runs/sft     # Ray Train + DeepSpeed
+      cai eval --models base=embedded,dpo=runs/demo/dpo/dpo_model --out runs/eval --limit 20
       cai stages                                      # what a recipe can contain
 
     Runs start a local Ray cluster unless the recipe's ray.address says otherwise.
@@ -61,10 +63,11 @@ def _cmd_stages(args) -> int:
 def _stage_clis() -> list:
     """Each stage package's command-line module; each ``register(subparsers)`` adds its commands."""
     from training import cli as training_cli
+    from workflows.evaluate import cli as evaluate_cli
     from workflows.preference import cli as preference_cli
     from workflows.sl_cai import cli as sl_cai_cli
 
-    return [sl_cai_cli, preference_cli, training_cli]
+    return [sl_cai_cli, preference_cli, training_cli, evaluate_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

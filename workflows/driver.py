@@ -29,6 +29,7 @@ from workflows.core import storage, summary
 from workflows.core.errors import ConfigError
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict
+from workflows.evaluate import guard
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ STAGES: dict[str, StageSpec] = {
                         "reward model: backbone + scalar head, Bradley–Terry with soft labels, on preferences"),
     "dpo": StageSpec("training.config:DPOConfig", "training.dpo:run", ("dpo_model",),
                      "DPO / cDPO / IPO against the frozen starting model, on preferences"),
+    "evaluate": StageSpec("workflows.evaluate.config:EvaluateConfig", "workflows.evaluate.stage:run", ("eval_prompts",),
+                          "answer held-out prompts with every model, score them, report a verdict against the base"),
 }
 # Fields that size the pool but do not change results: changing them still resumes a run.
 _RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
@@ -143,6 +146,15 @@ def _check_resumable(ctx: StageContext, h: str, info: dict | None) -> bool:
     return info is not None
 
 
+def _overlap_guards(stages: list[PlannedStage]) -> list[tuple[PlannedStage, object]]:
+    """(evaluate stage, its eval-prompt index built on first use) for each evaluate stage that
+    does not allow overlap with the recipe's training data."""
+    import functools
+
+    return [(s, functools.cache(functools.partial(guard.eval_index, s.config))) for s in stages
+            if s.kind == "evaluate" and not s.config.allow_overlap]
+
+
 def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "recipe") -> dict[str, dict]:
     stages = plan(recipe, where)
     names = [s.name for s in stages]
@@ -157,7 +169,8 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
     datasets: dict[str, str] = {}
     infos: dict[str, dict] = {}
     started = time.time()
-    for s in stages:
+    guards = _overlap_guards(stages)
+    for i, s in enumerate(stages):
         h = result_hash(s.config, recipe.seed)
         ctx = StageContext(recipe.run_dir, s.name, recipe.seed, inputs=dict(datasets), config_hash=h)
         info = stage_mod.read_success(ctx.dir)
@@ -170,6 +183,9 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
         infos[s.name] = info
         outputs = (s.config.output,) if hasattr(s.config, "output") else STAGES[s.kind].outputs
         datasets.update({d: ctx.path(d) for d in outputs})
+        for later, index in guards:
+            if stages.index(later) > i and s.kind != "evaluate":
+                guard.check_stage_outputs(index(), later.name, s.name, {d: ctx.path(d) for d in outputs})
     summary.run_summary(recipe.run_dir, recipe.name, infos)
     print(f"\nrun {recipe.name} finished in {time.time() - started:.0f} s; "
           f"summary: {storage.join(recipe.run_dir, 'summary.md')}")

@@ -98,17 +98,20 @@ def check_engine(engine: EngineConfig) -> None:
 
 
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
-                        engine: EngineConfig, worker_kwargs: dict, total: int, checkpoint_rows: int) -> int:
+                        engine: EngineConfig, worker_kwargs: dict, total: int, checkpoint_rows: int,
+                        check: bool = True) -> int:
     """Append raw rows for every input row not yet in ``<stage>/_raw``; returns rows sent.
     Input is cut into blocks of ``checkpoint_rows``; each becomes one raw file, the unit of
-    work an interrupted run keeps."""
+    work an interrupted run keeps. ``check``: load-check the model on the driver first (off
+    when an ``engine_factory`` builds the engines)."""
     done = stage.done_ids(ctx.dir, id_col)
     todo = total - len(done)
     if done:
         print(f"[{ctx.name}] resuming: {len(done)} of {total} rows already done, {max(todo, 0)} to go")
     if todo <= 0:
         return 0
-    check_engine(engine)
+    if check:
+        check_engine(engine)
     fs, path = storage.resolve(input_uri)
     ds = ray.data.read_parquet(path, filesystem=fs)
     if done:

@@ -1,0 +1,270 @@
+"""The ``evaluate`` stage: every model answers held-out prompts; the answers are scored and each
+model is compared with the base; ``report.md`` starts with the verdict.
+
+Phases (each resumable, raw rows under the stage directory):
+
+1. **prompts**: the sets (``config.EvalSet``) read into ``prompts`` (``eval_id`` =
+   ``<set>/<prompt_id>``); unusable or duplicate rows go to ``errors``.
+2. **answers**, per model: ``answers.answer_batch`` in an engine actor pool with the same
+   decoding and seed for every model → ``answers/<model>/answers``. Reconcile per model:
+   ids(answers) ∪ ids(errors) = ids(prompts).
+3. **judging** (when ``judge`` is set): one row per (model, answer slot), with the base's
+   answer beside it → ``judge.judge_rows`` in a judge actor pool → ``judging/judged``.
+   Reconcile: ids(judged) ∪ ids(errors) = ids(answers of every model).
+4. **model scores** (``reward_model``, ``kl``): Ray tasks (``model_scores``).
+5. **report**: the refusal classifier on every answer, ``scoring.aggregate``, the verdicts,
+   ``report.md``, plots, ``metrics.json``, ``examples.jsonl``.
+
+Every (prompt, model) is answered or in ``errors`` with its reason; nothing is dropped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors import EngineConfig, SamplingParams
+from workflows.constitution import Constitution, load_constitution
+from workflows.core import engine_pool, stage, storage, summary
+from workflows.core.reconcile import check
+from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
+from workflows.core.typed import from_dict, to_dict
+from workflows.evaluate import model_scores, refusal, report, scoring
+from workflows.evaluate.answers import answer_batch, unit_id
+from workflows.evaluate.config import EvaluateConfig
+from workflows.evaluate.judge import judge_rows
+from workflows.prompts.sources import PromptsConfig, iter_prompt_rows
+
+PROMPTS_SCHEMA = pa.schema([("eval_id", pa.string()), ("set", pa.string()), ("kind", pa.string()),
+                            ("prompt_id", pa.string()), ("messages", MESSAGES)])
+ANSWER_RAW_SCHEMA = pa.schema([("eval_id", pa.string()), ("answers", pa.list_(pa.string())), ("_error", pa.string()),
+                               ("_detail", pa.string()), ("_gen_tokens", pa.int64()), ("_prompt_tokens", pa.int64())])
+ANSWERS_SCHEMA = pa.schema([("eval_id", pa.string()), ("answers", pa.list_(pa.string()))])
+JUDGE_INPUT_SCHEMA = pa.schema([("id", pa.string()), ("model", pa.string()), ("unit", pa.string()),
+                                ("kind", pa.string()), ("messages", MESSAGES), ("answer", pa.string()),
+                                ("base_answer", pa.string()), ("is_base", pa.bool_())])
+_WIN = pa.struct([("principle", pa.string()), ("win", pa.float64()), ("consistent", pa.bool_())])
+JUDGED_SCHEMA = pa.schema([("id", pa.string()), ("harm_p", pa.float64()), ("harm_consistent", pa.bool_()),
+                           ("refusal_judge", pa.string()), ("refusal_probs", pa.list_(pa.float64())),
+                           ("refusal_consistent", pa.bool_()), ("win", pa.float64()), ("principle_wins", pa.list_(_WIN)),
+                           ("judged", pa.int64()), ("consistent", pa.int64()), ("unparseable", pa.int64())])
+JUDGE_RAW_SCHEMA = pa.schema([*JUDGED_SCHEMA, ("_error", pa.string()), ("_detail", pa.string())])
+ANSWERS, JUDGING, EVAL_PROMPTS = "answers", "judging", "eval_prompts"
+
+
+# ---------------------------------------------------------------- Ray workers and routes
+
+class AnswerWorker:
+    """Ray Data actor-pool UDF: one model's engine per actor, ``answer_batch`` per batch."""
+
+    def __init__(self, engine: dict, sampling: dict, k: int, factory: str | None, engines_dir: tuple | None = None):
+        self.engine = engine_pool.start_engine(from_dict(EngineConfig, engine), engines_dir, factory)
+        self.sampling, self.k = from_dict(SamplingParams, sampling), k
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(answer_batch(self.engine, table.to_pylist(), self.sampling, self.k),
+                                    schema=ANSWER_RAW_SCHEMA)
+
+
+class EvalJudgeWorker:
+    """Ray Data actor-pool UDF: the judge engine per actor, ``judge_rows`` per batch."""
+
+    def __init__(self, engine: dict, factory: str | None, constitution: Constitution, m: int, seed: int,
+                 engines_dir: tuple | None = None):
+        self.engine = engine_pool.start_engine(from_dict(EngineConfig, engine), engines_dir, factory)
+        self.constitution, self.m, self.seed = constitution, m, seed
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        out = judge_rows(self.engine, rows, self.constitution, self.m, self.seed)
+        return pa.Table.from_pylist([{"id": r["id"], **o, "_error": None, "_detail": None} for r, o in zip(rows, out)],
+                                    schema=JUDGE_RAW_SCHEMA)
+
+
+def _route(name: str, schema: pa.Schema):
+    def route(good: pa.Table) -> dict[str, pa.Table]:
+        return {name: good.select(schema.names).cast(schema)}
+
+    route.schemas = {name: schema}
+    return route
+
+
+# ---------------------------------------------------------------- phases
+
+def load_prompts(cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
+    """(prompt rows, error rows) of every set; an error row's id is ``<set>/row:<file>:<n>``."""
+    rows, errors, seen = [], [], set()
+    for s in cfg.sets:
+        limit = s.limit if s.limit is not None else cfg.limit
+        pc = PromptsConfig(path=s.location(), field=s.field, limit=limit, source=s.name)
+        pc.validate(f"evaluate.sets[{s.name}]")
+        for r in iter_prompt_rows(pc):
+            eid = f"{s.name}/{r['prompt_id']}"
+            if r["_error"] is not None:
+                errors.append({"id": eid, "reason": r["_error"], "detail": r["_detail"] or ""})
+            elif eid in seen:
+                errors.append({"id": f"{eid}@{r['_loc']}", "reason": "duplicate", "detail": "the same prompt again"})
+            else:
+                seen.add(eid)
+                rows.append({"eval_id": eid, "set": s.name, "kind": s.kind, "prompt_id": r["prompt_id"],
+                             "messages": r["messages"]})
+    return rows, errors
+
+
+def _write(rows: list[dict], schema: pa.Schema, uri: str) -> None:
+    storage.delete(uri)
+    fs, path = storage.resolve(storage.join(uri, "part-00000.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=fs)
+
+
+def _read(uri: str) -> list[dict]:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs).to_pylist()
+
+
+def answer_all(cfg: EvaluateConfig, ctx: StageContext, models: dict[str, str], prompts_uri: str,
+               eval_ids: list[str]) -> tuple[dict[str, dict[str, list[str]]], list[dict], dict]:
+    """Phase 2: ``{model: {eval_id: answers}}``, error rows, and metrics summed over models."""
+    answers, errors, metrics = {}, [], {}
+    for name, model in models.items():
+        actx = StageContext(ctx.path(ANSWERS), name, ctx.seed)
+        engine = replace(cfg.engine, model=model)
+        print(f"[{ctx.name}] answering {len(eval_ids)} prompts × {cfg.samples_per_prompt} with {name} ({model})")
+        engine_pool.stream_through_pool(actx, prompts_uri, "eval_id", AnswerWorker, engine,
+                                        dict(engine=to_dict(engine), sampling=to_dict(cfg.sampling),
+                                             k=cfg.samples_per_prompt, factory=cfg.engine_factory),
+                                        total=len(eval_ids), checkpoint_rows=cfg.checkpoint_rows,
+                                        check=not cfg.engine_factory)
+        fin = stage.finalize(actx.dir, f"{ctx.name}:{ANSWERS}:{name}", "eval_id", _route(ANSWERS, ANSWERS_SCHEMA),
+                             [ANSWERS])
+        check(f"{ctx.name}:{ANSWERS}:{name}", eval_ids, fin.output_ids, fin.error_ids)
+        answers[name] = {r["eval_id"]: r["answers"] for r in _read(actx.path(ANSWERS))}
+        errors += [{**e, "id": f"{name}:{e['id']}"} for e in _read(actx.path("errors"))]
+        for k, v in fin.metrics.items():
+            metrics[k] = metrics.get(k, 0) + v
+    return answers, errors, metrics
+
+
+def slots(cfg: EvaluateConfig, prompts: list[dict], answers: dict) -> list[dict]:
+    """One record per (model, answer slot) with the base's answer in the same slot beside it."""
+    base = answers[cfg.base]
+    out = []
+    for p in prompts:
+        for model, got in answers.items():
+            if p["eval_id"] not in got:
+                continue
+            for k, text in enumerate(got[p["eval_id"]]):
+                unit = unit_id(p["eval_id"], k)
+                base_text = base[p["eval_id"]][k] if p["eval_id"] in base else None
+                out.append({"id": f"{model}:{unit}", "model": model, "unit": unit, "set": p["set"], "kind": p["kind"],
+                            "eval_id": p["eval_id"], "messages": p["messages"], "answer": text,
+                            "base_answer": None if model == cfg.base else base_text, "is_base": model == cfg.base})
+    return out
+
+
+def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], constitution: Constitution,
+              seed: int) -> dict[str, dict]:
+    """Phase 3: ``{record id: judge figures}``."""
+    jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
+    input_uri = jctx.path("input")
+    if not stage.done_ids(jctx.dir, "id"):
+        _write([{k: r[k] for k in JUDGE_INPUT_SCHEMA.names} for r in records], JUDGE_INPUT_SCHEMA, input_uri)
+    print(f"[{ctx.name}] judging {len(records)} answers with {cfg.judge.backend}:{cfg.judge.model}")
+    engine_pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
+                                    dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
+                                         constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
+                                    total=len(records), checkpoint_rows=cfg.checkpoint_rows,
+                                    check=not cfg.engine_factory)
+    fin = stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", _route("judged", JUDGED_SCHEMA), ["judged"])
+    check(f"{ctx.name}:{JUDGING}", [r["id"] for r in records], fin.output_ids, fin.error_ids)
+    return {r["id"]: r for r in _read(jctx.path("judged"))}
+
+
+def _check_scores(cfg: EvaluateConfig, models: dict[str, str], reward_dir: str | None) -> bool:
+    """Whether KL can be computed (local models only), after checking every path it needs."""
+    if reward_dir:
+        model_scores.check_reward_dir(reward_dir)
+    local = cfg.engine.backend != "openai" and not cfg.engine_factory
+    if cfg.kl and not local:
+        print(f"note: kl skipped: models served by {cfg.engine_factory or 'an OpenAI-compatible endpoint'} "
+              "have no local weights to score answers with")
+    if cfg.kl and local:
+        for m in models.values():
+            model_scores.check_model(m)
+    return cfg.kl and local
+
+
+def score_models(records: list[dict], cfg: EvaluateConfig, models: dict[str, str], kl: bool,
+                 reward_dir: str | None, seed: int) -> dict[str, dict]:
+    """Phase 4: the reward score of every answer (into ``records``) and ``{model: KL figures}``."""
+    by_model = {m: [r for r in records if r["model"] == m] for m in models}
+    res = {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus}
+    jobs = [model_scores.ScoreJob("reward", reward_dir, by_model[m], **res) for m in models] if reward_dir else []
+    others = [m for m in models if m != cfg.base and by_model[m]] if kl else []
+    for m in others:  # the model's own answers, under the model and under the base
+        jobs += [model_scores.ScoreJob("logprobs", models[m], by_model[m], **res, kwargs={"dtype": cfg.engine.dtype}),
+                 model_scores.ScoreJob("logprobs", models[cfg.base], by_model[m], **res,
+                                       kwargs={"dtype": cfg.engine.dtype})]
+    if not jobs:
+        return {}
+    print(f"[scores] {'reward model scores' if reward_dir else ''}{' and ' if reward_dir and others else ''}"
+          f"{'KL from the base' if others else ''}: {len(jobs)} Ray tasks")
+    results = model_scores.run_scores(jobs)
+    if reward_dir:
+        for m, scores in zip(models, results):
+            for r, x in zip(by_model[m], scores):
+                r["rm_score"] = float(x)
+        results = results[len(models):]
+    return {m: model_scores.kl_from_base(results[2 * i], results[2 * i + 1], seed=seed) for i, m in enumerate(others)}
+
+
+def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
+    started = time.time()
+    seed = cfg.seed if cfg.seed is not None else ctx.seed
+    models = {name: ctx.resolve(str(spec)) for name, spec in cfg.models.items()}
+    judge_cfg = replace(cfg.judge, model=ctx.resolve(cfg.judge.model)) if cfg.judge else None
+    cfg = replace(cfg, judge=judge_cfg)
+    reward_dir = ctx.resolve(cfg.reward_model) if cfg.reward_model else None
+    constitution = load_constitution(cfg.constitution)
+    kl_models = _check_scores(cfg, models, reward_dir)  # one clear line now, not a failed task later
+    prompts, prompt_errors = load_prompts(cfg)
+    _write(prompts, PROMPTS_SCHEMA, ctx.path(EVAL_PROMPTS))
+    eval_ids = [p["eval_id"] for p in prompts]
+    answers, answer_errors, metrics = answer_all(cfg, ctx, models, ctx.path(EVAL_PROMPTS), eval_ids)
+    records = slots(cfg, prompts, answers)
+    judged = judge_all(cfg, ctx, records, constitution, seed) if cfg.judge else {}
+    texts = {p["eval_id"]: p["messages"][-1]["content"] for p in prompts}
+    for r in records:
+        r.update(judged.get(r["id"], {}))
+        r["prompt"], r["refusal_rule"], r["length"] = texts[r["eval_id"]], refusal.classify(r["answer"]), len(r["answer"].split())
+    kl = score_models(records, cfg, models, kl_models, reward_dir, seed)
+    gold = None
+    metrics_json = scoring.aggregate(records, cfg.base, list(models), cfg.verdict, seed, gold, kl)
+    metrics_json["refusal_classifier"] = refusal.accuracy()
+    errors = prompt_errors + answer_errors
+    _write([{"stage": ctx.name, **e} for e in errors], ERRORS_SCHEMA, ctx.path("errors"))
+    target = metrics_json["comparisons"][cfg.target_name]["verdict"]
+    n_out = sum(len(a) for a in answers.values())
+    info = {"stage": ctx.name, "inputs": len(eval_ids) * len(models) + len(prompt_errors), "outputs": n_out,
+            "errors": len(errors), "datasets": {EVAL_PROMPTS: len(prompts), "errors": len(errors)},
+            "errors_by_reason": _count(e["reason"] for e in errors), "metrics": metrics,
+            "config_hash": ctx.config_hash, "seconds": round(time.time() - started, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": models, "base": cfg.base,
+            "target": cfg.target_name, "verdict": target["label"], "verdict_reasons": target["reasons"],
+            "engines": engine_pool.engines_used(*[storage.join(ctx.path(ANSWERS), m) for m in models],
+                                                ctx.path(JUDGING)),
+            "report": "report.md"}
+    report.write_all(ctx, info, metrics_json, scoring.examples(records, cfg.base), records)
+    stage.write_success(ctx.dir, info)
+    summary.write_stage_summary(ctx, info)
+    return info
+
+
+def _count(reasons) -> dict:
+    out: dict = {}
+    for r in reasons:
+        out[r] = out.get(r, 0) + 1
+    return out
