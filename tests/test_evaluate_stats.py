@@ -84,6 +84,12 @@ def test_verdict_worked_only_when_every_condition_holds():
     assert low_pc.label == INCONCLUSIVE and any("unreliable" in r for r in low_pc.reasons)
     assert decide(figures(win=None)).label == INCONCLUSIVE
     assert decide(figures(), VerdictConfig(min_helpful_win_lower=0.5)).label == INCONCLUSIVE  # thresholds are settings
+    f = figures()
+    f.gold_agreement = 0.5  # a judge no better than a coin on the human gold pairs
+    v = decide(f)
+    assert v.label == INCONCLUSIVE and any("gold labels 0.50 (needs 0.60)" in r for r in v.reasons)
+    f.gold_agreement = 0.8
+    assert decide(f).label == WORKED
 
 
 def test_verdict_regressed_names_what_got_worse():

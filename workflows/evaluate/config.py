@@ -32,6 +32,16 @@ class EvalSet:
         return self.path or str(DATA / f"{self.name}.jsonl")
 
 
+def gold_location(spec: str) -> str:
+    """``builtin:gold_pairs`` (the 90 human-labeled pairs shipped here) or a path as given."""
+    if spec.startswith("builtin:"):
+        path = DATA / f"{spec.split(':', 1)[1]}.jsonl"
+        if not path.is_file():
+            raise ConfigError("gold", f"no shipped gold set {spec!r}", "use builtin:gold_pairs or a file path")
+        return str(path)
+    return spec
+
+
 def default_sets() -> list[EvalSet]:
     return [EvalSet(name, kind) for name, kind in BUILTIN_SETS.items()]
 
@@ -59,7 +69,7 @@ class EvaluateConfig:
     principles_per_comparison: int = 2
     reward_model: str | None = None  # e.g. reward_model (an earlier stage's output) or a directory
     kl: bool = True  # KL of each model from the base, on the model's own answers
-    gold: str | None = None  # human-labeled pairs (prompt, chosen, rejected): the judge's agreement
+    gold: str | None = None  # human-labeled pairs (prompt, chosen, rejected) or builtin:gold_pairs: judge agreement
     verdict: VerdictConfig = field(default_factory=VerdictConfig)
     allow_overlap: bool = False  # eval prompts that also feed a training stage of the recipe: error unless true
     seed: int | None = None  # bootstrap and principle sampling; default: the recipe's seed

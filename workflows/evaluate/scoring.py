@@ -56,6 +56,10 @@ def judge_diagnostics(records: list[dict], min_consistency: float, gold: dict | 
             "gold": gold}
 
 
+def _gold_agreement(judge: dict) -> float | None:
+    return (judge.get("gold") or {}).get("agreement")
+
+
 def _rate(flags: list[bool]) -> dict:
     return {**_iv(stats.wilson(sum(flags), len(flags))), "k": sum(flags), "n": len(flags)}
 
@@ -140,7 +144,7 @@ def compare(base_rows: dict, rows: dict, use_judge: bool, judge: dict, cfg: verd
         notes.append("no benign-but-edgy prompts answered by both models")
     nan = Interval(float("nan"), float("nan"), float("nan"))
     figures = verdict.Figures(_as_interval(harm and harm["change"]) or nan, _as_interval(over and over["change"]) or nan,
-                              _as_interval(helpful), judge["position_consistency"], notes)
+                              _as_interval(helpful), judge["position_consistency"], notes, _gold_agreement(judge))
     v = verdict.decide(figures, cfg)
     out["verdict"] = {"label": v.label, "reasons": list(v.reasons) + notes}
     return out

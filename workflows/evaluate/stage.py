@@ -33,7 +33,7 @@ from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.evaluate import model_scores, refusal, report, scoring
 from workflows.evaluate.answers import answer_batch, unit_id
-from workflows.evaluate.config import EvaluateConfig
+from workflows.evaluate.config import EvaluateConfig, gold_location
 from workflows.evaluate.judge import judge_rows
 from workflows.prompts.sources import PromptsConfig, iter_prompt_rows
 
@@ -221,6 +221,19 @@ def score_models(records: list[dict], cfg: EvaluateConfig, models: dict[str, str
     return {m: model_scores.kl_from_base(results[2 * i], results[2 * i + 1], seed=seed) for i, m in enumerate(others)}
 
 
+def judge_gold(cfg: EvaluateConfig, ctx: StageContext, constitution: Constitution) -> dict:
+    """The judge's agreement with human gold pairs, asked exactly as the preference stage asks
+    (both orders, ``principles_per_comparison`` principles): ``preference.gold.judge_gold``."""
+    from workflows.preference.batch import PreferenceConfig
+    from workflows.preference.gold import judge_gold as judge_gold_pairs
+
+    pcfg = PreferenceConfig(constitution=cfg.constitution, judges=[cfg.judge], both_orders=True,
+                            principles_per_pair=cfg.principles_per_comparison, gold=gold_location(cfg.gold),
+                            engine_factory=cfg.engine_factory, checkpoint_rows=cfg.checkpoint_rows)
+    print(f"[{ctx.name}] the judge labels the gold pairs of {cfg.gold}")
+    return judge_gold_pairs(pcfg, ctx, constitution)
+
+
 def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     started = time.time()
     seed = cfg.seed if cfg.seed is not None else ctx.seed
@@ -241,7 +254,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         r.update(judged.get(r["id"], {}))
         r["prompt"], r["refusal_rule"], r["length"] = texts[r["eval_id"]], refusal.classify(r["answer"]), len(r["answer"].split())
     kl = score_models(records, cfg, models, kl_models, reward_dir, seed)
-    gold = None
+    gold = judge_gold(cfg, ctx, constitution) if cfg.gold and cfg.judge else None
     metrics_json = scoring.aggregate(records, cfg.base, list(models), cfg.verdict, seed, gold, kl)
     metrics_json["refusal_classifier"] = refusal.accuracy()
     errors = prompt_errors + answer_errors

@@ -6,15 +6,20 @@
 principles × both orders × every judge, each a P(A) read from ``choice_logprobs`` (CoT:
 reasoning generated first), looked up in the label cache first; then ``label_pair`` →
 ``to_preference`` → ``preference_row``. One raw row per pair; failures are error rows.
-``workflows.preference.stage`` runs both in Ray Data actor pools.
+``workflows.preference.stage`` runs both in Ray Data actor pools. With ``pairs_from`` set, phase
+(a) is replaced by reading existing pairs (``workflows.preference.pairs``); with ``gold`` set,
+the judges first label human-labeled gold pairs and the stage goes on only if they agree
+with the humans often enough (``workflows.preference.gold``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, sample_principles
+from workflows.core import storage
 from workflows.core.errors import ConfigError, RowError
 from workflows.preference.human import preference_row
 from workflows.preference.judging import (
@@ -52,6 +57,10 @@ class PreferenceConfig:
     """RL-CAI labeling: who samples, how pairs are chosen, who judges under which principles."""
 
     input: str = "prompts"  # dataset name of an earlier stage, or a parquet directory of prompts
+    # existing pairs to label instead of sampling (then no policy runs and `input` is unused):
+    # prompt/chosen/rejected, HH chosen/rejected transcripts, or prompt + response_a/response_b
+    # (or response_1/response_2); jsonl/json/csv/parquet or a saved HF dataset dir
+    pairs_from: str | None = None
     constitution: str = "default"
     policy: EngineConfig = field(default_factory=EngineConfig)
     samples_per_prompt: int = 2  # K
@@ -69,6 +78,11 @@ class PreferenceConfig:
     cache: bool = True
     cache_uri: str | None = None  # default: <run_dir>/label_cache
     human: HumanData | None = None
+    # the gold gate: human-labeled pairs (prompt/chosen/rejected formats of `human`) the judges
+    # label first, with these same settings; below min_agreement the stage stops or warns
+    gold: str | None = None  # a file, or builtin:gold_pairs (90 pairs shipped with the evaluate stage)
+    min_agreement: float = 0.6  # share of gold pairs where the AI picks the human's answer
+    on_gold_fail: Literal["stop", "warn"] = "stop"
     checkpoint_rows: int = 256  # rows per raw file: the unit of work a resumed run does not redo
     engine_factory: str | None = None  # "module:callable" building every engine (tests, benchmarks)
 
@@ -95,6 +109,12 @@ class PreferenceConfig:
             ("cache_uri", self.cache_uri is not None and not self.cache_uri.strip(), "remove it or give a path"),
             ("human.path", h is not None and not h.path.strip(), "point it at a jsonl/csv/parquet/HF dataset dir"),
             ("human.ratio", h is not None and not 0.0 <= h.ratio <= 1.0, "use a fraction between 0 and 1"),
+            ("pairs_from", _missing_file(self.pairs_from),
+             "no such file: point it at a jsonl/json/csv/parquet file or saved Hugging Face dataset dir of pairs"),
+            ("gold", _missing_file(self.gold),
+             "no such file: point it at a jsonl/json/csv/parquet file or saved Hugging Face dataset dir of "
+             "human-labeled pairs (prompt, chosen, rejected)"),
+            ("min_agreement", not 0.0 <= self.min_agreement <= 1.0, "use a share between 0 and 1, e.g. 0.6"),
             ("checkpoint_rows", self.checkpoint_rows < 1, "use 1 or more"),
             ("engine_factory", bool(self.engine_factory) and ":" not in str(self.engine_factory),
              "write module:callable"),
@@ -102,6 +122,18 @@ class PreferenceConfig:
         for name, failed, fix in checks:
             if failed:
                 raise ConfigError(f"{where}.{name}", f"got {_value(self, name)!r}", fix)
+
+
+def _missing_file(path: str | None) -> bool:
+    """True for an empty path or a local one that does not exist. Remote (s3://) paths are
+    checked when the stage reads them (validation needs no network)."""
+    if path is None:
+        return False
+    if path.startswith("builtin:"):
+        from workflows.evaluate.config import DATA
+
+        return not (DATA / f"{path.split(':', 1)[1]}.jsonl").is_file()
+    return not path.strip() or (not storage.is_remote(path) and not os.path.exists(path))
 
 
 def _value(obj, dotted: str):

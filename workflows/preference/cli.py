@@ -1,6 +1,7 @@
 """Command-line entries of RL-CAI labeling.
 
-``label_main(...)`` runs the recipe [prompts, preference] (what ``cai label`` does);
+``label_main(...)`` runs the recipe [prompts, preference] (what ``cai label`` does), or
+[preference] over an existing pairs file (``cai label --pairs``), optionally behind the gold gate;
 ``export_uncertain`` / ``merge_labels`` (``cai route export|merge``) send the pairs the AI
 judge was unsure about to people and fold their answers back in (thin wrappers over
 ``workflows.preference.agreement``). ``register(subparsers)`` adds both commands to an argparse parser.
@@ -13,16 +14,24 @@ from workflows.core import storage
 from workflows.preference import agreement
 
 
-def label_main(prompts: str, out: str, policy: str = "embedded", judge: str | list[str] = "embedded",
+def label_main(prompts: str | None, out: str, policy: str = "embedded", judge: str | list[str] = "embedded",
                constitution: str = "default", samples: int = 2, pairs_per_prompt: int | None = None,
                principles: int = 1, cot: bool = False, limit: int | None = None, *, field: str = "prompt",
                max_new_tokens: int = 64, temperature: float = 1.0, both_orders: bool = True,
                human: str | None = None, human_ratio: float = 0.5, batch_size: int = 8, concurrency: int = 1,
-               cache: bool = True, seed: int = 0, restart_from: str | None = None) -> int:
+               cache: bool = True, seed: int = 0, restart_from: str | None = None, pairs: str | None = None,
+               gold: str | None = None, min_agreement: float = 0.6, on_gold_fail: str = "stop") -> int:
     """Label ``prompts`` end to end into ``out`` (a run dir); ``judge`` is one model, a list, or
-    "a,b" (an ensemble). ``pairs_per_prompt`` set → that many sampled pairs, else all pairs."""
+    "a,b" (an ensemble). ``pairs_per_prompt`` set → that many sampled pairs, else all pairs.
+    ``pairs`` instead of ``prompts``: label the existing pairs of that file (no policy, no
+    prompts stage). ``gold``: first check the judge against those human labels (the gold gate)."""
     from workflows.driver import Recipe, run_recipe
 
+    if (prompts is None) == (pairs is None):
+        from workflows.core.errors import ConfigError
+
+        raise ConfigError("--prompts/--pairs", "give exactly one", "--prompts FILE to sample pairs, or --pairs FILE "
+                          "to label existing ones")
     judges = [j.strip() for j in judge.split(",")] if isinstance(judge, str) else list(judge)
     engine = {"batch_size": batch_size, "concurrency": concurrency}
     pref = {"stage": "preference", "constitution": constitution, "samples_per_prompt": samples,
@@ -32,7 +41,12 @@ def label_main(prompts: str, out: str, policy: str = "embedded", judge: str | li
             "policy": {"model": policy, **engine}, "judges": [{"model": j, **engine} for j in judges if j]}
     if human:
         pref["human"] = {"path": human, "ratio": human_ratio}
-    stages = [{"stage": "prompts", "path": prompts, "field": field, "limit": limit}, pref]
+    if gold:
+        pref.update(gold=gold, min_agreement=min_agreement, on_gold_fail=on_gold_fail)
+    if pairs:
+        stages = [{**pref, "pairs_from": pairs}]
+    else:
+        stages = [{"stage": "prompts", "path": prompts, "field": field, "limit": limit}, pref]
     run_recipe(Recipe(name="label", run_dir=out, seed=seed, stages=stages), restart_from=restart_from,
                where="command line")
     return 0
@@ -119,9 +133,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("label", help="RL-CAI: sample pairs and label them with an AI judge",
                               description="Read prompts, sample K responses each from the policy, pair them, and "
                                           "label every pair (A)/(B) under sampled constitution principles in both "
-                                          "orders. Writes prompts/ and preference/{pairs,preferences,errors}/ and "
-                                          "report.md under --out.")
-    p.add_argument("--prompts", required=True, help="jsonl/csv/parquet file, HF dataset dir, or builtin:red_team")
+                                          "orders (or label the existing pairs of --pairs). Writes prompts/ and "
+                                          "preference/{pairs,preferences,errors}/ and report.md under --out. "
+                                          "With --gold, the judge first labels human-labeled pairs and the run "
+                                          "stops when it agrees with the humans less than --min-agreement.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="jsonl/csv/parquet file, HF dataset dir, or builtin:red_team")
+    source.add_argument("--pairs", metavar="FILE", help="label these existing pairs instead of sampling: "
+                        "prompt/chosen/rejected, HH chosen/rejected, or prompt/response_a/response_b rows")
     p.add_argument("--out", required=True, help="run directory (local path or s3://bucket/prefix)")
     p.add_argument("--policy", default="embedded", help="model that samples the responses (default: embedded)")
     p.add_argument("--judge", default="embedded", help="judge model; 'a,b' for an ensemble (default: embedded)")
@@ -137,6 +156,11 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default: 1.0)")
     p.add_argument("--human", help="human preference data to mix in (jsonl/csv/parquet/HF dir)")
     p.add_argument("--human-ratio", type=float, default=0.5, help="fraction of human rows in the output")
+    p.add_argument("--gold", metavar="FILE", help="human-labeled pairs (prompt, chosen, rejected) the judge "
+                   "must agree with before labeling at scale (the gold gate)")
+    p.add_argument("--min-agreement", type=float, default=0.6, help="gold gate threshold (default: 0.6)")
+    p.add_argument("--on-gold-fail", choices=["stop", "warn"], default="stop",
+                   help="below the threshold: stop before sampling (default) or warn and go on")
     p.add_argument("--batch-size", type=int, default=8, help="rows per engine batch (default: 8)")
     p.add_argument("--concurrency", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="actors per pool")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the label cache")
@@ -146,7 +170,8 @@ def register(subparsers) -> None:
         a.prompts, a.out, a.policy, a.judge, a.constitution, a.samples, a.pairs_per_prompt, a.principles, a.cot,
         a.limit, field=a.field, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
         both_orders=not a.one_order, human=a.human, human_ratio=a.human_ratio, batch_size=a.batch_size,
-        concurrency=a.concurrency, cache=not a.no_cache, seed=a.seed, restart_from=a.restart_from))
+        concurrency=a.concurrency, cache=not a.no_cache, seed=a.seed, restart_from=a.restart_from, pairs=a.pairs,
+        gold=a.gold, min_agreement=a.min_agreement, on_gold_fail=a.on_gold_fail))
 
     r = subparsers.add_parser("route", help="send uncertain AI labels to people, merge their answers back",
                               description="export: write pairs with |p_chosen - 0.5| < threshold or order "

@@ -7,7 +7,8 @@
   replacement, deterministically (selection sampling: one pass, O(1) memory);
 - ``errors/``: the sampling errors (written by finalize), plus part files appended here for
   sample notes (``samples-*``), judging errors (``judging-*``) and unusable human rows (``human-*``);
-- ``report.md`` with ``p_chosen.png`` and ``principles.png``.
+- ``report.md`` with ``p_chosen.png`` and ``principles.png``; the gold gate's figures and the
+  agreement with a pairs file's own choices, when there are any, also in ``summary.md``.
 
 Per-principle figures (a pair counts once per principle it was judged under; p = P(the
 finally chosen response is better) under that principle alone, order- and judge-averaged):
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from workflows.core import storage
+from workflows.core import storage, summary
 from workflows.core.stage import ERRORS_SCHEMA, _RollingWriter
 from workflows.preference.human import PREFERENCES_SCHEMA, load_human, mix_counts, to_table
 
@@ -202,27 +203,69 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _source_lines(info: dict) -> tuple[str, list[str]]:
+    """(who made the pairs, their table rows): the policy's samples, or a pairs file."""
+    ph = info["phases"]
+    if "pairs_from" in ph:
+        p = ph["pairs_from"]
+        return (f"Pairs read from `{p['file']}` (no policy sampled)",
+                [f"| pair rows read | {p['rows']} ({p['row_errors']} unusable, in errors) |",
+                 f"| pairs | {ph['judging']['pairs']} ({p['with_dataset_label']} with the dataset's own choice) |",
+                 f"| reading pairs | {p['seconds']:.1f} s |"])
+    p = ph["sampling"]
+    return (f"Policy `{info['policy']}`",
+            [f"| prompts | {p['prompts']} ({p['prompt_errors']} without a pair) |",
+             f"| pairs | {ph['judging']['pairs']} |", f"| sampling | {p['seconds']:.1f} s |"])
+
+
+def gold_lines(g: dict | None) -> list[str]:
+    """The gold gate in the report and the summary (``gold.describe`` figures and the outcome)."""
+    if not g:
+        return []
+    from workflows.preference.gold import describe
+
+    verdict = (f"passed (min_agreement {g['min_agreement']})" if g.get("passed") else
+               f"FAILED (below min_agreement {g['min_agreement']}; labeled anyway, on_gold_fail: warn)")
+    skipped = f"; {g['rows_skipped']} gold row(s) unusable" if g.get("rows_skipped") else ""
+    return [f"Gold gate {verdict} on `{g['file']}`: {describe(g)}{skipped}."]
+
+
+def dataset_lines(d: dict | None) -> list[str]:
+    """Agreement of the AI labels with the choice the pairs file itself made."""
+    if not d:
+        return []
+    ci = f" (95% CI {_fmt(d['accuracy_lo'])}–{_fmt(d['accuracy_hi'])})" if d["n_matched"] else ""
+    return [f"Agreement with the dataset's own choice: {_fmt(d['accuracy'])}{ci}, {d['n_correct']} of "
+            f"{d['n_matched']} labeled pairs; when both orders agree {_fmt(d['accuracy_order_agree'])}; "
+            f"ECE {_fmt(d['ece'])}."]
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """Each line followed by a blank one (markdown paragraphs)."""
+    return [x for line in lines for x in (line, "")]
+
+
 def write_report(ctx, info: dict, stats: LabelStats) -> str:
     s, ph = stats.summary(), info["phases"]
     looked = info["cache_hits"] + info["cache_misses"]
+    source, source_rows = _source_lines(info)
     lines = [f"# Preference labels: `{ctx.name}`", "",
-             f"Policy `{info['policy']}`, judge(s) {', '.join(f'`{j}`' for j in info['judges'])}, constitution "
+             f"{source}, judge(s) {', '.join(f'`{j}`' for j in info['judges'])}, constitution "
              f"`{info['constitution']}`, {info['principles_per_pair']} principle(s) per pair, "
              f"{'both orders' if info['both_orders'] else 'one order'}{', chain of thought' if info['cot'] else ''}.", "",
-             "| figure | value |", "|---|---|",
-             f"| prompts | {ph['sampling']['prompts']} ({ph['sampling']['prompt_errors']} without a pair) |",
-             f"| pairs | {ph['judging']['pairs']} |",
+             *_paragraphs(gold_lines(info.get("gold"))),
+             "| figure | value |", "|---|---|", *source_rows[:2],
              f"| AI labels | {ph['judging']['labeled']} ({ph['judging']['errors']} pair errors) |",
              f"| preferences rows | {info['datasets']['preferences']} |",
              f"| judgments | {info['judgments']} |",
              f"| cache hits / misses | {info['cache_hits']} / {info['cache_misses']}"
              f" ({_fmt(info['cache_hits'] / looked if looked else None)} hit rate) |",
              f"| engine calls (conversations) | sampling {info['engine_calls']['sampling']}, "
-             f"judging {info['engine_calls']['judging']} |",
-             f"| sampling | {ph['sampling']['seconds']:.1f} s |",
+             f"judging {info['engine_calls']['judging']} |", *source_rows[2:],
              f"| judging | {ph['judging']['seconds']:.1f} s ({ph['judging']['pairs_per_s']:.2f} pairs/s) |",
              f"| mean p_chosen | {_fmt(s['mean_p_chosen'])} |",
              f"| order agreement | {_fmt(s['order_agreement_rate'])} |", ""]
+    lines += _paragraphs(dataset_lines(info.get("dataset_agreement")))
     if info.get("errors_by_reason") or info.get("notes_by_reason"):
         lines += ["Errors by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_reason"].items())),
                   "Sample notes: " + (", ".join(f"{k} {v}" for k, v in sorted(info["notes_by_reason"].items()))
@@ -243,4 +286,18 @@ def write_report(ctx, info: dict, stats: LabelStats) -> str:
     storage.write_text(ctx.path("report.md"), text)
     plot_hist(s, ctx.path("p_chosen.png"))
     plot_principles(s, ctx.path("principles.png"))
+    return text
+
+
+def write_summary(ctx, info: dict) -> str:
+    """The stage's ``summary.md`` (``core.summary``'s counts) plus the gold gate and the
+    agreement with the dataset's choice, on the console too."""
+    text = summary.write_stage_summary(ctx, info)
+    extra = gold_lines(info.get("gold")) + dataset_lines(info.get("dataset_agreement"))
+    if not extra:
+        return text
+    for line in extra:
+        print(f"  {line}")
+    text = text.rstrip("\n") + "\n" + "".join(f"- {line}\n" for line in extra)
+    storage.write_text(ctx.path("summary.md"), text + "\n")
     return text

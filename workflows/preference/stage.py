@@ -13,12 +13,33 @@ in a Ray Data actor pool by ``engine_pool.stream_through_pool`` (resumable raw r
     ``preference_row(source="ai")``. Raw rows: ``<stage>/_judging/_raw`` (one per pair).
     Unparseable or degenerate judgments are error rows, never coin flips.
 
+Two optional paths around them:
+
+- Existing pairs (``pairs_from``): phase (a) is not run and no policy engine is built;
+  ``pairs.load_pairs`` turns every record of the file (prompt/chosen/rejected, HH transcripts,
+  or prompt + response_a/response_b) into a ``pairs`` row or an error row (stage
+  "<name>:pairs": missing field, empty or identical responses, ``duplicate`` pair). A
+  chosen/rejected row's chosen answer becomes (A) or (B) by a hash of its pair id, and its
+  choice is kept: ``dataset_agreement`` in ``_SUCCESS`` and report.md scores the AI labels
+  against it (``agreement.agreement_report``). ``input`` is unused.
+- Gold gate (``gold``): before any pair is sampled or read, ``gold.judge_gold`` has the judges
+  label the human-labeled gold pairs with exactly these judging settings in ``<stage>/_gold/``
+  (chosen shown as (A) or (B) by hash). Agreement with the human choice (Wilson 95% interval),
+  position bias (share of pairs whose two orders disagree) and unparseable count go into
+  ``_SUCCESS`` under ``gold``, the report and the summary. Below ``min_agreement``,
+  ``on_gold_fail: stop`` raises ``gold.GoldGateError`` (one line: figures, threshold, fix) and
+  forgets the stage's config, so a re-run with a better judge starts afresh; ``warn`` prints
+  one warning line and goes on.
+
 Reconcile (before ``_SUCCESS``), exactly:
   sampling  {prompt_id of pairs} ∪ ids(errors, stage "<name>:sampling") = ids(prompts), disjoint
             (a prompt is done when it made ≥ 1 pair, or it is an error with its prompt_id);
             pair ids are unique.
+  pairs     (with ``pairs_from``) records kept as pairs ∪ ids(errors, stage "<name>:pairs") =
+            ids(records of the file, ``<file>:<row>``), disjoint; pair ids are unique.
   judging   ids(AI labels) ∪ ids(errors, stage "<name>:judging") = ids(pairs), disjoint.
-Informational error rows, not part of either equation: stage "<name>:samples" (a failed
+  gold      ids(gold labels) ∪ ids(``_gold/errors``) = ids(gold pairs), disjoint.
+Informational error rows, not part of any equation: stage "<name>:samples" (a failed
 sample ``<prompt_id>/sample-<k>``, or a group of identical samples with id
 ``pair_id(prompt_id, text, text)`` and reason ``duplicate_responses``, of a prompt that still
 made pairs) and "<name>:human" (unusable human rows). All AI labels, before mixing, stay in
@@ -26,28 +47,32 @@ made pairs) and "<name>:human" (unusable human rows). All AI labels, before mixi
 
 Label cache: ``<run_dir>/label_cache/`` (or ``cache_uri``), keyed by ``judging.cache_key``
 (prompt, ordered responses, principle text, judge identity, template, CoT). Each judging
-actor loads it once; a re-run over the same pairs calls no judge. Tests and benchmarks may
-swap every engine for their own with ``engine_factory: "module:callable"`` (EngineConfig →
-Engine). Outputs, plots and the report are written by ``workflows.preference.report``.
+actor loads it once; a re-run over the same pairs (or gold pairs) calls no judge. Tests and
+benchmarks may swap every engine for their own with ``engine_factory: "module:callable"``
+(EngineConfig → Engine). Outputs, plots and the report are written by ``workflows.preference.report``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors import EngineConfig
 from workflows.constitution import Constitution, load_constitution
-from workflows.core import engine_pool, stage, storage, summary
-from workflows.core.reconcile import ReconcileError, check
+from workflows.core import engine_pool, stage, storage
+from workflows.core.reconcile import ReconcileError, Reconciliation, check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
-from workflows.preference import report
+from workflows.evaluate.stats import wilson
+from workflows.preference import gold, report
+from workflows.preference.agreement import agreement_report
 from workflows.preference.batch import HumanData, PreferenceConfig, judge_id, judge_pairs, sample_pairs  # noqa: F401
 from workflows.preference.human import PREFERENCES_SCHEMA
 from workflows.preference.label_cache import LabelCache
+from workflows.preference.pairs import load_pairs
 
 JUDGING, NOTES, LABELS = "_judging", "_sample_notes", "labels"
 _PAIR = pa.struct([("pair_id", pa.string()), ("response_a", pa.string()), ("response_b", pa.string())])
@@ -187,10 +212,43 @@ def cache_location(cfg: PreferenceConfig, ctx: StageContext) -> str | None:
     return (cfg.cache_uri or storage.join(ctx.run_dir, "label_cache")) if cfg.cache else None
 
 
-def _judge_pool(judges: list[EngineConfig]) -> EngineConfig:
+def judge_pool(judges: list[EngineConfig]) -> EngineConfig:
     """Actor sizing when every actor holds every judge: the first judge's batch size and
     concurrency, the largest CPU need, the sum of the GPU needs."""
     return replace(judges[0], num_cpus=max(j.num_cpus for j in judges), num_gpus=sum(j.num_gpus for j in judges))
+
+
+def worker_config(cfg: PreferenceConfig) -> dict:
+    """The config as actors get it. The driver reads ``pairs_from`` and ``gold``; actors only
+    judge rows, and validating those paths on a node without the files would fail them."""
+    return to_dict(replace(cfg, pairs_from=None, gold=None))
+
+
+def judge_kwargs(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
+    """``JudgeWorker``'s arguments: the same for the gold pairs and for the stage's pairs."""
+    return dict(cfg=worker_config(cfg), constitution=constitution, seed=ctx.seed, cache_uri=cache_location(cfg, ctx))
+
+
+def write_rows(uri: str, rows: list[dict], schema: pa.Schema, chunk: int = 10_000) -> None:
+    """``rows`` as a parquet dataset directory (replacing it); an empty one still gets a file."""
+    writer = stage._RollingWriter(uri)
+    for start in range(0, max(len(rows), 1), chunk):
+        writer.write(pa.Table.from_pylist(rows[start:start + chunk], schema=schema))
+    writer.close()
+
+
+@dataclass
+class MadePairs:
+    """Phase (a)'s outcome, sampled or read from ``pairs_from``: what judging and the report need."""
+
+    phase: str  # "sampling" or "pairs_from": its key in _SUCCESS "phases"
+    inputs: int  # prompts, or records of the pairs file
+    pair_ids: list[str]
+    errors: int
+    errors_by_reason: dict
+    metrics: dict
+    figures: dict  # _SUCCESS "phases"[phase]
+    dataset_labels: list[dict] = field(default_factory=list)  # the file's own choices (chosen/rejected rows)
 
 
 def _pair_ids(ctx: StageContext, prompt_ids: list[str], fin: stage.Finalized) -> list[str]:
@@ -204,56 +262,121 @@ def _pair_ids(ctx: StageContext, prompt_ids: list[str], fin: stage.Finalized) ->
     return pair_ids
 
 
+def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
+    """Phase (a) by sampling: K responses per prompt from the policy, pairs chosen → ``pairs``."""
+    started = time.time()
+    prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
+    prompt_ids = stage.ids_of(prompts_uri, "prompt_id")
+    engine_pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
+                                    dict(cfg=worker_config(cfg), seed=ctx.seed), total=len(prompt_ids),
+                                    checkpoint_rows=cfg.checkpoint_rows,
+                                    check=not cfg.engine_factory)
+    fin = stage.finalize(ctx.dir, f"{ctx.name}:sampling", "prompt_id", SamplingRoute(ctx.name), ["pairs", NOTES])
+    pair_ids = _pair_ids(ctx, prompt_ids, fin)
+    figures = {"prompts": len(prompt_ids), "prompt_errors": len(fin.error_ids), "pairs": len(pair_ids),
+               "seconds": round(time.time() - started, 2)}
+    return MadePairs("sampling", len(prompt_ids), pair_ids, len(fin.error_ids), fin.errors_by_reason, fin.metrics,
+                     figures)
+
+
+def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
+    """Phase (a) from ``pairs_from``: no policy; every record of the file becomes a ``pairs`` row
+    or an ``errors`` row (stage ``<name>:pairs``), reconciled: ids(records) = pairs ∪ errors."""
+    started = time.time()
+    pf = load_pairs(cfg.pairs_from, stage=f"{ctx.name}:pairs")
+    check(f"{ctx.name}:pairs", pf.rows, pf.kept, [e["id"] for e in pf.errors])
+    write_rows(ctx.path("pairs"), pf.pairs, PAIRS_SCHEMA)
+    write_rows(ctx.path("errors"), pf.errors, ERRORS_SCHEMA)
+    reasons = dict(Counter(e["reason"] for e in pf.errors))
+    figures = {"file": cfg.pairs_from, "rows": len(pf.rows), "row_errors": len(pf.errors), "pairs": len(pf.pairs),
+               "with_dataset_label": len(pf.labels), "seconds": round(time.time() - started, 2)}
+    return MadePairs("pairs_from", len(pf.rows), [p["pair_id"] for p in pf.pairs], len(pf.errors), reasons, {},
+                     figures, pf.labels)
+
+
+def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
+    """The judges label the gold pairs (``gold.judge_gold``); below ``min_agreement`` the stage
+    stops (``GoldGateError``) or warns. A stop comes before any pair is made, so the stage's
+    recorded config is dropped with it: the next run — a bigger judge, ``cot: true``,
+    ``on_gold_fail: warn`` — starts afresh instead of being refused as "made with a different
+    config". Returns the figures with ``passed``."""
+    figures = gold.judge_gold(cfg, ctx, constitution)
+    try:
+        where = f"stage {ctx.name}: gold {cfg.gold}"
+        figures["passed"] = gold.gate(figures, cfg.min_agreement, cfg.on_gold_fail, where)
+    except gold.GoldGateError:
+        if not stage.raw_files(ctx.dir) and not storage.exists(ctx.path(JUDGING)):
+            storage.delete(ctx.path("_config.json"))  # the driver's record of the config this stage began with
+        raise
+    if figures["passed"]:
+        print(f"[{ctx.name}] gold gate passed: {gold.describe(figures)} (min_agreement {cfg.min_agreement})")
+    return figures
+
+
+def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution,
+          pair_ids: list[str]) -> tuple[StageContext, stage.Finalized, Reconciliation]:
+    """Phase (b): every pair judged in ``<stage>/_judging``, reconciled against ``pair_ids``."""
+    jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
+    engine_pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
+                                    judge_kwargs(cfg, ctx, constitution), total=len(pair_ids),
+                                    checkpoint_rows=cfg.checkpoint_rows,
+                                    check=not cfg.engine_factory)
+    fin = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS])
+    return jctx, fin, check(f"{ctx.name}:judging", pair_ids, fin.output_ids, fin.error_ids)
+
+
+def dataset_agreement(labels_uri: str, dataset_labels: list[dict]) -> dict | None:
+    """How often the AI labels pick the answer the pairs file itself prefers
+    (``agreement.agreement_report``; accuracy with its Wilson 95% interval). None without such labels."""
+    if not dataset_labels:
+        return None
+    fs, path = storage.resolve(labels_uri)
+    r = agreement_report(pq.read_table(path, filesystem=fs).to_pylist(), dataset_labels)
+    ci = wilson(r["n_correct"], r["n_matched"])
+    return {**{k: v for k, v in r.items() if k != "bins"}, "accuracy_lo": ci.lo if r["n_matched"] else None,
+            "accuracy_hi": ci.hi if r["n_matched"] else None}
+
+
 def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
-    """Sample pairs, judge them, then write ``pairs``, ``preferences``, ``errors``, the report and ``_SUCCESS``."""
+    """Gold gate (if set), pairs (sampled, or read from ``pairs_from``), judging, then ``pairs``,
+    ``preferences``, ``errors``, the report and ``_SUCCESS``."""
     started = time.time()
     cfg = replace(cfg, policy=replace(cfg.policy, model=ctx.resolve(cfg.policy.model)),
                   judges=[replace(j, model=ctx.resolve(j.model)) for j in cfg.judges])  # e.g. `model: sft_model`
     constitution = load_constitution(cfg.constitution)
     human = report.load_human_data(cfg.human, ctx.name) if cfg.human else None  # fail fast
-    prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
-    prompt_ids = stage.ids_of(prompts_uri, "prompt_id")
-    engine_pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
-                                    dict(cfg=to_dict(cfg), seed=ctx.seed), total=len(prompt_ids),
-                                    checkpoint_rows=cfg.checkpoint_rows)
-    fin_a = stage.finalize(ctx.dir, f"{ctx.name}:sampling", "prompt_id", SamplingRoute(ctx.name), ["pairs", NOTES])
-    pair_ids = _pair_ids(ctx, prompt_ids, fin_a)
-    sampled = time.time()
-    jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
-    engine_pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, _judge_pool(cfg.judges),
-                                    dict(cfg=to_dict(cfg), constitution=constitution, seed=ctx.seed,
-                                         cache_uri=cache_location(cfg, ctx)),
-                                    total=len(pair_ids), checkpoint_rows=cfg.checkpoint_rows)
-    fin_b = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS])
-    rec_b = check(f"{ctx.name}:judging", pair_ids, fin_b.output_ids, fin_b.error_ids)
+    gold_info = gold_gate(cfg, ctx, constitution) if cfg.gold else None  # before any pair is made
+    made = read_pairs(cfg, ctx) if cfg.pairs_from else sample(cfg, ctx)
+    judging_started = time.time()
+    jctx, fin, rec = judge(cfg, ctx, constitution, made.pair_ids)
     judged = time.time()
-    n_prompts, n_pairs = len(prompt_ids), len(pair_ids)
-    n_prompt_errors, n_pair_errors = len(fin_a.error_ids), len(fin_b.error_ids)
-    del prompt_ids, pair_ids, fin_a.output_ids, fin_a.error_ids, fin_b.output_ids, fin_b.error_ids  # flat memory
+    n_pairs, n_pair_errors = len(made.pair_ids), len(fin.error_ids)
+    del made.pair_ids, fin.output_ids, fin.error_ids  # flat memory
     out = report.assemble(ctx, jctx.path(LABELS), NOTES, jctx.path("errors"), human, cfg.human)
-    m = {**fin_a.metrics, **fin_b.metrics}
+    m = {**made.metrics, **fin.metrics}
     info = {
-        "stage": ctx.name, "inputs": n_prompts, "outputs": rec_b.outputs, "errors": n_prompt_errors + n_pair_errors,
+        "stage": ctx.name, "inputs": made.inputs, "outputs": rec.outputs, "errors": made.errors + n_pair_errors,
         "datasets": {"pairs": n_pairs, "preferences": out["preferences"], "errors": out["errors"]},
-        "errors_by_reason": _merge_counts(fin_a.errors_by_reason, fin_b.errors_by_reason),
+        "errors_by_reason": _merge_counts(made.errors_by_reason, fin.errors_by_reason),
         "notes_by_reason": out["notes_by_reason"], "metrics": m, "config_hash": ctx.config_hash,
         "seconds": round(time.time() - started, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cache_hits": int(m.get("_cache_hits", 0)), "cache_misses": int(m.get("_cache_misses", 0)),
         "engine_calls": {"sampling": int(m.get("_policy_calls", 0)), "judging": int(m.get("_judge_calls", 0))},
         "judgments": int(m.get("_judgments", 0)), "cache_uri": cache_location(cfg, ctx),
-        "phases": {"sampling": {"prompts": n_prompts, "prompt_errors": n_prompt_errors, "pairs": n_pairs,
-                                "seconds": round(sampled - started, 2)},
-                   "judging": {"pairs": n_pairs, "labeled": rec_b.outputs, "errors": n_pair_errors,
-                               "seconds": round(judged - sampled, 2),
-                               "pairs_per_s": round(n_pairs / max(judged - sampled, 1e-9), 3)}},
+        "phases": {made.phase: made.figures,
+                   "judging": {"pairs": n_pairs, "labeled": rec.outputs, "errors": n_pair_errors,
+                               "seconds": round(judged - judging_started, 2),
+                               "pairs_per_s": round(n_pairs / max(judged - judging_started, 1e-9), 3)}},
         "mix": out["mix"], "labels": out["stats"].summary(), "constitution": constitution.name,
-        "policy": f"{cfg.policy.backend}:{cfg.policy.model}", "judges": [judge_id(j) for j in cfg.judges],
-        "engines": engine_pool.engines_used(ctx.dir, jctx.dir),
+        "policy": None if cfg.pairs_from else f"{cfg.policy.backend}:{cfg.policy.model}",
+        "pairs_from": cfg.pairs_from, "judges": [judge_id(j) for j in cfg.judges],
+        "engines": engine_pool.engines_used(ctx.dir, jctx.dir, *([ctx.path(gold.GOLD)] if gold_info else [])),
         "principles_per_pair": cfg.principles_per_pair, "both_orders": cfg.both_orders, "cot": cfg.cot,
+        "gold": gold_info, "dataset_agreement": dataset_agreement(jctx.path(LABELS), made.dataset_labels),
         "report": "report.md"}
     report.write_report(ctx, info, out["stats"])
     stage.write_success(ctx.dir, info)
-    summary.write_stage_summary(ctx, info)
+    report.write_summary(ctx, info)
     return info
 
 

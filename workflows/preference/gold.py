@@ -1,0 +1,151 @@
+"""The gold gate: know the judge before paying for millions of labels.
+
+A judge that is too small, or that just prefers whatever is shown first, labels noise — and
+nothing downstream says so until a reward model has learnt it. So before a stage labels at
+scale, ``judge_gold`` has its judge(s) label a small file of human choices (``gold``, any
+``human.load_human`` format: prompt, chosen, rejected) with exactly the stage's judging
+settings (principles per pair, both orders, chain of thought, every judge, the constitution;
+the label cache is used), through the same actor pool, into ``<stage>/_gold/``. Each gold pair
+is shown with the human's choice as (A) or (B) by ``pairs.chosen_first`` (a hash of the pair
+id), so a judge that always answers "A" cannot look good.
+
+``gold_figures(label_rows, gold_rows)`` is the pure part, for any stage that has AI labels of
+gold pairs (the evaluate stage can call it too). Its keys:
+
+- ``n``: gold pairs; ``agreed``: how many the AI labeled with the human's choice;
+- ``agreement`` = agreed / n with its Wilson 95% interval ``agreement_lo``/``agreement_hi``.
+  A tie (p_chosen 0.5, no preference) and a gold pair the judge could not label both count
+  as disagreement;
+- ``position_bias``: share of labeled gold pairs whose two presentation orders prefer
+  different answers (1 − the order-agreement rate); None when only one order is asked;
+- ``unparseable``: gold pairs without a label (unparseable or degenerate judgments).
+
+``gate(figures, min_agreement, on_fail, where)``: below ``min_agreement`` it raises
+``GoldGateError`` (a ``ConfigError``: one line with the figures, the threshold and the fix)
+with ``on_fail="stop"``, or prints one warning line with ``"warn"``.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+
+from workflows.core import engine_pool, stage, storage
+from workflows.core.errors import ConfigError
+from workflows.core.reconcile import check
+from workflows.core.stage import StageContext
+from workflows.evaluate.stats import wilson
+from workflows.preference.agreement import content_key
+from workflows.preference.human import load_human, text_of
+from workflows.preference.judging import DEGENERATE_TOL
+from workflows.preference.pairs import labeled_pair_row
+
+GOLD = "_gold"
+FIX = ("use a bigger judge (vLLM, or an OpenAI-compatible endpoint), cot: true, or more principles_per_pair; "
+       "or set on_gold_fail: warn (--on-gold-fail warn) to label anyway")
+
+
+class GoldGateError(ConfigError):
+    """The judge disagrees with the human gold labels too often to be trusted at scale."""
+
+
+# ---------------------------------------------------------------- figures (pure)
+
+def _agrees(label: dict, gold: dict) -> bool:
+    """The AI chose the human's answer, with some preference (a tie is no agreement)."""
+    return text_of(label["chosen"]) == text_of(gold["chosen"]) and float(label["p_chosen"]) > 0.5 + DEGENERATE_TOL
+
+
+def gold_figures(label_rows: list[dict], gold_rows: list[dict]) -> dict:
+    """Agreement of AI labels with human gold labels, and the judge's position bias (see the
+    module docstring). Labels are matched to gold rows by content: prompt and the two answers."""
+    labels: dict[str, dict] = {}
+    for row in label_rows:
+        labels.setdefault(content_key(row), row)
+    agreed = unlabeled = tested = flipped = 0
+    for g in gold_rows:
+        label = labels.get(content_key(g))
+        if label is None:
+            unlabeled += 1
+            continue
+        agreed += _agrees(label, g)
+        if label.get("order_agreement") is not None:
+            tested, flipped = tested + 1, flipped + (not label["order_agreement"])
+    n = len(gold_rows)
+    ci = wilson(agreed, n) if n else None
+    return {"n": n, "agreed": agreed, "agreement": ci.value if ci else None,
+            "agreement_lo": ci.lo if ci else None, "agreement_hi": ci.hi if ci else None,
+            "position_bias": flipped / tested if tested else None, "order_tested": tested,
+            "unparseable": unlabeled}
+
+
+def describe(figures: dict) -> str:
+    """The figures in one phrase, e.g. ``agreement 0.300 (95% CI 0.108–0.603) on n=10 gold
+    pairs, position bias 1.000, 0 unparseable``."""
+    f = figures
+    agreement = "n/a" if f["agreement"] is None else \
+        f"{f['agreement']:.3f} (95% CI {f['agreement_lo']:.3f}–{f['agreement_hi']:.3f})"
+    bias = "n/a (one order asked)" if f["position_bias"] is None else f"{f['position_bias']:.3f}"
+    return (f"agreement {agreement} on n={f['n']} gold pairs, position bias {bias} "
+            f"(share of pairs whose two orders disagree), {f['unparseable']} unparseable")
+
+
+def gate(figures: dict, min_agreement: float, on_fail: str, where: str) -> bool:
+    """True when agreement ≥ ``min_agreement``. Otherwise ``on_fail="stop"`` raises
+    ``GoldGateError`` and ``"warn"`` prints one warning line and returns False."""
+    if figures["agreement"] is not None and figures["agreement"] >= min_agreement:
+        return True
+    problem = f"the judge fails the gold gate: {describe(figures)}, below min_agreement {min_agreement}"
+    if on_fail == "stop":
+        raise GoldGateError(where, problem, FIX)
+    print(f"warning: {where}: {problem}; labeling anyway (on_gold_fail: warn)")
+    return False
+
+
+# ---------------------------------------------------------------- judging the gold pairs (Ray)
+
+def load_gold(path: str, stage_name: str) -> tuple[list[dict], list[dict]]:
+    """(gold rows, skipped rows) of ``path``; ``ConfigError`` when it is missing or has no usable pair."""
+    from workflows.evaluate.config import gold_location
+
+    where, path = f"stage {stage_name}: gold {path}", gold_location(path)
+    if not storage.exists(path):
+        raise ConfigError(where, "file not found",
+                          "point gold (--gold) at human-labeled pairs: prompt, chosen, rejected")
+    rows, skipped = load_human(path, stage=f"{stage_name}:gold")
+    if not rows:
+        first = f"; first problem: {skipped[0]['id']}: {skipped[0]['reason']} {skipped[0]['detail']}" if skipped else ""
+        raise ConfigError(where, f"no usable gold pair in {len(skipped)} row(s){first}",
+                          "give prompt, chosen and rejected per row (or HH chosen/rejected transcripts)")
+    return rows, skipped
+
+
+def judge_gold(cfg, ctx: StageContext, constitution) -> dict:
+    """Label the gold pairs of ``cfg.gold`` (a ``PreferenceConfig``) with the stage's judges and
+    judging settings in an actor pool under ``<stage>/_gold/`` and return their figures
+    (``gold_figures`` plus file, rows skipped, judging errors by reason, cache use, seconds).
+    The directory is rebuilt on every call — the label cache makes a repeat free — so the
+    figures always belong to the current gold file and judges; ``gold.json`` keeps them."""
+    from workflows.preference import stage as pref  # its pool workers; it imports this module
+
+    started = time.time()
+    gctx = StageContext(ctx.dir, GOLD, ctx.seed)
+    storage.delete(gctx.dir)
+    gold_rows, skipped = load_gold(cfg.gold, ctx.name)
+    pairs = [labeled_pair_row(g) for g in gold_rows]
+    pref.write_rows(gctx.path("pairs"), pairs, pref.PAIRS_SCHEMA)
+    engine_pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", pref.JudgeWorker,
+                                    pref.judge_pool(cfg.judges), pref.judge_kwargs(cfg, ctx, constitution),
+                                    total=len(pairs), checkpoint_rows=cfg.checkpoint_rows,
+                                    check=not cfg.engine_factory)
+    fin = stage.finalize(gctx.dir, f"{ctx.name}:gold", "pair_id", pref.route_labels, [pref.LABELS])
+    check(f"{ctx.name}:gold", [p["pair_id"] for p in pairs], fin.output_ids, fin.error_ids)
+    fs, path = storage.resolve(gctx.path(pref.LABELS))
+    figures = gold_figures(pq.read_table(path, filesystem=fs).to_pylist(), gold_rows)
+    info = {**figures, "file": cfg.gold, "min_agreement": cfg.min_agreement, "rows_skipped": len(skipped),
+            "errors_by_reason": fin.errors_by_reason, "cache_hits": int(fin.metrics.get("_cache_hits", 0)),
+            "cache_misses": int(fin.metrics.get("_cache_misses", 0)), "seconds": round(time.time() - started, 2)}
+    if skipped:
+        info["first_skipped"] = skipped[0]
+    storage.write_json(gctx.path("gold.json"), info)
+    return info
