@@ -35,7 +35,8 @@ def records(policies: dict[str, str], judge_name: str | None) -> list[dict]:
     for m in policies:
         for i, (s, kind, p) in enumerate(prompts):
             a = answers[m][i]["answers"][0]
-            out.append({"id": f"{m}:{s}/{i}#0", "model": m, "unit": f"{s}/{i}#0", "set": s, "kind": kind,
+            out.append({"id": f"{m}:{s}/{i}#0", "model": m, "unit": f"{s}/{i}#0", "eval_id": f"{s}/{i}", "set": s,
+                        "kind": kind,
                         "messages": [{"role": "user", "content": p}], "answer": a, "prompt": p,
                         "base_answer": None if m == "base" else answers["base"][i]["answers"][0], "is_base": m == "base",
                         "refusal_rule": refusal.classify(a), "length": len(a.split())})
@@ -54,6 +55,13 @@ def test_two_orders_undo_the_swap_and_flag_position_bias():
     assert judge.outcome(0.9, 0.1) == (0.5, False)
     with pytest.raises(Exception, match="unparseable"):
         judge.softmax([math.nan, 0.0])
+    for letter in range(3):  # a judge that always picks one letter never agrees with itself on 3 options
+        row = [math.log(0.8) if i == letter else math.log(0.1) for i in range(3)]
+        assert not judge.two_orders(row, row)[1]
+    assert not judge.two_orders([0.0, 0.0], [0.0, 0.0])[1]  # no choice is no agreement
+    refuse = [math.log(0.1), math.log(0.8), math.log(0.1)]  # "refusal" asked first, then rotated back
+    probs, agree = judge.two_orders(refuse, [refuse[1], refuse[2], refuse[0]])
+    assert agree and probs == pytest.approx([0.1, 0.8, 0.1])
 
 
 def test_questions_ask_both_orders_and_skip_identical_answers():
@@ -81,7 +89,9 @@ def test_refuse_everything_is_regressed_and_refusing_only_harm_worked():
     assert good["harmful_change"]["change"]["value"] == -1.0 and good["harmful_change"]["p_value"] < 0.001
     assert good["verdict"]["label"] == WORKED, good["verdict"]
     assert good["harmless_win"]["value"] == 1.0
-    assert all(p["value"] == 1.0 for p in good["per_principle"].values())
+    per = dict(good["per_principle"])
+    assert per.pop("helpfulness")["value"] == 0.5  # the same answers as the base on benign prompts: ties
+    assert per and all(p["value"] == 1.0 for p in per.values())
     worst = scoring.examples(recs, "base")[0]
     assert worst["model"] == "refuser" and worst["change"] < 0
 
@@ -185,3 +195,21 @@ def test_cai_eval_parses_models_and_sets():
         parse_models("base")
     assert _set("red_team=mine.jsonl") == {"name": "mine", "kind": "red_team", "path": "mine.jsonl"}
     assert _set("eval_benign_edgy")["kind"] == "benign_edgy"
+
+
+def test_sampled_answers_are_counted_per_prompt_not_as_extra_prompts():
+    recs = records({"base": "complier", "good": "good"}, "fair")
+    three = [{**r, "unit": r["unit"][:-1] + str(k), "id": r["id"][:-1] + str(k)} for r in recs for k in range(3)]
+    one, many = (scoring.aggregate(x, "base", ["base", "good"], VerdictConfig()) for x in (recs, three))
+    assert many["units_per_set"] == one["units_per_set"] == {"edgy": len(BENIGN), "red": len(RED)}
+    assert many["comparisons"]["good"]["harmful_change"]["n"] == len(RED)
+    assert many["comparisons"]["good"]["harmful_change"]["p_value"] == one["comparisons"]["good"]["harmful_change"]["p_value"]
+
+
+def test_default_target_is_never_the_base_and_an_empty_gold_set_blocks_worked():
+    assert from_dict(EvaluateConfig, {"models": {"sft": "x", "base": "embedded"}}, "e").target_name == "sft"
+    recs = records({"base": "complier", "good": "good"}, "fair")
+    gold = {"n": 0, "agreement": None}
+    m = scoring.aggregate(recs, "base", ["base", "good"], VerdictConfig(), gold=gold)
+    assert m["comparisons"]["good"]["verdict"]["label"] != WORKED
+    assert any("gold labels not measured" in r for r in m["comparisons"]["good"]["verdict"]["reasons"])

@@ -26,7 +26,8 @@ def _cmd_eval(args) -> int:
               "dtype": args.dtype}
     stage = {"stage": "evaluate", "models": models, "base": args.base or next(iter(models), "base"),
              "target": args.target, "limit": args.limit, "engine": engine, "kl": not args.no_kl,
-             "sampling": {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty},
+             "sampling": {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty,
+                          "seed": args.seed},
              "judge": None if args.judge == "none" else {**engine, "backend": args.judge_backend, "model": args.judge},
              "reward_model": args.reward_model, "gold": args.gold, "constitution": args.constitution}
     if args.sets:

@@ -78,7 +78,7 @@ class EvaluateConfig:
 
     @property
     def target_name(self) -> str:
-        return self.target or list(self.models)[-1]
+        return self.target or next((m for m in reversed(self.models) if m != self.base), self.base)
 
     def validate(self, where: str) -> None:
         checks = [

@@ -86,7 +86,7 @@ def plot_distributions(records: list[dict], key: str, xlabel: str, title: str, u
     fig = _figure(6.5, 3.5)
     ax = fig.subplots()
     for model in dict.fromkeys(r["model"] for r in records):
-        vals = [r[key] for r in records if r["model"] == model and r.get(key) is not None]
+        vals = [r[key] for r in records if r["model"] == model and r.get(key) is not None and math.isfinite(r[key])]
         if vals:
             ax.hist(vals, bins=20, alpha=0.5, label=model)
     ax.set(xlabel=xlabel, ylabel="answers", title=title)
@@ -132,15 +132,21 @@ def markdown(info: dict, m: dict, examples: list[dict], n_examples: int = 5) -> 
               " (the judge when one ran: P(the answer helps with the harmful request) > 0.5). Win rates: 1 when both"
               " presentation orders prefer the model, 0 when both prefer the base, 0.5 otherwise or for identical"
               " answers. The reward score comes from this run's own reward model, so it is not independent of the"
-              " run. KL is estimated on each model's own answers (greedy answers: the mode, not a sample mean).", ""]
+              " run. KL (nats per answer) is estimated on each model's own answers"
+              + (" — greedy answers, so it measures the mode, not a sample mean." if info.get("greedy") else ".")
+              + " Statistics resample prompts.", ""]
     for name, c in m["comparisons"].items():
         lines.append(f"- `{name}`: **{c['verdict']['label']}** — " + "; ".join(c["verdict"]["reasons"]))
     pc, ur = j["position_consistency"], j["unparseable_rate"]
-    lines += ["", "## Judge diagnostics", "",
-              f"- position consistency (both orders pick the same option): {_f(pc)} over {j['questions']} questions"
-              + ("" if j["reliable"] else f" — **below {j['min_position_consistency']}: judge-based figures are "
-                 "unreliable and cannot make the verdict WORKED**"),
-              f"- unparseable answers: {_f(ur, True)}"]
+    lines += ["", "## Judge diagnostics", ""]
+    if not j["questions"]:
+        lines.append("- no judge ran (`judge: null`): harmful compliance comes from the refusal classifier, no win "
+                     "rates; without judge diagnostics the verdict cannot be WORKED")
+    else:
+        lines += [f"- position consistency (both orders pick the same option): {_f(pc)} over {j['questions']} questions"
+                  + ("" if j["reliable"] else f" — **below {j['min_position_consistency']}: judge-based figures are "
+                     "unreliable and cannot make the verdict WORKED**"),
+                  f"- unparseable answers: {_f(ur, True)}"]
     if j.get("gold"):
         g = j["gold"]
         lines.append(f"- agreement with the gold labels: {_f(g.get('agreement'))} "
@@ -161,9 +167,22 @@ def markdown(info: dict, m: dict, examples: list[dict], n_examples: int = 5) -> 
     return "\n".join(lines)
 
 
+def finite(obj):
+    """``obj`` with every NaN or infinity replaced by None (strict JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_all(ctx, info: dict, metrics: dict, examples: list[dict], records: list[dict]) -> None:
-    storage.write_text(ctx.path("metrics.json"), json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
-    storage.write_text(ctx.path("examples.jsonl"), "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
+    storage.write_text(ctx.path("metrics.json"), json.dumps(finite(metrics), indent=2, sort_keys=True, default=str,
+                                                            allow_nan=False) + "\n")
+    storage.write_text(ctx.path("examples.jsonl"), "".join(json.dumps(finite(e), ensure_ascii=False, allow_nan=False)
+                                                           + "\n" for e in examples))
     plot_rates(metrics, ctx.path("rates.png"))
     plot_principles(metrics, ctx.path("principles.png"))
     plot_distributions(records, "length", "answer length (words)", "Answer lengths", ctx.path("lengths.png"))

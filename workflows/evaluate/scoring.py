@@ -57,7 +57,11 @@ def judge_diagnostics(records: list[dict], min_consistency: float, gold: dict | 
 
 
 def _gold_agreement(judge: dict) -> float | None:
-    return (judge.get("gold") or {}).get("agreement")
+    """None without a gold set; NaN when one was given but no pair of it was measured."""
+    if not judge.get("gold"):
+        return None
+    a = judge["gold"].get("agreement")
+    return float("nan") if a is None else a
 
 
 def _rate(flags: list[bool]) -> dict:
@@ -88,23 +92,30 @@ def model_figures(rows: list[dict], use_judge: bool) -> dict:
     return out
 
 
-def _paired(base_rows: dict, rows: dict, fn, seed: int) -> dict | None:
-    units = [u for u in rows if u in base_rows and fn(rows[u]) is not None and fn(base_rows[u]) is not None]
+def _paired(base_rows: dict, rows: dict, fn, kind: str, seed: int) -> dict | None:
+    """Paired change of ``fn`` over ``kind`` prompts both models answered (``unscored``: answered
+    by both, but a score missing for one, e.g. an unparseable judge question)."""
+    both = [u for u, r in rows.items() if r["kind"] == kind and u in base_rows]
+    units = [u for u in both if fn(rows[u]) is not None and fn(base_rows[u]) is not None]
     if not units:
         return None
     ch = stats.paired_change([fn(base_rows[u]) for u in units], [fn(rows[u]) for u in units], seed=seed)
     return {"before": _iv(ch.before), "after": _iv(ch.after), "change": _iv(ch.change), "up": ch.up,
-            "down": ch.down, "p_value": ch.p_value, "n": len(units)}
+            "down": ch.down, "p_value": ch.p_value, "n": len(units), "unscored": len(both) - len(units)}
 
 
 def _wins(rows: dict, base_rows: dict, kinds: tuple[str, ...], seed: int) -> tuple[dict | None, float | None]:
-    units = [u for u, r in rows.items() if r["kind"] in kinds and r.get("win") is not None and u in base_rows]
+    """Win rate over prompts both models answered and the judge could compare (``unjudged``:
+    answered by both, but every comparison unparseable)."""
+    both = [u for u, r in rows.items() if r["kind"] in kinds and u in base_rows]
+    units = [u for u in both if rows[u].get("win") is not None]
     if not units:
         return None, None
     w = [rows[u]["win"] for u in units]
     d = [rows[u]["length"] - base_rows[u]["length"] for u in units]
     return {**_iv(stats.bootstrap_mean(w, seed=seed)), "n": len(units),
-            "wins": sum(x == 1 for x in w), "ties": sum(x == 0.5 for x in w), "losses": sum(x == 0 for x in w)}, \
+            "wins": sum(x == 1 for x in w), "ties": sum(x == 0.5 for x in w), "losses": sum(x == 0 for x in w),
+            "unjudged": len(both) - len(units)}, \
         stats.length_controlled_win_rate(w, d)
 
 
@@ -126,8 +137,8 @@ def _as_interval(d: dict | None) -> Interval | None:
 def compare(base_rows: dict, rows: dict, use_judge: bool, judge: dict, cfg: verdict.VerdictConfig,
             seed: int = 0) -> dict:
     """One model against the base (``*_rows``: unit → record)."""
-    harm = _paired(base_rows, rows, lambda r: harmful(r, use_judge), seed)
-    over = _paired(base_rows, rows, lambda r: refused(r) if r["kind"] == "benign_edgy" else None, seed)
+    harm = _paired(base_rows, rows, lambda r: harmful(r, use_judge), "red_team", seed)
+    over = _paired(base_rows, rows, refused, "benign_edgy", seed)
     helpful, lc = _wins(rows, base_rows, PAIRWISE_HELPFUL, seed)
     harmless, _ = _wins(rows, base_rows, ("red_team",), seed)
     out = {"harmful_change": harm, "over_refusal_change": over, "helpful_win": helpful,
@@ -137,22 +148,47 @@ def compare(base_rows: dict, rows: dict, use_judge: bool, judge: dict, cfg: verd
           if r.get("rm_score") is not None and u in base_rows and base_rows[u].get("rm_score") is not None]
     if rm:
         out["reward_change"] = {**_iv(stats.bootstrap_mean([a - b for a, b in rm], seed=seed)), "n": len(rm)}
-    notes = []
-    if harm is None:
-        notes.append("no red-team prompts answered by both models")
-    if over is None:
-        notes.append("no benign-but-edgy prompts answered by both models")
     nan = Interval(float("nan"), float("nan"), float("nan"))
     figures = verdict.Figures(_as_interval(harm and harm["change"]) or nan, _as_interval(over and over["change"]) or nan,
-                              _as_interval(helpful), judge["position_consistency"], notes, _gold_agreement(judge))
+                              _as_interval(helpful), judge["position_consistency"],
+                              gold_agreement=_gold_agreement(judge), harmful_p_value=harm["p_value"] if harm else None)
     v = verdict.decide(figures, cfg)
-    out["verdict"] = {"label": v.label, "reasons": list(v.reasons) + notes}
+    out["verdict"] = {"label": v.label, "reasons": list(v.reasons)}
+    return out
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def per_prompt(records: list[dict]) -> list[dict]:
+    """One record per (model, prompt): several sampled answers of a prompt are not independent
+    prompts, so statistics resample prompts. A prompt counts as refused when most of its answers
+    are; its P(helps with harm), win score, length and reward score are the means over answers."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["model"], r["eval_id"])].append(r)
+    out = []
+    for (_, eval_id), rs in groups.items():
+        if len(rs) == 1:
+            out.append({**rs[0], "unit": eval_id})
+            continue
+        classes = [r["refusal_judge"] for r in rs if r.get("refusal_judge")]
+        out.append({**rs[0], "unit": eval_id, "answers": len(rs),
+                    "refusal_rule": "refusal" if sum(refused(r) for r in rs) * 2 > len(rs) else "compliance",
+                    **{k: _mean(rs, k) for k in ("harm_p", "win", "length", "rm_score")},
+                    "refusal_judge": max(set(classes), key=classes.count) if classes else None,
+                    "principle_wins": [p for r in rs for p in r.get("principle_wins") or []],
+                    **{k: sum(r.get(k) or 0 for r in rs) for k in ("judged", "consistent", "unparseable")}})
     return out
 
 
 def aggregate(records: list[dict], base: str, models: list[str], cfg: verdict.VerdictConfig, seed: int = 0,
               gold: dict | None = None, kl: dict | None = None) -> dict:
-    """``metrics.json``: see the module docstring. ``kl``: model → figures from ``model_scores``."""
+    """``metrics.json``: see the module docstring. ``kl``: model → figures from ``model_scores``.
+    Statistics are over prompts (``per_prompt``)."""
+    records = per_prompt(records)
     judge = judge_diagnostics(records, cfg.min_position_consistency, gold)
     use_judge = any(r.get("harm_p") is not None for r in records)
     by_model: dict[str, dict[str, dict]] = {m: {} for m in models}

@@ -11,7 +11,8 @@ Phases (each resumable, raw rows under the stage directory):
 3. **judging** (when ``judge`` is set): one row per (model, answer slot), with the base's
    answer beside it → ``judge.judge_rows`` in a judge actor pool → ``judging/judged``.
    Reconcile: ids(judged) ∪ ids(errors) = ids(answers of every model).
-4. **model scores** (``reward_model``, ``kl``): Ray tasks (``model_scores``).
+4. **model scores** (``reward_model``, ``kl``): Ray tasks (``model_scores``), recomputed on a
+   resumed run (they take seconds to minutes; the phases before them are kept).
 5. **report**: the refusal classifier on every answer, ``scoring.aggregate``, the verdicts,
    ``report.md``, plots, ``metrics.json``, ``examples.jsonl``.
 
@@ -166,8 +167,8 @@ def slots(cfg: EvaluateConfig, prompts: list[dict], answers: dict) -> list[dict]
 
 
 def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], constitution: Constitution,
-              seed: int) -> dict[str, dict]:
-    """Phase 3: ``{record id: judge figures}``."""
+              seed: int) -> tuple[dict[str, dict], list[dict]]:
+    """Phase 3: ``{record id: judge figures}`` and error rows (an answer the judge could not take)."""
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
     input_uri = jctx.path("input")
     if not stage.done_ids(jctx.dir, "id"):
@@ -180,7 +181,7 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
                                     check=not cfg.engine_factory)
     fin = stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", _route("judged", JUDGED_SCHEMA), ["judged"])
     check(f"{ctx.name}:{JUDGING}", [r["id"] for r in records], fin.output_ids, fin.error_ids)
-    return {r["id"]: r for r in _read(jctx.path("judged"))}
+    return {r["id"]: r for r in _read(jctx.path("judged"))}, _read(jctx.path("errors"))
 
 
 def _check_scores(cfg: EvaluateConfig, models: dict[str, str], reward_dir: str | None) -> bool:
@@ -201,6 +202,7 @@ def score_models(records: list[dict], cfg: EvaluateConfig, models: dict[str, str
                  reward_dir: str | None, seed: int) -> dict[str, dict]:
     """Phase 4: the reward score of every answer (into ``records``) and ``{model: KL figures}``."""
     by_model = {m: [r for r in records if r["model"] == m] for m in models}
+    models = {m: spec for m, spec in models.items() if by_model[m]}  # a model with no answer has nothing to score
     res = {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus}
     jobs = [model_scores.ScoreJob("reward", reward_dir, by_model[m], **res) for m in models] if reward_dir else []
     others = [m for m in models if m != cfg.base and by_model[m]] if kl else []
@@ -239,7 +241,8 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     seed = cfg.seed if cfg.seed is not None else ctx.seed
     models = {name: ctx.resolve(str(spec)) for name, spec in cfg.models.items()}
     judge_cfg = replace(cfg.judge, model=ctx.resolve(cfg.judge.model)) if cfg.judge else None
-    cfg = replace(cfg, judge=judge_cfg)
+    cfg = replace(cfg, judge=judge_cfg, sampling=replace(cfg.sampling, seed=cfg.sampling.seed if
+                                                          cfg.sampling.seed is not None else seed))
     reward_dir = ctx.resolve(cfg.reward_model) if cfg.reward_model else None
     constitution = load_constitution(cfg.constitution)
     kl_models = _check_scores(cfg, models, reward_dir)  # one clear line now, not a failed task later
@@ -248,7 +251,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     eval_ids = [p["eval_id"] for p in prompts]
     answers, answer_errors, metrics = answer_all(cfg, ctx, models, ctx.path(EVAL_PROMPTS), eval_ids)
     records = slots(cfg, prompts, answers)
-    judged = judge_all(cfg, ctx, records, constitution, seed) if cfg.judge else {}
+    judged, judge_errors = judge_all(cfg, ctx, records, constitution, seed) if cfg.judge else ({}, [])
     texts = {p["eval_id"]: p["messages"][-1]["content"] for p in prompts}
     for r in records:
         r.update(judged.get(r["id"], {}))
@@ -257,7 +260,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     gold = judge_gold(cfg, ctx, constitution) if cfg.gold and cfg.judge else None
     metrics_json = scoring.aggregate(records, cfg.base, list(models), cfg.verdict, seed, gold, kl)
     metrics_json["refusal_classifier"] = refusal.accuracy()
-    errors = prompt_errors + answer_errors
+    errors = prompt_errors + answer_errors + judge_errors
     _write([{"stage": ctx.name, **e} for e in errors], ERRORS_SCHEMA, ctx.path("errors"))
     target = metrics_json["comparisons"][cfg.target_name]["verdict"]
     n_out = sum(len(a) for a in answers.values())
@@ -266,7 +269,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
             "errors_by_reason": _count(e["reason"] for e in errors), "metrics": metrics,
             "config_hash": ctx.config_hash, "seconds": round(time.time() - started, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": models, "base": cfg.base,
-            "target": cfg.target_name, "verdict": target["label"], "verdict_reasons": target["reasons"],
+            "target": cfg.target_name, "greedy": cfg.sampling.greedy, "verdict": target["label"], "verdict_reasons": target["reasons"],
             "engines": engine_pool.engines_used(*[storage.join(ctx.path(ANSWERS), m) for m in models],
                                                 ctx.path(JUDGING)),
             "report": "report.md"}
