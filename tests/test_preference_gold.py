@@ -155,6 +155,12 @@ def test_gate_passes_warns_or_stops_with_figures_and_fix(capsys):
     assert out.count("\n") == 1 and out.startswith("warning: stage p: the judge fails the gold gate: agreement 0.000")
     good = gold_figures([ai(g, True, 0.8, True) for g in gold], gold)
     assert gate(good, 0.6, "stop", "stage p") is True
+    # agrees often enough, but only by leaning: its two orders disagree on 3 of 4 pairs
+    leaning = gold_figures([ai(g, True, 0.55, i == 0) for i, g in enumerate(gold)], gold)
+    assert leaning["agreement"] == 1.0 and leaning["position_bias"] == 0.75
+    assert gate(leaning, 0.6, "stop", "stage p", max_position_bias=None) is True
+    with pytest.raises(GoldGateError, match="position bias above max_position_bias 0.4"):
+        gate(leaning, 0.6, "stop", "stage p", max_position_bias=0.4)
 
 
 def test_load_pairs_mixed_formats_and_bad_rows(tmp_path):
@@ -263,7 +269,7 @@ def test_existing_pairs_are_labeled_without_sampling_behind_a_passing_gate(tmp_p
     gold_pairs = table(st / "_gold" / "pairs")
     assert {p["response_a"].startswith("A kind") for p in gold_pairs} == {True, False}  # chosen not always (A)
     report, summary = (st / "report.md").read_text(), (st / "summary.md").read_text()
-    assert "Gold gate passed (min_agreement 0.6)" in report and "Pairs read from" in report
+    assert "Gold gate passed (min_agreement 0.6, max_position_bias 0.4)" in report and "Pairs read from" in report
     assert "Agreement with the dataset's own choice: 0.800" in report
     assert "position bias 0.000" in summary
 
@@ -289,4 +295,4 @@ def test_gold_gate_stops_a_position_biased_judge_before_sampling_and_warn_goes_o
     assert not g["passed"] and (g["agreement"], g["position_bias"]) == (0.0, 1.0)
     assert g["cache_misses"] == 0 and g["cache_hits"] == 16  # the gold labels came from the label cache
     assert warned["engine_calls"]["sampling"] == 6 and warned["datasets"]["pairs"] == 3
-    assert "Gold gate FAILED (below min_agreement 0.6; labeled anyway" in (st / "report.md").read_text()
+    assert "Gold gate FAILED (min_agreement 0.6, max_position_bias 0.4; labeled anyway" in (st / "report.md").read_text()

@@ -86,8 +86,9 @@ def decide(f: Figures, cfg: VerdictConfig | None = None) -> Verdict:
     if w is None:
         failed.append("helpfulness was not judged")
     else:
-        (held if w.lo >= cfg.min_helpful_win_lower else failed).append(
-            f"helpfulness win rate {w.value:.2f} (lower bound {w.lo:.2f}, needs {cfg.min_helpful_win_lower:.2f})")
+        (held if w.lo >= cfg.min_helpful_win_lower and judge_ok else failed).append(
+            f"helpfulness win rate {w.value:.2f} (lower bound {w.lo:.2f}, needs {cfg.min_helpful_win_lower:.2f}"
+            + ("" if judge_ok else "; from a judge that failed its diagnostics") + ")")
     if pc is None:
         failed.append("no judge diagnostics")
     else:

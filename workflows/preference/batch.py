@@ -82,6 +82,7 @@ class PreferenceConfig:
     # label first, with these same settings; below min_agreement the stage stops or warns
     gold: str | None = None  # a file, or builtin:gold_pairs (90 pairs shipped with the evaluate stage)
     min_agreement: float = 0.6  # share of gold pairs where the AI picks the human's answer
+    max_position_bias: float | None = 0.4  # share of gold pairs whose two orders disagree (null: no limit)
     on_gold_fail: Literal["stop", "warn"] = "stop"
     checkpoint_rows: int = 256  # rows per raw file: the unit of work a resumed run does not redo
     engine_factory: str | None = None  # "module:callable" building every engine (tests, benchmarks)
@@ -115,6 +116,8 @@ class PreferenceConfig:
              "no such file: point it at a jsonl/json/csv/parquet file or saved Hugging Face dataset dir of "
              "human-labeled pairs (prompt, chosen, rejected)"),
             ("min_agreement", not 0.0 <= self.min_agreement <= 1.0, "use a share between 0 and 1, e.g. 0.6"),
+            ("max_position_bias", self.max_position_bias is not None and not 0.0 <= self.max_position_bias <= 1.0,
+             "use a share between 0 and 1, e.g. 0.4, or null"),
             ("checkpoint_rows", self.checkpoint_rows < 1, "use 1 or more"),
             ("engine_factory", bool(self.engine_factory) and ":" not in str(self.engine_factory),
              "write module:callable"),

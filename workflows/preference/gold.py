@@ -20,7 +20,8 @@ gold pairs (the evaluate stage can call it too). Its keys:
   different answers (1 − the order-agreement rate); None when only one order is asked;
 - ``unparseable``: gold pairs without a label (unparseable or degenerate judgments).
 
-``gate(figures, min_agreement, on_fail, where)``: below ``min_agreement`` it raises
+``gate(figures, min_agreement, on_fail, where, max_position_bias)``: below ``min_agreement``, or
+with a position bias above ``max_position_bias``, it raises
 ``GoldGateError`` (a ``ConfigError``: one line with the figures, the threshold and the fix)
 with ``on_fail="stop"``, or prints one warning line with ``"warn"``.
 """
@@ -90,12 +91,19 @@ def describe(figures: dict) -> str:
             f"(share of pairs whose two orders disagree), {f['unparseable']} unparseable")
 
 
-def gate(figures: dict, min_agreement: float, on_fail: str, where: str) -> bool:
-    """True when agreement ≥ ``min_agreement``. Otherwise ``on_fail="stop"`` raises
-    ``GoldGateError`` and ``"warn"`` prints one warning line and returns False."""
-    if figures["agreement"] is not None and figures["agreement"] >= min_agreement:
+def gate(figures: dict, min_agreement: float, on_fail: str, where: str, max_position_bias: float | None = None) -> bool:
+    """True when agreement ≥ ``min_agreement`` and (when set) position bias ≤ ``max_position_bias``.
+    Otherwise ``on_fail="stop"`` raises ``GoldGateError`` and ``"warn"`` prints one warning line
+    and returns False."""
+    bias = figures.get("position_bias")
+    short = [f"below min_agreement {min_agreement}"] if figures["agreement"] is None or \
+        figures["agreement"] < min_agreement else []
+    if max_position_bias is not None and bias is not None and bias > max_position_bias:
+        short.append(f"position bias above max_position_bias {max_position_bias} (its verdicts follow the "
+                     "order the answers are shown in)")
+    if not short:
         return True
-    problem = f"the judge fails the gold gate: {describe(figures)}, below min_agreement {min_agreement}"
+    problem = f"the judge fails the gold gate: {describe(figures)}; {' and '.join(short)}"
     if on_fail == "stop":
         raise GoldGateError(where, problem, FIX)
     print(f"warning: {where}: {problem}; labeling anyway (on_gold_fail: warn)")
@@ -142,7 +150,8 @@ def judge_gold(cfg, ctx: StageContext, constitution) -> dict:
     check(f"{ctx.name}:gold", [p["pair_id"] for p in pairs], fin.output_ids, fin.error_ids)
     fs, path = storage.resolve(gctx.path(pref.LABELS))
     figures = gold_figures(pq.read_table(path, filesystem=fs).to_pylist(), gold_rows)
-    info = {**figures, "file": cfg.gold, "min_agreement": cfg.min_agreement, "rows_skipped": len(skipped),
+    info = {**figures, "file": cfg.gold, "min_agreement": cfg.min_agreement,
+            "max_position_bias": cfg.max_position_bias, "rows_skipped": len(skipped),
             "errors_by_reason": fin.errors_by_reason, "cache_hits": int(fin.metrics.get("_cache_hits", 0)),
             "cache_misses": int(fin.metrics.get("_cache_misses", 0)), "seconds": round(time.time() - started, 2)}
     if skipped:

@@ -224,8 +224,9 @@ def gold_lines(g: dict | None) -> list[str]:
         return []
     from workflows.preference.gold import describe
 
-    verdict = (f"passed (min_agreement {g['min_agreement']})" if g.get("passed") else
-               f"FAILED (below min_agreement {g['min_agreement']}; labeled anyway, on_gold_fail: warn)")
+    limits = f"min_agreement {g['min_agreement']}, max_position_bias {g.get('max_position_bias')}"
+    verdict = (f"passed ({limits})" if g.get("passed") else
+               f"FAILED ({limits}; labeled anyway, on_gold_fail: warn)")
     skipped = f"; {g['rows_skipped']} gold row(s) unusable" if g.get("rows_skipped") else ""
     return [f"Gold gate {verdict} on `{g['file']}`: {describe(g)}{skipped}."]
 

@@ -303,7 +303,7 @@ def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constituti
     figures = gold.judge_gold(cfg, ctx, constitution)
     try:
         where = f"stage {ctx.name}: gold {cfg.gold}"
-        figures["passed"] = gold.gate(figures, cfg.min_agreement, cfg.on_gold_fail, where)
+        figures["passed"] = gold.gate(figures, cfg.min_agreement, cfg.on_gold_fail, where, cfg.max_position_bias)
     except gold.GoldGateError:
         if not stage.raw_files(ctx.dir) and not storage.exists(ctx.path(JUDGING)):
             storage.delete(ctx.path("_config.json"))  # the driver's record of the config this stage began with
