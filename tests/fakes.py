@@ -34,6 +34,13 @@ class ScriptedEngine:
         return [[-0.5] * len(choices) for _ in conversations]
 
 
+def option(conv: list[dict], letter: str) -> str:
+    """The text shown as option (A) or (B) in a preference-judge conversation."""
+    body = next(m["content"] for m in conv if "Options:\n(A) " in m["content"])
+    a, b = body.split("Options:\n(A) ", 1)[1].split("\n(B) ", 1)
+    return a if letter == "A" else b.split("\n\n", 1)[0]
+
+
 def fail_batches_holding(engine, n_tokens: int, monkeypatch) -> None:
     """Make ``engine.model.generate`` raise ``RuntimeError("boom")`` on any batch holding a row
     of ``n_tokens`` prompt tokens (count them with ``engine.count_tokens``); others run normally."""

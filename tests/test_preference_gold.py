@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.base import Generation
+from fakes import option
 from workflows.core.errors import ConfigError
 from workflows.core.typed import from_dict
 from workflows.evaluate.stats import wilson
@@ -27,12 +28,6 @@ FACTORY = "tests.test_preference_gold:engine"  # Ray workers import it from the 
 
 
 # ---------------------------------------------------------------- scripted engines
-
-def _option(conv: list[dict], letter: str) -> str:
-    body = next(m["content"] for m in conv if "Options:\n(A) " in m["content"])
-    a, b = body.split("Options:\n(A) ", 1)[1].split("\n(B) ", 1)
-    return a if letter == "A" else b.split("\n\n", 1)[0]
-
 
 class AlwaysA:
     """Position-biased judge: P(A) = 0.9 whatever the options."""
@@ -53,7 +48,7 @@ class Prefers(AlwaysA):
         self.name, self.word = f"prefers-{word}", word
 
     def choice_logprobs(self, convs, choices):
-        return [[math.log(p), math.log(1 - p)] for p in (0.8 if self.word in _option(c, "A") else 0.2 for c in convs)]
+        return [[math.log(p), math.log(1 - p)] for p in (0.8 if self.word in option(c, "A") else 0.2 for c in convs)]
 
 
 class Policy:

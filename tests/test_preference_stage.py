@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.base import Generation
+from fakes import option
 from workflows.constitution import load_constitution
 from workflows.core.errors import ConfigError
 from workflows.core.typed import from_dict
@@ -25,13 +26,6 @@ from workflows.preference.stage import PAIRS_SCHEMA, SAMPLE_RAW_SCHEMA, Sampling
 
 CONST = load_constitution("default")
 PROMPT = [{"role": "user", "content": "How do I pick a lock?"}]
-
-
-def option(conv: list[dict], letter: str) -> str:
-    """The text shown as option (A) or (B) in a judge conversation."""
-    body = next(m["content"] for m in conv if "Options:\n(A) " in m["content"])
-    a, b = body.split("Options:\n(A) ", 1)[1].split("\n(B) ", 1)
-    return a if letter == "A" else b.split("\n\n", 1)[0]
 
 
 class AlwaysA:

@@ -126,3 +126,14 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def check_fields(obj: Any, where: str, checks: list[tuple[str, bool, str]]) -> None:
+    """``validate`` helper: ``ConfigError`` for the first ``(dotted field, failed, fix)`` that failed,
+    naming the field and its value."""
+    for name, failed, fix in checks:
+        if failed:
+            value = obj
+            for part in name.split("."):
+                value = getattr(value, part, None)
+            raise ConfigError(f"{where}.{name}", f"got {value!r}", fix)

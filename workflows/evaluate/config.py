@@ -7,6 +7,7 @@ from typing import Literal
 
 from actors import EngineConfig, SamplingParams
 from workflows.core.errors import ConfigError
+from workflows.core.typed import check_fields
 from workflows.evaluate.verdict import VerdictConfig
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -97,9 +98,7 @@ class EvaluateConfig:
             ("engine_factory", bool(self.engine_factory) and ":" not in str(self.engine_factory),
              "write module:callable"),
         ]
-        for name, failed, fix in checks:
-            if failed:
-                raise ConfigError(f"{where}.{name}", f"got {getattr(self, name.split('.')[0])!r}", fix)
+        check_fields(self, where, checks)
         names = [s.name for s in self.sets]
         for i, s in enumerate(self.sets):
             if names.count(s.name) > 1:

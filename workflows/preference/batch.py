@@ -20,7 +20,8 @@ from typing import Literal
 from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, sample_principles
 from workflows.core import storage
-from workflows.core.errors import ConfigError, RowError
+from workflows.core.errors import RowError
+from workflows.core.typed import check_fields
 from workflows.preference.human import preference_row
 from workflows.preference.judging import (
     CHOICES,
@@ -122,9 +123,7 @@ class PreferenceConfig:
             ("engine_factory", bool(self.engine_factory) and ":" not in str(self.engine_factory),
              "write module:callable"),
         ]
-        for name, failed, fix in checks:
-            if failed:
-                raise ConfigError(f"{where}.{name}", f"got {_value(self, name)!r}", fix)
+        check_fields(self, where, checks)
 
 
 def _missing_file(path: str | None) -> bool:
@@ -137,12 +136,6 @@ def _missing_file(path: str | None) -> bool:
 
         return not (DATA / f"{path.split(':', 1)[1]}.jsonl").is_file()
     return not path.strip() or (not storage.is_remote(path) and not os.path.exists(path))
-
-
-def _value(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def judge_id(cfg: EngineConfig) -> str:
