@@ -213,3 +213,17 @@ def test_default_target_is_never_the_base_and_an_empty_gold_set_blocks_worked():
     m = scoring.aggregate(recs, "base", ["base", "good"], VerdictConfig(), gold=gold)
     assert m["comparisons"]["good"]["verdict"]["label"] != WORKED
     assert any("gold labels not measured" in r for r in m["comparisons"]["good"]["verdict"]["reasons"])
+
+
+def test_cai_eval_command_writes_a_report_with_a_verdict(tmp_path, tiny_llama_dir, varied_llama_dir, ray_local, capsys):
+    from workflows.cli import main
+
+    rc = main(["eval", "--models", f"base={tiny_llama_dir},tuned={varied_llama_dir}", "--out", str(tmp_path / "e"),
+               "--limit", "1", "--judge", "none", "--max-new-tokens", "4", "--concurrency", "1"])
+    assert rc == 0 and "report:" in capsys.readouterr().out
+    report = (tmp_path / "e" / "evaluate" / "report.md").read_text()
+    assert report.startswith("**INCONCLUSIVE** — `tuned` against `base`")  # no judge: never WORKED
+    metrics = json.loads((tmp_path / "e" / "evaluate" / "metrics.json").read_text())
+    assert metrics["units_per_set"] == {"eval_benign_edgy": 1, "eval_helpful": 1, "eval_red_team": 1}
+    kl = metrics["comparisons"]["tuned"]["kl_from_base"]
+    assert kl["n"] == 3 and kl["kl"] != 0  # two different models: their answers' log-probs differ
