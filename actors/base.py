@@ -74,3 +74,12 @@ def describe(engine) -> dict:
     return {"engine": str(getattr(engine, "name", type(engine).__name__)),
             "device": str(getattr(engine, "device", "") or ""),
             "dtype": str(getattr(p, "name", "") or ""), "dtype_reason": str(getattr(p, "reason", "") or "")}
+
+
+def check_policy_version(generations: list[Generation], version: int) -> None:
+    """RL rollouts must come from the weights being trained: a generation tagged with another
+    ``policy_version`` (an engine that missed an update) raises ``EngineError`` — never used."""
+    stale = sorted({g.extra.get("policy_version") for g in generations if g.error is None} - {version}, key=str)
+    if stale:
+        raise EngineError(f"stale rollout: generated with policy version(s) {stale}, the trainer is at {version} — "
+                          "every rollout engine must load the new weights before generating")

@@ -72,6 +72,29 @@ class TransformersEngine:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self.prefix = (PrefixCache(self.model, cfg.min_prefix_tokens, self.stats)
                        if cfg.prefix_cache and supports_prefix_cache(self.model) else None)
+        self.policy_version = 0  # which weights generated what follows (RL rollouts; see load_weights)
+
+    # ---------------------------------------------------------------- weights (RL)
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        """Replace every weight in place with an RL trainer's (same names and shapes as this
+        model's ``state_dict``, cast to the engine's dtype) and tag later generations with
+        ``version``, which must grow. The prefix cache is emptied: it was computed with the old weights."""
+        if version <= self.policy_version:
+            raise EngineError(f"load_weights: version {version} is not newer than the loaded {self.policy_version}")
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unknown = sorted(set(state_dict) - set(own))
+        bad = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+        if missing or unknown or bad:
+            raise EngineError(f"load_weights: the trainer's weights do not fit {self.name}: "
+                              f"{len(missing)} missing (e.g. {missing[:2]}), {len(unknown)} unknown "
+                              f"(e.g. {unknown[:2]}), {len(bad)} with other shapes (e.g. {bad[:2]})")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(state_dict[k].to(device=t.device, dtype=t.dtype))
+        if self.prefix is not None:
+            self.prefix.clear()
+        self.policy_version = version
 
     # ---------------------------------------------------------------- prompts
     def _stop_token_ids(self) -> list[int]:
@@ -197,7 +220,7 @@ class TransformersEngine:
             text, reason = text[:min(hits)], "stop"
             used = used[:self._tokens_until_stop(used, params.stop)]
         return Generation(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=len(used),
-                          finish_reason=reason)
+                          finish_reason=reason, extra={"policy_version": self.policy_version, "token_ids": used})
 
     def _tokens_until_stop(self, toks: list[int], stop) -> int:
         """Fewest leading tokens whose decoded text already contains a stop string (binary search)."""

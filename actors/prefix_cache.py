@@ -182,6 +182,10 @@ class PrefixCache:
         self.ids: list[int] = []
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def clear(self) -> None:
+        """Forget the stored prefix (its keys/values belong to weights that just changed)."""
+        self.ids, self.kv = [], []
+
     def prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys/values of ``prefix`` (batch 1), reusing the stored prefix as far as it agrees
         (at least ``min_tokens`` of it) and running the model on the rest only."""

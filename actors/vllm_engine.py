@@ -141,7 +141,13 @@ def to_generation(output) -> Generation:
     if c.finish_reason not in ("stop", "length"):
         return Generation.failed(f"generate_error: vLLM finished the row with {c.finish_reason!r}")
     return Generation(text=c.text.strip(), prompt_tokens=len(output.prompt_token_ids or ()),
-                      completion_tokens=len(c.token_ids or ()), finish_reason=c.finish_reason)
+                      completion_tokens=len(c.token_ids or ()), finish_reason=c.finish_reason,
+                      extra={"token_ids": list(c.token_ids or ())})
+
+
+def _load_on_worker(worker, weights) -> None:
+    """Runs inside every vLLM worker (``LLM.collective_rpc``): the model's own weight loader."""
+    worker.model_runner.model.load_weights(weights=weights)
 
 
 def end_of_turn_ids(tokenizer, markers) -> list[int]:
@@ -212,7 +218,21 @@ class VLLMEngine:
         seeds = row_seeds(params.seed, [conversation_key(conversations[i]) for i in ok])
         sps = [self._vllm.SamplingParams(**sampling_kwargs(params, s, self.stop_ids)) for s in seeds]
         results = self._run([{"prompt_token_ids": encoded[i]} for i in ok], sps, to_generation, Generation.failed)
+        for g in results:
+            g.extra["policy_version"] = self.policy_version
         return reassemble(len(conversations), errors, ok, results, Generation.failed)
+
+    policy_version = 0  # which weights generated what follows (RL rollouts)
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        """An RL trainer's new weights, through vLLM's weight-loading hook in every worker
+        (``collective_rpc``), then the prefix cache is reset (its blocks came from the old weights)
+        and later generations carry ``version``."""
+        if version <= self.policy_version:
+            raise EngineError(f"load_weights: version {version} is not newer than the loaded {self.policy_version}")
+        self.llm.collective_rpc(_load_on_worker, args=(list(state_dict.items()),))
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
 
     def choice_logprobs(self, conversations, choices: list[str]) -> list[list[float]]:
         """log P(first token of each choice) as the assistant's next token, in ``choices`` order,

@@ -1,0 +1,86 @@
+"""Pure pieces of RL-CAI (PPO and RLOO) that ``training.losses`` does not already hold: no Ray,
+no DeepSpeed, no models. Shapes: ``[B, T]`` over response tokens unless said.
+
+- ``token_logprobs(logits, tokens, temperature)``: log-probs of the sampled tokens under the
+  policy *at the sampling temperature* — recomputed by the trainer, never taken from the engine;
+- ``entropy(logits, mask, temperature)``: mean per-token entropy of the sampling distribution;
+- ``end_penalty(scores, ended, penalty)``: a response that never ended (hit the token limit)
+  loses ``penalty`` from its score;
+- ``rloo_advantages(rewards, n)``: REINFORCE leave-one-out (Ahmadian et al. 2024): each of a
+  prompt's ``n`` samples against the mean reward of its ``n - 1`` siblings;
+- ``sequence_rewards(scores, kl, mask, kl_coef)``: RLOO's reward, the score minus the KL summed
+  over the response (KL folded into the reward instead of spread per token);
+- ``AdaptiveKL``: the KL coefficient of Ziegler et al. (2019), steered toward a target KL;
+- ``explained_variance(values, returns, mask)``: how much of the returns the critic explains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from training.losses import masked_mean
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``[B, T]`` log p(token_t) from ``logits[:, t]`` (already aligned with ``tokens``) under
+    softmax(logits / temperature), in float32. Greedy sampling (temperature 0) scores at 1."""
+    t = temperature if temperature > 0 else 1.0
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    return torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Masked mean over tokens of the entropy of softmax(logits / temperature)."""
+    t = temperature if temperature > 0 else 1.0
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def end_penalty(scores: Tensor, ended: Tensor, penalty: float) -> Tensor:
+    """``scores - penalty`` where the response did not end (no end-of-turn before the limit)."""
+    return torch.where(ended.bool(), scores, scores - penalty)
+
+
+def rloo_advantages(rewards: Tensor, n: int) -> Tensor:
+    """``[P * n]`` rewards, grouped as ``n`` consecutive samples per prompt → each minus the
+    mean of the other ``n - 1`` samples of its prompt (n ≥ 2)."""
+    if n < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt, got n={n}")
+    if rewards.numel() % n:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of n={n}")
+    r = rewards.float().view(-1, n)
+    baseline = (r.sum(1, keepdim=True) - r) / (n - 1)
+    return (r - baseline).view(-1)
+
+
+def sequence_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """``[B]``: ``score - kl_coef * sum_t kl_t`` over each response's tokens."""
+    return scores.float() - kl_coef * (kl.float() * mask.to(torch.float32)).sum(-1)
+
+
+@dataclass
+class AdaptiveKL:
+    """KL coefficient that grows when the measured KL is above ``target`` and shrinks when below:
+    ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``. ``target=None`` keeps
+    it fixed."""
+
+    coef: float = 0.05
+    target: float | None = None
+    horizon: int = 10_000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.coef *= 1.0 + error * n_steps / self.horizon
+        return self.coef
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the masked tokens (NaN when the returns
+    do not vary): 1 is a perfect critic, 0 one no better than a constant, < 0 worse."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float("nan") if var_r.item() == 0 else float(1 - var_d / var_r)
