@@ -32,7 +32,7 @@ import torch
 
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
-from actors.models import choose, load_causal_lm, load_tokenizer, resolve_device, resolve_model
+from actors.models import chat_prompt_ids, choose, load_causal_lm, load_tokenizer, resolve_device, resolve_model
 from actors.prefix_cache import (
     STAT_KEYS,
     PrefixCache,
@@ -82,7 +82,9 @@ class TransformersEngine:
         if version <= self.policy_version:
             raise EngineError(f"load_weights: version {version} is not newer than the loaded {self.policy_version}")
         own = self.model.state_dict()
-        missing = sorted(set(own) - set(state_dict))
+        needed = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()
+                                                                  if n in own}  # tied weights once
+        missing = sorted(needed - set(state_dict))
         unknown = sorted(set(state_dict) - set(own))
         bad = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
         if missing or unknown or bad:
@@ -91,7 +93,8 @@ class TransformersEngine:
                               f"(e.g. {unknown[:2]}), {len(bad)} with other shapes (e.g. {bad[:2]})")
         with torch.no_grad():
             for k, t in own.items():
-                t.copy_(state_dict[k].to(device=t.device, dtype=t.dtype))
+                if k in state_dict:
+                    t.copy_(state_dict[k].to(device=t.device, dtype=t.dtype))
         if self.prefix is not None:
             self.prefix.clear()
         self.policy_version = version
@@ -108,8 +111,7 @@ class TransformersEngine:
 
     def _encode(self, conversation) -> list[int]:
         """Token ids of the chat-templated prompt, ending with the assistant-turn header."""
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, conversation)
 
     def count_tokens(self, conversation) -> int:
         """Prompt length in tokens, exactly as ``generate`` would see it."""

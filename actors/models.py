@@ -278,3 +278,10 @@ def _load_model(src: ModelSource, dtype: torch.dtype, dev: torch.device):
     except Exception as e:  # noqa: BLE001
         raise EngineError(f"model {src.label!r}: could not load it from {src.path}: {e}") from e
     return model.to(dev)
+
+
+def chat_prompt_ids(tokenizer, conversation) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant-turn header: how every
+    engine and every scorer of answers encodes a prompt, so their token positions agree."""
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from actors.config import EngineConfig
 from workflows.core.errors import ConfigError
 
 
@@ -155,6 +156,69 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"{where}.beta", f"got {self.beta}", "use a positive beta, e.g. 0.1")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{where}.label_smoothing", f"got {self.label_smoothing}", "use a value in [0, 0.5)")
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """RL against the preference model: PPO (clipped policy and value losses, GAE, a value head
+    on the policy initialized from the reward head) or RLOO (critic-free, leave-one-out baseline
+    over the ``samples_per_prompt`` samples of a prompt). Rollouts come from engine actors that
+    load the new weights after every update. ``micro_batch_size`` sequences per forward pass."""
+
+    model: str = "sft_model"
+    input: str = "prompts"
+    output: str = "ppo_model"
+    reward_model: str = "reward_model"  # an earlier stage's reward model or its directory
+    reward_fn: str | None = None  # "module:callable" (messages, response text, token ids) → float, instead
+    algorithm: Literal["ppo", "rloo"] = "ppo"
+    iterations: int = 20  # rollout → update rounds
+    prompts_per_iteration: int = 8  # split evenly over the workers
+    samples_per_prompt: int = 2  # n (RLOO needs ≥ 2)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    ppo_epochs: int = 2  # passes over each batch of rollouts
+    lr: float = 1e-6
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # β of the per-token KL penalty to the starting policy
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = None  # adaptive β (per-sequence KL the controller steers to); null: fixed
+    kl_horizon: int = 10_000
+    end_penalty: float = 1.0  # subtracted from the score of a response that never ended
+    whiten_advantages: bool = True
+    critic_warmup: int = 0  # first iterations train the value head only (PPO)
+    rollout: EngineConfig = field(default_factory=lambda: EngineConfig(concurrency=1))
+    checkpoint_every: int = 5  # iterations between checkpoints
+    eval_fraction: float = 0.0
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        checks = [
+            ("iterations", self.iterations < 1, "use 1 or more"),
+            ("prompts_per_iteration", self.prompts_per_iteration < self.num_workers
+             or self.prompts_per_iteration % self.num_workers, f"use a multiple of num_workers ({self.num_workers})"),
+            ("samples_per_prompt", self.samples_per_prompt < (2 if self.algorithm == "rloo" else 1),
+             "use 2 or more for rloo (its baseline is the other samples of the prompt), 1 or more for ppo"),
+            ("max_new_tokens", self.max_new_tokens < 1, "use 1 or more"),
+            ("temperature", self.temperature <= 0, "sample with temperature > 0 (RL needs exploration), e.g. 1.0"),
+            ("ppo_epochs", self.ppo_epochs < 1, "use 1 or more"),
+            ("kl_coef", self.kl_coef < 0, "use 0 or more, e.g. 0.05"),
+            ("kl_target", self.kl_target is not None and self.kl_target <= 0, "use a positive KL, or null"),
+            ("critic_warmup", self.critic_warmup < 0 or self.critic_warmup >= self.iterations,
+             "use 0 or more, below iterations"),
+            ("rollout.backend", self.rollout.backend == "openai",
+             "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
+            ("reward_fn", bool(self.reward_fn) and ":" not in str(self.reward_fn), "write module:callable"),
+            ("lora", self.lora is not None, "remove it: ppo trains full weights for now"),
+        ]
+        from workflows.core.typed import check_fields
+
+        check_fields(self, where, checks)
 
 
 # ---------------------------------------------------------------- derived settings

@@ -83,8 +83,7 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
     """Train with ``loop`` on ``cfg.num_workers`` Ray Train workers; returns the summary rank 0
     wrote (``train_summary.json``) with the driver's row counts and wall time added."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     started = time.time()
     seed = ctx.seed if cfg.seed is None else cfg.seed
@@ -93,41 +92,59 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
     if rows["train"] < need:
         raise DataError(f"stage {ctx.name}: {rows['train']} training rows, but one optimizer step needs "
                         f"num_workers × micro_batch_size × grad_accum = {need} — add data or lower those")
-    stage_dir = ctx.dir if storage.is_remote(ctx.dir) else os.path.abspath(ctx.dir)
-    storage.makedirs(stage_dir)
-    fs, path = storage.resolve(ctx.path("_ray"))
-    resources = {"CPU": _worker_cpus(cfg), **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
-    train.context.enable_progress_bars = False  # per-worker bars garble the driver's log; fit prints steps
     with warnings.catch_warnings():  # Ray's own default sets a field it has deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
         ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same worker in the same order after a restart
-    model = resolve_ref(cfg.model, ctx)
-    if not storage.is_remote(model):
-        from actors.models import prepare_model
-
-        prepare_model(model)  # a GGUF model is converted once here, not by every worker
-    trainer = TorchTrainer(
-        loop, datasets={"train": train},
-        train_loop_config={"cfg": to_dict(cfg), "job": job, "seed": seed, "stage_dir": stage_dir,
-                           "model": model, "precision": cfg.precision,
-                           "eval_rows": ray.put(held_out) if held_out is not None else None},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=job, storage_path=path, storage_filesystem=fs if storage.is_remote(ctx.dir) else None,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest},
-                                  enable_shard_locality=False))
-    try:
-        trainer.fit()
-    except Exception as e:  # noqa: BLE001 — surface our own error if a worker raised one
-        raise _user_error(e) or TrainingError(f"stage {ctx.name}: training failed: {e}") from e
+    train.context.enable_progress_bars = False  # per-worker bars garble the driver's log; fit prints steps
+    model = prepare_start_model(resolve_ref(cfg.model, ctx))
+    fit_trainer(loop, cfg, ctx, job, {"seed": seed, "model": model,
+                                      "eval_rows": ray.put(held_out) if held_out is not None else None},
+                datasets={"train": train},
+                dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest},
+                                          enable_shard_locality=False))
     summary = storage.read_json(ctx.path(SUMMARY_FILE))
     summary["rows"] = {**rows, **summary["rows"]}
     summary["rows"]["unused_by_split"] = rows["train"] - summary["rows"]["train_shards"]  # Ray's equal split
     summary["seconds"] = round(time.time() - started, 2)
     return summary
+
+
+def prepare_start_model(model: str) -> str:
+    """A GGUF starting model is converted once here on the driver, not by every worker."""
+    if not storage.is_remote(model):
+        from actors.models import prepare_model
+
+        prepare_model(model)
+    return model
+
+
+def fit_trainer(loop: Callable[[dict], None], cfg, ctx: StageContext, job: str, loop_config: dict,
+                datasets: dict | None = None, dataset_config=None) -> None:
+    """Run ``loop`` on ``cfg.num_workers`` Ray Train workers (resources, failures, checkpoints and
+    storage in ``<stage>/_ray`` from ``cfg``); ``loop_config`` is added to the train-loop config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage_dir = ctx.dir if storage.is_remote(ctx.dir) else os.path.abspath(ctx.dir)
+    storage.makedirs(stage_dir)
+    fs, path = storage.resolve(ctx.path("_ray"))
+    resources = {"CPU": _worker_cpus(cfg), **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+    extra = {"dataset_config": dataset_config} if dataset_config is not None else {}
+    trainer = TorchTrainer(
+        loop, datasets=datasets or {},
+        train_loop_config={"cfg": to_dict(cfg), "job": job, "stage_dir": stage_dir, "precision": cfg.precision,
+                           **loop_config},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=job, storage_path=path, storage_filesystem=fs if storage.is_remote(ctx.dir) else None,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        **extra)
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 — surface our own error if a worker raised one
+        raise _user_error(e) or TrainingError(f"stage {ctx.name}: training failed: {e}") from e
 
 
 def _worker_cpus(cfg) -> float:

@@ -59,6 +59,8 @@ STAGES: dict[str, StageSpec] = {
                         "reward model: backbone + scalar head, Bradley–Terry with soft labels, on preferences"),
     "dpo": StageSpec("training.config:DPOConfig", "training.dpo:run", ("dpo_model",),
                      "DPO / cDPO / IPO against the frozen starting model, on preferences"),
+    "ppo": StageSpec("training.config:PPOConfig", "training.ppo:run", ("ppo_model",),
+                     "RL-CAI: PPO or RLOO of the policy against the reward model, rollouts from engine actors"),
     "evaluate": StageSpec("workflows.evaluate.config:EvaluateConfig", "workflows.evaluate.stage:run", ("eval_prompts",),
                           "answer held-out prompts with every model, score them, report a verdict against the base"),
 }

@@ -33,6 +33,7 @@ import torch
 
 from actors.base import EngineError
 from actors.models import (
+    chat_prompt_ids,
     choose,
     load_causal_lm,
     load_tokenizer,
@@ -80,9 +81,8 @@ def answer_logprobs(model: str, rows: list[dict], dtype: str = "auto", batch_siz
     tok = load_tokenizer(spec)
     encoded = []
     for r in rows:
-        text = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
         answer = tok(r["answer"], add_special_tokens=False)["input_ids"] if r["answer"] else []
-        encoded.append((tok(text, add_special_tokens=False)["input_ids"], answer))
+        encoded.append((chat_prompt_ids(tok, r["messages"]), answer))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     todo = sorted((i for i, (_, a) in enumerate(encoded) if a), key=lambda i: -sum(map(len, encoded[i])))
     for k in range(0, len(todo), max(1, batch_size)):
