@@ -32,6 +32,9 @@ def shrink(recipe, model_dir: str, run_dir: str):
             st["policy"] = {**tiny_engine, "model": st["policy"]["model"]}  # keeps `sft_model`: the SFT output
             st["judges"] = [tiny_engine]
             st["sampling"]["max_new_tokens"] = 6
+        elif kind == "ppo":
+            st.update(iterations=2, prompts_per_iteration=2, max_new_tokens=4, max_length=256,
+                      rollout={"batch_size": 4, "max_model_len": 1024})
         elif kind == "evaluate":
             st["models"] = {k: model_dir if v == "embedded" else v for k, v in st["models"].items()}
             st.update(limit=2, engine=tiny_engine, judge=tiny_engine)
@@ -47,16 +50,16 @@ def test_demo_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
     recipe = shrink(load_recipe(RECIPES[[p.name for p in RECIPES].index("demo.yaml")]), str(tiny_llama_dir),
                     str(tmp_path / "demo"))
     infos = run_recipe(recipe)
-    assert list(infos) == ["prompts", "critique_revision", "sft", "preference", "reward", "dpo", "evaluate"]
+    assert list(infos) == ["prompts", "critique_revision", "sft", "preference", "reward", "dpo", "ppo", "evaluate"]
     for name in infos:
         assert (tmp_path / "demo" / name / "_SUCCESS").is_file(), name
-    for model in ("sft/sft_model", "reward/reward_model", "dpo/dpo_model"):
+    for model in ("sft/sft_model", "reward/reward_model", "dpo/dpo_model", "ppo/ppo_model"):
         assert (tmp_path / "demo" / model / "config.json").is_file(), model
     assert infos["preference"]["outputs"] > 0
     summary = (tmp_path / "demo" / "summary.md").read_text()
-    assert summary.count("## ") >= 7 and f"verdict: {infos['evaluate']['verdict']} (dpo against base)" in summary
+    assert summary.count("## ") >= 8 and f"verdict: {infos['evaluate']['verdict']} (ppo against base)" in summary
     report = (tmp_path / "demo" / "evaluate" / "report.md").read_text()
     assert report.split(" ", 1)[0] in ("**WORKED**", "**INCONCLUSIVE**", "**REGRESSED**")
     metrics = json.loads((tmp_path / "demo" / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["comparisons"]) == {"sft", "dpo"} and "kl_from_base" in metrics["comparisons"]["dpo"]
+    assert set(metrics["comparisons"]) == {"sft", "dpo", "ppo"} and "kl_from_base" in metrics["comparisons"]["ppo"]
     assert metrics["models"]["dpo"]["reward_score"]["n"] == 3 * 2  # 2 prompts of each of the 3 sets

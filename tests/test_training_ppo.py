@@ -56,7 +56,7 @@ def ppo_config(model: Path, prompts: Path, **over):
     body = {"model": str(model), "input": str(prompts), "reward_fn": "test_training_ppo:lower_half",
             "iterations": 12, "prompts_per_iteration": 4, "samples_per_prompt": 4, "max_new_tokens": 6,
             "ppo_epochs": 2, "micro_batch_size": 4, "lr": 2e-4, "kl_coef": 0.1, "end_penalty": 0.0, "num_workers": 2,
-            "zero_stage": 0, "checkpoint_every": 0, "rollout": {"model": str(model), "batch_size": 16},
+            "zero_stage": 0, "checkpoint_every": 0, "rollout": {"batch_size": 16},
             "max_length": 256, **over}
     return from_dict(PPOConfig, body, "ppo")
 

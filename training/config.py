@@ -192,7 +192,7 @@ class PPOConfig(TrainConfig):
     end_penalty: float = 1.0  # subtracted from the score of a response that never ended
     whiten_advantages: bool = True
     critic_warmup: int = 0  # first iterations train the value head only (PPO)
-    rollout: EngineConfig = field(default_factory=lambda: EngineConfig(concurrency=1))
+    rollout: EngineConfig = field(default_factory=lambda: EngineConfig(concurrency=1))  # its model: the policy
     checkpoint_every: int = 5  # iterations between checkpoints
     eval_fraction: float = 0.0
 

@@ -94,13 +94,18 @@ class RolloutActor:
         return version
 
 
-def start_actors(cfg: PPOConfig, cpus: float) -> list:
+def start_actors(cfg: PPOConfig, cpus: float, model: str) -> list:
+    """``rollout.concurrency`` engine actors holding the starting policy ``model`` (``rollout.model``
+    is ignored: rollouts always come from the policy being trained)."""
+    import dataclasses
+
     import ray
 
     from workflows.core.typed import to_dict
 
     remote = ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=cfg.rollout.num_gpus)
-    return [remote.remote(to_dict(cfg.rollout)) for _ in range(cfg.rollout.concurrency)]
+    engine = to_dict(dataclasses.replace(cfg.rollout, model=model))
+    return [remote.remote(engine) for _ in range(cfg.rollout.concurrency)]
 
 
 def rollout(actors: list, convs: list[list[dict]], params, version: int) -> list:
@@ -254,7 +259,7 @@ def train_loop(run: dict) -> None:
     state = core._restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
                                    "kl_coef": cfg.kl_coef, "examples": []})
     kl_ctl = AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
-    actors = start_actors(cfg, run["actor_cpus"]) if rank == 0 else []
+    actors = start_actors(cfg, run["actor_cpus"], run["model"]) if rank == 0 else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         _sync(engine, cfg, run, actors, state["version"])
     marker = storage.join(run["stage_dir"], core.FAULT_MARKER)

@@ -1,0 +1,168 @@
+"""RL-CAI (the ``ppo`` stage) with the embedded model: where an iteration's time goes, how fast the
+engine actors roll out against the trainer generating by itself, and what a weight sync costs by
+model size — each measured in one run.
+
+    python benchmarks/rl.py [--iterations 4] [--prompts 8] [--samples 2] [--max-new-tokens 48]
+
+1. The ``ppo`` stage runs ``--iterations`` on 2 workers (ZeRO-2, ``precision: auto``) with a
+   reward model made of the embedded backbone and a fixed random head; the first iteration is a
+   warm-up and left out. Seconds per iteration are split into generate, score (policy, reference
+   and reward-model forward passes), train and sync (gathering the weights and loading them into
+   the rollout actor). Goal: sync under 10% of an iteration.
+2. Rollout tokens/s of the engine actor (from the same run) versus the trainer calling
+   ``model.generate`` on its own training copy of the model (float32, loaded as the training jobs
+   load it, ``use_cache`` off as training leaves it), same prompts, same thread count.
+3. Weight-sync seconds versus model size: a tiny model and the embedded one, each pushed to a
+   fresh rollout actor through the object store.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def reward_dir(model_dir: str, out: str) -> str:
+    """The model's backbone with a fixed random reward head, in the reward stage's export layout."""
+    import torch
+    from transformers import AutoConfig
+
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    hidden = AutoConfig.from_pretrained(model_dir).hidden_size
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, 1)
+    torch.save({"weight": head.weight.detach(), "bias": head.bias.detach()}, os.path.join(out, "reward_head.pt"))
+    with open(os.path.join(out, "reward_head.json"), "w") as f:
+        json.dump({"hidden_size": hidden, "mean": 0.0, "std": 1.0, "normalize": False, "max_length": 512}, f)
+    return out
+
+
+def prompts_dataset(out: str, n: int) -> tuple[str, list]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.prompts.sources import BUILTIN_DIR
+
+    lines = (BUILTIN_DIR / "red_team.jsonl").read_text().splitlines()[:n]
+    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": json.loads(x)["prompt"]}]}
+            for i, x in enumerate(lines)]
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "part-00000.parquet"))
+    return out, rows
+
+
+def stage_run(model: str, rm: str, prompts: str, run_dir: str, args) -> list[dict]:
+    from training import ppo
+    from training.config import PPOConfig
+    from workflows.core.stage import StageContext
+    from workflows.core.typed import from_dict
+
+    cfg = from_dict(PPOConfig, {
+        "model": model, "reward_model": rm, "input": prompts, "iterations": args.iterations,
+        "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
+        "num_workers": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 2e-6, "checkpoint_every": 0,
+        "rollout": {"batch_size": args.prompts * args.samples}}, "benchmark")
+    ppo.run(cfg, StageContext(run_dir, "ppo", seed=0))
+    with open(os.path.join(run_dir, "ppo", "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+def trainer_generate(model: str, rows: list, args, threads: int) -> float:
+    """Tokens/s of ``model.generate`` on the training copy of the model (see the docstring)."""
+    import torch
+
+    from actors.models import chat_prompt_ids, load_tokenizer
+    from training.config import PPOConfig
+    from training.core import load_lm
+
+    torch.set_num_threads(threads)
+    tok, lm = load_tokenizer(model), load_lm(model, PPOConfig()).eval()
+    convs = [r["messages"] for r in rows[:args.prompts] for _ in range(args.samples)]
+    ids = [chat_prompt_ids(tok, c) for c in convs]
+    width = max(map(len, ids))
+    batch = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = lm.generate(input_ids=batch, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=True,
+                          temperature=1.0, top_k=0, pad_token_id=tok.pad_token_id)
+    new = (out[:, width:] != tok.pad_token_id).sum().item()
+    return new / (time.perf_counter() - t)
+
+
+def sync_cost(model: str) -> tuple[float, float]:
+    """(megabytes, seconds) of one push of ``model``'s weights to a fresh rollout actor."""
+    import ray
+
+    from actors.models import load_causal_lm
+    from training.ppo import RolloutActor, push_weights
+
+    sd = {k: v.float() for k, v in load_causal_lm(model, dtype="float32", device="cpu").state_dict().items()}
+    mb = sum(v.numel() * v.element_size() for v in sd.values()) / 1e6
+    actor = ray.remote(RolloutActor).options(num_cpus=1).remote({"model": model, "dtype": "float32"})
+    ray.get(actor.__ray_ready__.remote())
+    t = time.perf_counter()
+    push_weights([actor], sd, 1)
+    seconds = time.perf_counter() - t
+    ray.kill(actor)
+    return mb, seconds
+
+
+def tiny_model(out: str, base: str) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(base)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--iterations", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    args = p.parse_args()
+    import ray
+
+    from actors.models import prepare_model
+    from benchmarks.common import formats_line, number_formats
+
+    print(formats_line(number_formats()), flush=True)
+    model = prepare_model("embedded").path
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.path.dirname(HERE)}})
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts, rows = prompts_dataset(os.path.join(tmp, "prompts"), args.prompts * 2)
+        hist = stage_run(model, reward_dir(model, os.path.join(tmp, "rm")), prompts, os.path.join(tmp, "run"), args)
+        steady = hist[1:] or hist
+        per = {k: sum(h[k] for h in steady) / len(steady) for k in ("seconds", "generate_s", "score_s", "train_s", "sync_s")}
+        tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
+        actor_tps = tokens / sum(h["generate_s"] for h in steady)
+        print(f"ppo iteration (steady, {len(steady)} of {len(hist)}): {per['seconds']:.1f} s = generate "
+              f"{per['generate_s']:.1f} + score {per['score_s']:.1f} + train {per['train_s']:.1f} + sync "
+              f"{per['sync_s']:.1f} s (sync {per['sync_s'] / per['seconds']:.1%} of the iteration; goal < 10%)")
+        trainer_tps = trainer_generate(model, rows, args, threads=1)
+        print(f"rollout tokens/s: engine actor {actor_tps:.1f}, the trainer's own model.generate {trainer_tps:.1f} "
+              f"(same prompts, 1 thread each): {actor_tps / trainer_tps:.2f}x")
+        sizes = [sync_cost(tiny_model(os.path.join(tmp, "tiny"), model)), sync_cost(model)]
+        for mb, s in sizes:
+            print(f"weight sync: {mb:.0f} MB in {s:.2f} s ({mb / s:.0f} MB/s)")
+    print(f"rl: iteration {per['seconds']:.1f} s, sync {per['sync_s'] / per['seconds']:.1%} of it (goal < 10%); "
+          f"engine-actor rollouts {actor_tps / trainer_tps:.2f}x the trainer's own generate; "
+          f"weight sync {sizes[-1][0] / sizes[-1][1]:.0f} MB/s at {sizes[-1][0]:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
