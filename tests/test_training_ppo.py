@@ -108,3 +108,12 @@ def test_rloo_learns_under_zero2_and_a_killed_run_resumes_with_its_curves(tmp_pa
     assert info["training"]["resumes"] == 1 and info["training"]["resumed_from_iterations"] == [4]
     assert mean([r["score"] for r in h[-3:]]) > mean([r["score"] for r in h[:3]]) + 0.1, [round(r["score"], 3) for r in h]
     assert max(r["kl"] for r in h) < KL_BOUND
+
+
+def test_prompts_without_room_for_an_answer_are_skipped_and_named(tiny_llama_dir, prompts_dir):
+    from training.ppo import fitting_prompts, read_prompts
+
+    prompts = read_prompts(str(prompts_dir)) + [{"prompt_id": "huge", "messages": [{"role": "user",
+                                                                                   "content": "word " * 3000}]}]
+    keep, dropped = fitting_prompts(prompts, str(tiny_llama_dir), ppo_config(tiny_llama_dir, prompts_dir))
+    assert dropped == ["huge"] and [p["prompt_id"] for p in keep] == [f"p{i}" for i in range(8)]

@@ -390,6 +390,18 @@ def read_prompts(uri: str) -> list[dict]:
             for r in rows if r["messages"]]
 
 
+def fitting_prompts(prompts: list[dict], model: str, cfg: PPOConfig) -> tuple[list[dict], list[str]]:
+    """(prompts whose chat-templated tokens leave room for ``max_new_tokens`` in the rollout
+    engine's ``max_model_len``, ids of the others)."""
+    from actors.models import chat_prompt_ids, load_tokenizer
+
+    tok, room = load_tokenizer(model), cfg.rollout.max_model_len - cfg.max_new_tokens
+    keep, drop = [], []
+    for p in prompts:
+        (keep if len(chat_prompt_ids(tok, p["messages"])) <= room else drop).append(p)
+    return keep, [p["prompt_id"] for p in drop]
+
+
 def _actor_cpus(cfg: PPOConfig, worker_cpus: float) -> float:
     """CPUs per rollout actor: what it asks for, or an even share of what the workers leave."""
     import ray
@@ -404,7 +416,11 @@ def run(cfg: PPOConfig, ctx: StageContext) -> dict:
     import ray
 
     started = time.time()
-    prompts = read_prompts(core.resolve_ref(cfg.input, ctx))
+    model = core.prepare_start_model(core.resolve_ref(cfg.model, ctx))
+    prompts, too_long = fitting_prompts(read_prompts(core.resolve_ref(cfg.input, ctx)), model, cfg)
+    if too_long:
+        print(f"[{ctx.name}] {len(too_long)} prompt(s) leave no room for {cfg.max_new_tokens} new tokens in "
+              f"rollout.max_model_len {cfg.rollout.max_model_len} — skipped (in the summary), e.g. {too_long[0]}")
     if len(prompts) < cfg.prompts_per_iteration:
         raise DataError(f"stage {ctx.name}: {len(prompts)} prompts, fewer than prompts_per_iteration "
                         f"{cfg.prompts_per_iteration} — add prompts or lower it")
@@ -419,13 +435,13 @@ def run(cfg: PPOConfig, ctx: StageContext) -> dict:
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"stage {ctx.name}.reward_fn", f"cannot import {cfg.reward_fn!r} ({e})",
                               "write module:callable of an importable module") from None
-    model = core.prepare_start_model(core.resolve_ref(cfg.model, ctx))
     seed = ctx.seed if cfg.seed is None else cfg.seed
     core.fit_trainer(train_loop, cfg, ctx, "ppo", {
         "seed": seed, "model": model, "reward_dir": reward_dir, "prompts": ray.put(prompts),
         "actor_cpus": _actor_cpus(cfg, core._worker_cpus(cfg))})
     summary = storage.read_json(ctx.path(core.SUMMARY_FILE))
     summary["seconds"] = round(time.time() - started, 2)
+    summary["prompts_too_long"] = too_long
     return finish(ctx, summary)
 
 
@@ -444,13 +460,17 @@ def finish(ctx: StageContext, s: dict) -> dict:
              "time in the last iteration: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
                                                       ("generate_s", "score_s", "train_s", "sync_s")),
              f"model: `{s['model_dir']}`; curves: `{ctx.path(core.CURVES_FILE)}`; metrics: `{ctx.path(core.METRICS_FILE)}`"]
+    dropped = s.get("prompts_too_long") or []
+    if dropped:
+        lines.append(f"{len(dropped)} prompt(s) too long for rollout.max_model_len were skipped: {', '.join(dropped[:5])}")
     ex = [f"- **{_clip(e['prompt'], 200)}**\n  - first: {_clip(e.get('first'), 300)}\n  - last: {_clip(e.get('last'), 300)}"
           for e in s["examples"]]
     storage.write_text(ctx.path("summary.md"), "\n".join([f"# Stage `{ctx.name}`", ""] + [f"- {x}" for x in lines]
                                                          + ["", "## The same prompts, first and last iteration", ""]
                                                          + ex) + "\n")
     print(f"\n== {ctx.name} ==\n" + "\n".join(f"  {x}" for x in lines))
-    info = {"stage": ctx.name, "inputs": s["prompts"], "outputs": s["rollouts"], "errors": 0, "errors_by_reason": {},
+    info = {"stage": ctx.name, "inputs": s["prompts"] + len(dropped), "outputs": s["prompts"], "errors": len(dropped),
+            "errors_by_reason": {"prompt_too_long": len(dropped)} if dropped else {}, "rollouts": s["rollouts"],
             "datasets": {}, "metrics": {}, "config_hash": ctx.config_hash, "seconds": s["seconds"],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "model_dir": s["model_dir"], "training": s}
     stage.write_success(ctx.dir, info)
