@@ -105,3 +105,12 @@ def test_explained_variance():
     assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
     assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
+
+
+def test_weights_travel_in_size_capped_buckets_in_order():
+    from training.ppo import buckets
+
+    sd = {"a": torch.zeros(10), "b": torch.zeros(10), "big": torch.zeros(100), "c": torch.zeros(5)}  # 40, 40, 400, 20 B
+    assert buckets(sd, 100) == [["a", "b"], ["big"], ["c"]]
+    assert buckets(sd, 10**6) == [["a", "b", "big", "c"]]
+    assert [k for b in buckets(sd, 1) for k in b] == list(sd)

@@ -193,6 +193,7 @@ class PPOConfig(TrainConfig):
     whiten_advantages: bool = True
     critic_warmup: int = 0  # first iterations train the value head only (PPO)
     rollout: EngineConfig = field(default_factory=lambda: EngineConfig(concurrency=1))  # its model: the policy
+    sync_bucket_mb: float = 256  # weights travel to the rollout actors in object-store pieces of at most this
     checkpoint_every: int = 5  # iterations between checkpoints
     eval_fraction: float = 0.0
 
@@ -209,6 +210,7 @@ class PPOConfig(TrainConfig):
             ("ppo_epochs", self.ppo_epochs < 1, "use 1 or more"),
             ("kl_coef", self.kl_coef < 0, "use 0 or more, e.g. 0.05"),
             ("kl_target", self.kl_target is not None and self.kl_target <= 0, "use a positive KL, or null"),
+            ("sync_bucket_mb", self.sync_bucket_mb <= 0, "use a positive size in MB, e.g. 256"),
             ("critic_warmup", self.critic_warmup < 0 or self.critic_warmup >= self.iterations,
              "use 0 or more, below iterations"),
             ("rollout.backend", self.rollout.backend == "openai",

@@ -21,7 +21,8 @@ Per iteration:
    sequences): clipped policy loss (+ ``vf_coef`` × clipped value loss for PPO; the first
    ``critic_warmup`` iterations train the value head only). β adapts toward ``kl_target`` if set.
 5. **sync** — the full weights (gathered under ZeRO-3; the fp32 masters under bf16) go through
-   the object store to every rollout actor, which loads them in place as the next version.
+   the object store to every rollout actor in buckets of at most ``sync_bucket_mb``; each actor
+   then loads them in place as the next version.
 
 Metrics per iteration go to ``metrics.jsonl`` and ``loss.png``; checkpoints every
 ``checkpoint_every`` iterations let a failed worker or a rerun continue (the curves continue
@@ -78,19 +79,24 @@ def value_head(hidden: int, reward_dir: str | None) -> nn.Linear:
 # ---------------------------------------------------------------- rollouts (rank 0 and its actors)
 
 class RolloutActor:
-    """A Ray actor holding one engine; generates and loads new weights."""
+    """A Ray actor holding one engine: generates, takes new weights bucket by bucket, loads them."""
 
     def __init__(self, engine_cfg: dict):
         from actors import EngineConfig, make_engine
         from workflows.core.typed import from_dict
 
-        self.engine = make_engine(from_dict(EngineConfig, engine_cfg))
+        self.engine, self.pending = make_engine(from_dict(EngineConfig, engine_cfg)), {}
 
     def generate(self, conversations, params):
         return self.engine.generate(conversations, params)
 
-    def load_weights(self, state_dict, version: int) -> int:
-        self.engine.load_weights(state_dict, version)
+    def receive(self, bucket: dict) -> int:
+        self.pending.update(bucket)
+        return len(self.pending)
+
+    def load_weights(self, version: int) -> int:
+        weights, self.pending = self.pending, {}
+        self.engine.load_weights(weights, version)
         return version
 
 
@@ -121,11 +127,30 @@ def rollout(actors: list, convs: list[list[dict]], params, version: int) -> list
     return gens
 
 
-def push_weights(actors: list, state_dict: dict, version: int) -> None:
+def buckets(state_dict: dict, max_bytes: int) -> list[list[str]]:
+    """The state dict's keys in order, cut into groups of at most ``max_bytes`` (a larger tensor
+    travels alone)."""
+    out, size = [[]], 0
+    for k, v in state_dict.items():
+        n = v.numel() * v.element_size()
+        if out[-1] and size + n > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(k)
+        size += n
+    return [b for b in out if b]
+
+
+def push_weights(actors: list, state_dict: dict, version: int, bucket_mb: float = 256) -> None:
+    """New weights to every actor through the object store, in buckets of at most ``bucket_mb``
+    (one bucket in the store at a time), then every actor loads them as ``version``."""
     import ray
 
-    ref = ray.put(state_dict)
-    ray.get([a.load_weights.remote(ref, version) for a in actors])
+    for keys in buckets(state_dict, int(bucket_mb * 1e6)):
+        ref = ray.put({k: state_dict[k] for k in keys})
+        ray.get([a.receive.remote(ref) for a in actors])
+        del ref
+    ray.get([a.load_weights.remote(version) for a in actors])
 
 
 # ---------------------------------------------------------------- batches
@@ -225,7 +250,8 @@ def _sync(engine, cfg: PPOConfig, run: dict, actors: list, version: int) -> floa
     t0 = time.time()
     sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
     if dist.get_rank() == 0:
-        push_weights(actors, {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}, version)
+        push_weights(actors, {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}, version,
+                     cfg.sync_bucket_mb)
     dist.barrier()
     return time.time() - t0
 
