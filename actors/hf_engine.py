@@ -14,9 +14,10 @@ row, and only the suffixes run, padded in the middle. ``choice_logprobs`` also k
 share a longer prefix among themselves (the two orders of a judged pair) in one micro-batch and
 prefills each such group's prefix once. ``engine.stats`` counts what it saved.
 
-Reproducibility: with ``params.seed`` set, ``torch.manual_seed(seed)`` runs before
-each micro-batch, so sampled outputs repeat exactly for the same batch composition
-(same rows, same ``batch_size``); the same row in a different batch may differ.
+Reproducibility: with ``params.seed`` set, ``torch.manual_seed(seed)`` runs once per
+``generate`` call and its micro-batches continue that random stream, so sampled outputs repeat
+exactly for the same call (same rows, same ``batch_size``) and copies of one prompt in different
+micro-batches differ; the same row in a different call may differ.
 Greedy outputs do not depend on batch composition (padding is masked and position
 ids follow the attention mask), nor on the prefix cache — up to float rounding, which
 in bfloat16 can flip a near-tie token now and then, as batching itself can. With the
@@ -182,6 +183,8 @@ class TransformersEngine:
         out: list[Generation | None] = [Generation.failed(errors[i]) if i in errors else None
                                         for i in range(len(conversations))]
         ok = [i for i in range(len(conversations)) if i not in errors]
+        if params.seed is not None:  # once per call: micro-batches continue one random stream, so
+            torch.manual_seed(params.seed)  # copies of a prompt in different micro-batches differ
         for chunk in self._micro_batches(ok, encoded):
             results = self._run_chunk(
                 chunk, lambda rows: self._generate_rows([encoded[i] for i in rows], params),
@@ -204,8 +207,6 @@ class TransformersEngine:
             kwargs.update(do_sample=False)
         else:  # plain temperature / nucleus sampling: top_k=0 switches off transformers' default top-k of 50
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         with torch.inference_mode():
             seqs = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = seqs[:, ids.shape[1]:].tolist()

@@ -48,7 +48,8 @@ def llm_kwargs(source, cfg: EngineConfig) -> dict:
     kwargs = dict(model=model, tensor_parallel_size=v.tensor_parallel_size,
                   gpu_memory_utilization=v.gpu_memory_utilization, enable_prefix_caching=v.enable_prefix_caching,
                   max_model_len=v.max_model_len or cfg.max_model_len, dtype=_DTYPES.get(str(dtype).lower(), dtype),
-                  seed=0, max_logprobs=max(20, v.top_logprobs))
+                  seed=0, max_logprobs=max(20, v.top_logprobs),
+                  worker_extension_cls="actors.vllm_engine.WeightLoader")  # RL weight sync (load_weights)
     if tokenizer:
         kwargs["tokenizer"] = tokenizer
     return kwargs
@@ -145,9 +146,13 @@ def to_generation(output) -> Generation:
                       extra={"token_ids": list(c.token_ids or ())})
 
 
-def _load_on_worker(worker, weights) -> None:
-    """Runs inside every vLLM worker (``LLM.collective_rpc``): the model's own weight loader."""
-    worker.model_runner.model.load_weights(weights=weights)
+class WeightLoader:
+    """vLLM worker extension (``worker_extension_cls``): ``LLM.collective_rpc("load_policy_weights",
+    args=(names, tensors))`` runs this method in every worker by name, so nothing but tensors and
+    strings crosses vLLM's RPC (a pickled function would need its insecure-serialization switch)."""
+
+    def load_policy_weights(self, names: list, tensors: list) -> None:
+        self.model_runner.model.load_weights(weights=list(zip(names, tensors)))
 
 
 def end_of_turn_ids(tokenizer, markers) -> list[int]:
@@ -230,7 +235,7 @@ class VLLMEngine:
         and later generations carry ``version``."""
         if version <= self.policy_version:
             raise EngineError(f"load_weights: version {version} is not newer than the loaded {self.policy_version}")
-        self.llm.collective_rpc(_load_on_worker, args=(list(state_dict.items()),))
+        self.llm.collective_rpc("load_policy_weights", args=(list(state_dict), list(state_dict.values())))
         self.llm.reset_prefix_cache()
         self.policy_version = version
 

@@ -93,7 +93,8 @@ def test_llm_kwargs(tmp_path):
                        vllm=VLLMOptions(tensor_parallel_size=2, gpu_memory_utilization=0.5))
     kw = llm_kwargs(ModelSource(path="/models/m", gguf_file=None, label="m"), cfg)
     assert kw == dict(model="/models/m", tensor_parallel_size=2, gpu_memory_utilization=0.5,
-                      enable_prefix_caching=True, max_model_len=1024, dtype="bfloat16", seed=0, max_logprobs=20)
+                      enable_prefix_caching=True, max_model_len=1024, dtype="bfloat16", seed=0, max_logprobs=20,
+                      worker_extension_cls="actors.vllm_engine.WeightLoader")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     gguf = ModelSource(path=str(tmp_path), gguf_file="m.gguf", label="m")
     assert llm_kwargs(gguf, cfg)["model"] == str(tmp_path / "m.gguf")
@@ -133,6 +134,18 @@ class FakeLLM:
 
     def get_tokenizer(self):
         return self.tok
+
+    def collective_rpc(self, method, args=()):
+        """Runs the worker extension's method by name, as vLLM does in each worker."""
+        from actors.vllm_engine import WeightLoader
+
+        self.loaded = getattr(self, "loaded", [])
+        worker = type("Worker", (WeightLoader,), {})()
+        worker.model_runner = SimpleNamespace(model=SimpleNamespace(load_weights=lambda weights: self.loaded.extend(weights)))
+        return [getattr(worker, method)(*args)]
+
+    def reset_prefix_cache(self):
+        self.resets = getattr(self, "resets", 0) + 1
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append((prompts, sampling_params))
@@ -240,3 +253,14 @@ def test_real_vllm_generate_and_choice_logprobs():
     assert all(math.isnan(v) or v <= 0 for v in rows[0])
     if not any(math.isnan(v) for v in rows[0]):
         assert math.log(sum(math.exp(v) for v in rows[0])) <= 1e-4
+
+
+def test_weights_load_by_name_through_the_worker_extension_and_reset_the_prefix_cache(fake_vllm):
+    eng = VLLMEngine(EngineConfig(backend="vllm", model=str(fake_vllm), max_model_len=20))
+    assert eng.generate([_user("hi")], SamplingParams(max_new_tokens=2))[0].extra["policy_version"] == 0
+    eng.load_weights({"a.weight": 1, "b.bias": 2}, version=1)
+    assert eng.llm.loaded == [("a.weight", 1), ("b.bias", 2)] and eng.llm.resets == 1
+    g = eng.generate([_user("hi")], SamplingParams(max_new_tokens=2))[0]
+    assert g.extra["policy_version"] == 1 and g.extra["token_ids"] == [5, 5]
+    with pytest.raises(EngineError, match="not newer"):
+        eng.load_weights({}, version=1)

@@ -176,7 +176,7 @@ class PPOConfig(TrainConfig):
     samples_per_prompt: int = 2  # n (RLOO needs ≥ 2)
     max_new_tokens: int = 48
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # must stay 1.0 (see validate); kept so the setting is explicit
     ppo_epochs: int = 2  # passes over each batch of rollouts
     lr: float = 1e-6
     lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
@@ -188,7 +188,7 @@ class PPOConfig(TrainConfig):
     kl_coef: float = 0.05  # β of the per-token KL penalty to the starting policy
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float | None = None  # adaptive β (per-sequence KL the controller steers to); null: fixed
-    kl_horizon: int = 10_000
+    kl_horizon: int = 10_000  # in sequences: β moves by at most 20% × rollouts / horizon per iteration
     end_penalty: float = 1.0  # subtracted from the score of a response that never ended
     whiten_advantages: bool = True
     critic_warmup: int = 0  # first iterations train the value head only (PPO)
@@ -211,6 +211,10 @@ class PPOConfig(TrainConfig):
             ("kl_coef", self.kl_coef < 0, "use 0 or more, e.g. 0.05"),
             ("kl_target", self.kl_target is not None and self.kl_target <= 0, "use a positive KL, or null"),
             ("sync_bucket_mb", self.sync_bucket_mb <= 0, "use a positive size in MB, e.g. 256"),
+            ("grad_accum", self.grad_accum != 1,
+             "use 1: ppo steps the optimizer once per minibatch of micro_batch_size sequences (raise that instead)"),
+            ("top_p", self.top_p != 1.0, "use 1.0: the trainer's log-probs are of the full distribution, so "
+             "nucleus sampling would bias every importance ratio"),
             ("critic_warmup", self.critic_warmup < 0 or self.critic_warmup >= self.iterations,
              "use 0 or more, below iterations"),
             ("rollout.backend", self.rollout.backend == "openai",

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training import core
-from training.config import PPOConfig, deepspeed_config
+from training.config import PPOConfig, deepspeed_config, lr_lambda
 from training.data import pad_right
 from training.losses import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
 from training.rl import AdaptiveKL, end_penalty, entropy, explained_variance, rloo_advantages, sequence_rewards, token_logprobs
@@ -72,7 +72,12 @@ def value_head(hidden: int, reward_dir: str | None) -> nn.Linear:
     if path and os.path.isfile(path):
         weights = torch.load(path, map_location="cpu")
         if tuple(weights["weight"].shape) == tuple(head.weight.shape):
-            head.load_state_dict({k: v.float() for k, v in weights.items()})
+            with open(os.path.join(reward_dir, "reward_head.json")) as f:
+                meta = json.load(f)
+            mean, std = (meta["mean"], meta["std"]) if meta.get("normalize") else (0.0, 1.0)
+            # in the units of the scores PPO sees: (r - mean) / std
+            head.load_state_dict({"weight": weights["weight"].float() / std,
+                                  "bias": (weights["bias"].float() - mean) / std})
     return head
 
 
@@ -114,13 +119,15 @@ def start_actors(cfg: PPOConfig, cpus: float, model: str) -> list:
     return [remote.remote(engine) for _ in range(cfg.rollout.concurrency)]
 
 
-def rollout(actors: list, convs: list[list[dict]], params, version: int) -> list:
-    """Generations of ``convs`` spread over ``actors`` (in order); all must carry ``version``."""
+def rollout(actors: list, convs: list[list[dict]], params, version: int, group: int = 1) -> list:
+    """Generations of ``convs`` spread over ``actors`` in order, whole groups of ``group``
+    consecutive conversations (a prompt's samples) per actor, so each actor's random stream gives
+    a prompt's samples distinct draws; all must carry ``version``."""
     import ray
 
     from actors.base import check_policy_version
 
-    k = -(-len(convs) // len(actors))
+    k = -(-len(convs) // group // len(actors)) * group
     refs = [a.generate.remote(convs[i * k:(i + 1) * k], params) for i, a in enumerate(actors) if convs[i * k:(i + 1) * k]]
     gens = [g for part in ray.get(refs) for g in part]
     check_policy_version(gens, version)
@@ -171,6 +178,15 @@ def build_batch(tok, samples: list[dict], device) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "resp_mask": rmask[:, 1:].to(device)}
 
 
+def forward_chunked(model, batch: dict, temperature: float, values: bool, mb: int):
+    """``forward`` over ``mb`` rows at a time (no gradients), concatenated: the scoring pass never
+    holds more than one micro-batch of logits. Every rank runs the same number of chunks."""
+    parts = [forward(model, {k: v[i:i + mb] for k, v in batch.items()}, temperature, values)
+             for i in range(0, batch["input_ids"].size(0), mb)]
+    lp = torch.cat([p[0] for p in parts])
+    return lp, (torch.cat([p[1] for p in parts]) if values else None)
+
+
 def forward(model, batch: dict, temperature: float, values: bool = True):
     """(log-probs of the sequence's own next tokens at ``temperature``, values, logits), shifted."""
     if values:
@@ -206,8 +222,10 @@ def _advantages(cfg: PPOConfig, scores, kl, values, mask, kl_coef: float):
     """(advantages, returns or None, rewards per sequence) — see the module docstring, step 3."""
     if cfg.algorithm == "rloo":
         r = sequence_rewards(scores, kl, mask, kl_coef)
-        adv = rloo_advantages(r, cfg.samples_per_prompt)[:, None] * mask
-        return (masked_whiten(adv, mask) if cfg.whiten_advantages else adv), None, r
+        a = rloo_advantages(r, cfg.samples_per_prompt)
+        if cfg.whiten_advantages:  # per answer, before it spreads over tokens: no length weighting
+            a = (a - a.mean()) / (a.std(unbiased=False) + 1e-8)
+        return a[:, None] * mask, None, r
     rewards = token_rewards(scores.to(kl.device), kl, mask, kl_coef)
     adv, ret = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return (masked_whiten(adv, mask) if cfg.whiten_advantages else adv), ret, rewards.sum(-1)
@@ -270,6 +288,9 @@ def train_loop(run: dict) -> None:
     dtype = torch.bfloat16 if run["precision"] == "bf16" else torch.float32
     tok = load_tokenizer(run["model"])
     lm = core.load_lm(run["model"], cfg)
+    for m in lm.modules():  # old and new log-probs must come from the same function (as in TRL)
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     model = PolicyWithValue(lm, value_head(lm.config.hidden_size, run["reward_dir"]))
     ref = load_causal_lm(run["model"], dtype=dtype, device=device).eval().requires_grad_(False)
     rm = rm_tok = None
@@ -278,9 +299,12 @@ def train_loop(run: dict) -> None:
 
         rm, rm_tok = load_reward_model(run["reward_dir"], dtype=dtype, device=device).requires_grad_(False), \
             load_tokenizer(run["reward_dir"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           config={**deepspeed_config(cfg, run["precision"]),
-                                                   "train_micro_batch_size_per_gpu": cfg.micro_batch_size})
+    per_rank = cfg.prompts_per_iteration // world * cfg.samples_per_prompt
+    total = cfg.iterations * cfg.ppo_epochs * -(-per_rank // cfg.micro_batch_size)  # optimizer steps
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, run["precision"]),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total)))
     prompts = ray.get(run["prompts"])
     state = core._restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
                                    "kl_coef": cfg.kl_coef, "examples": []})
@@ -301,7 +325,7 @@ def train_loop(run: dict) -> None:
         if rank == 0:
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                     seed=run["seed"] * 100_003 + it)
-            gens = rollout(actors, [p["messages"] for p in batch_prompts for _ in range(n)], params, state["version"])
+            gens = rollout(actors, [p["messages"] for p in batch_prompts for _ in range(n)], params, state["version"], n)
             box[0] = [{"prompt_id": p["prompt_id"], "messages": p["messages"], "text": g.text, "error": g.error,
                        "token_ids": g.extra.get("token_ids") or [], "ended": g.finish_reason == "stop"}
                       for p, g in zip([p for p in batch_prompts for _ in range(n)], gens)]
@@ -317,10 +341,8 @@ def train_loop(run: dict) -> None:
         batch = build_batch(tok, samples, device)
         mask = batch["resp_mask"]
         with torch.no_grad():
-            engine.eval()
-            logp, values, _ = forward(engine, batch, cfg.temperature)
-            engine.train()
-            ref_lp, _, _ = forward(ref, batch, cfg.temperature, values=False)
+            logp, values = forward_chunked(engine, batch, cfg.temperature, True, cfg.micro_batch_size)
+            ref_lp, _ = forward_chunked(ref, batch, cfg.temperature, False, cfg.micro_batch_size)
             kl = kl_penalty(logp, ref_lp, cfg.kl_estimator) * mask
             raw = _scores(samples, cfg, rm, rm_tok)
             ended = torch.tensor([s["ended"] for s in samples])
@@ -353,7 +375,8 @@ def train_loop(run: dict) -> None:
         state["kl_coef"] = kl_ctl.coef
         state["history"].append(rec)
         if it == 0:
-            state["examples"] = [{"prompt": s["messages"][-1]["content"], "first": s["text"]} for s in everything[::n][:3]]
+            state["examples"] = [{"prompt": s["messages"][-1]["content"], "messages": s["messages"], "first": s["text"]}
+                                 for s in everything[::n][:3]]
         state["step"] += 1
         if rank == 0:
             print(f"[ppo] iteration {state['step']}/{cfg.iterations} reward {rec['reward']:.4f} score {rec['score']:.4f} "
@@ -372,7 +395,7 @@ def _finish(engine, cfg: PPOConfig, run: dict, state: dict, actors: list, tok, p
     if dist.get_rank() == 0 and state["examples"]:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 seed=run["seed"] * 100_003)
-        convs = [[{"role": "user", "content": e["prompt"]}] for e in state["examples"]]
+        convs = [e["messages"] for e in state["examples"]]
         for e, g in zip(state["examples"], rollout(actors, convs, params, state["version"])):
             e["last"] = g.text
     sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
@@ -412,8 +435,14 @@ def read_prompts(uri: str) -> list[dict]:
     except Exception as e:  # noqa: BLE001 — any unreadable input is one clear line
         raise DataError(f"{uri}: cannot read prompt_id and messages ({type(e).__name__}: {e}) — point `input` at "
                         "the prompts dataset of an earlier stage") from None
-    return [{"prompt_id": r["prompt_id"], "messages": [m for m in r["messages"] if m["role"] != "assistant"]}
-            for r in rows if r["messages"]]
+    out = []
+    for r in rows:  # an SFT-style row ends with the answer: the prompt is everything before it
+        msgs = list(r["messages"] or [])
+        if msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if msgs:
+            out.append({"prompt_id": r["prompt_id"], "messages": msgs})
+    return out
 
 
 def fitting_prompts(prompts: list[dict], model: str, cfg: PPOConfig) -> tuple[list[dict], list[str]]:
@@ -421,7 +450,8 @@ def fitting_prompts(prompts: list[dict], model: str, cfg: PPOConfig) -> tuple[li
     engine's ``max_model_len``, ids of the others)."""
     from actors.models import chat_prompt_ids, load_tokenizer
 
-    tok, room = load_tokenizer(model), cfg.rollout.max_model_len - cfg.max_new_tokens
+    limit = (cfg.rollout.backend == "vllm" and cfg.rollout.vllm.max_model_len) or cfg.rollout.max_model_len
+    tok, room = load_tokenizer(model), limit - cfg.max_new_tokens
     keep, drop = [], []
     for p in prompts:
         (keep if len(chat_prompt_ids(tok, p["messages"])) <= room else drop).append(p)
