@@ -71,6 +71,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 2  # restarts from the last checkpoint after a worker fails (-1: unlimited)
+    collective_timeout_s: int = 1800  # how long a worker waits in a collective (ppo: rank 0 rolls out meanwhile)
     lora: LoraSettings | None = None
     # Fault injection, for tests of resuming only: rank 0 raises once when it reaches this step
     # (a `_fault_injected` marker in the stage directory makes it once per stage directory).
@@ -105,6 +106,8 @@ class TrainConfig:
             raise bad("eval_fraction", "use a fraction in [0, 1), e.g. 0.05")
         if self.cpus_per_worker <= 0:
             raise bad("cpus_per_worker", "use a positive number (fractions are fine)")
+        if self.collective_timeout_s < 60:
+            raise bad("collective_timeout_s", "use 60 seconds or more (default 1800)")
         if self.max_failures < -1:
             raise bad("max_failures", "use -1 (unlimited), 0 (no restarts) or more")
         if self.fail_at_step is not None and self.fail_at_step < 1:
@@ -196,6 +199,7 @@ class PPOConfig(TrainConfig):
     sync_bucket_mb: float = 256  # weights travel to the rollout actors in object-store pieces of at most this
     checkpoint_every: int = 5  # iterations between checkpoints
     eval_fraction: float = 0.0
+    collective_timeout_s: int = 7200  # the other workers wait in a broadcast while rank 0 rolls out
 
     def validate(self, where: str) -> None:
         super().validate(where)

@@ -124,7 +124,7 @@ def fit_trainer(loop: Callable[[dict], None], cfg, ctx: StageContext, job: str, 
     """Run ``loop`` on ``cfg.num_workers`` Ray Train workers (resources, failures, checkpoints and
     storage in ``<stage>/_ray`` from ``cfg``); ``loop_config`` is added to the train-loop config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     stage_dir = ctx.dir if storage.is_remote(ctx.dir) else os.path.abspath(ctx.dir)
     storage.makedirs(stage_dir)
@@ -132,7 +132,7 @@ def fit_trainer(loop: Callable[[dict], None], cfg, ctx: StageContext, job: str, 
     resources = {"CPU": _worker_cpus(cfg), **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
     extra = {"dataset_config": dataset_config} if dataset_config is not None else {}
     trainer = TorchTrainer(
-        loop, datasets=datasets or {},
+        loop, datasets=datasets or {}, torch_config=TorchConfig(timeout_s=cfg.collective_timeout_s),
         train_loop_config={"cfg": to_dict(cfg), "job": job, "stage_dir": stage_dir, "precision": cfg.precision,
                            **loop_config},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.gpus_per_worker > 0,
