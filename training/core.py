@@ -511,6 +511,24 @@ def fit(task: Task, cfg, run: dict) -> None:
     _finish(engine, task, cfg, run, state, total, time.time() - started)
 
 
+def write_outputs(stage_dir: str, output: str, export: Callable[[str], None], history: list[dict], title: str) -> str:
+    """Rank 0's files of a finished job: ``export(local_dir)`` writes the model, which replaces
+    ``<stage_dir>/<output>``; then ``loss.png`` and ``metrics.jsonl`` from ``history``. Returns the
+    model directory's URI."""
+    out, at = storage.join(stage_dir, output), lambda name: storage.join(stage_dir, name)
+    with tempfile.TemporaryDirectory() as d:
+        export(d)
+        storage.delete(out)
+        fs, path = storage.resolve(out)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(d, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        plot_curves(history, os.path.join(d, CURVES_FILE), title)
+        with open(os.path.join(d, CURVES_FILE), "rb") as f:
+            storage.write_bytes(at(CURVES_FILE), f.read())
+    storage.write_text(at(METRICS_FILE), "".join(json.dumps(h) + "\n" for h in history))
+    return out
+
+
 def _finish(engine, task: Task, cfg, run: dict, state: dict, total: int, seconds: float) -> None:
     """Final eval and probe, ``finalize``, gather, then rank 0 exports and writes the reports."""
     import ray.train
@@ -527,18 +545,9 @@ def _finish(engine, task: Task, cfg, run: dict, state: dict, total: int, seconds
     extra = task.finalize(engine, task) if task.finalize else {}
     sd = full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
     if dist.get_rank() == 0:
-        out, at = storage.join(run["stage_dir"], cfg.output), lambda name: storage.join(run["stage_dir"], name)
-        with tempfile.TemporaryDirectory() as d:
-            task.export(sd, d, engine.module, extra)
-            storage.delete(out)
-            fs, path = storage.resolve(out)
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(d, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-            plot_curves(hist, os.path.join(d, CURVES_FILE), run["job"])
-            with open(os.path.join(d, CURVES_FILE), "rb") as f:
-                storage.write_bytes(at(CURVES_FILE), f.read())
-        storage.write_text(at(METRICS_FILE), "".join(json.dumps(h) + "\n" for h in hist))
-        storage.write_json(at(SUMMARY_FILE), {
+        out = write_outputs(run["stage_dir"], cfg.output, lambda d: task.export(sd, d, engine.module, extra), hist,
+                            run["job"])
+        storage.write_json(storage.join(run["stage_dir"], SUMMARY_FILE), {
             "job": run["job"], "steps": state["step"], "total_steps": total, "world_size": dist.get_world_size(),
             "zero_stage": cfg.zero_stage, "precision": run["precision"],
             "precision_reason": run.get("precision_reason", ""), "model_dir": out,

@@ -35,10 +35,8 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -400,24 +398,14 @@ def _finish(engine, cfg: PPOConfig, run: dict, state: dict, actors: list, tok, p
             e["last"] = g.text
     sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
     if dist.get_rank() == 0:
-        at = lambda name: storage.join(run["stage_dir"], name)  # noqa: E731
         policy = {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}
-        with tempfile.TemporaryDirectory() as d:
-            core.save_lm(policy, d, engine.module.lm, cfg, tok)
-            out = at(cfg.output)
-            storage.delete(out)
-            fs, path = storage.resolve(out)
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(d, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-            core.plot_curves(state["history"], os.path.join(d, core.CURVES_FILE), f"ppo ({cfg.algorithm})")
-            with open(os.path.join(d, core.CURVES_FILE), "rb") as f:
-                storage.write_bytes(at(core.CURVES_FILE), f.read())
         hist = state["history"]
-        storage.write_text(at(core.METRICS_FILE), "".join(json.dumps(h) + "\n" for h in hist))
-        storage.write_json(at(core.SUMMARY_FILE), {
+        out = core.write_outputs(run["stage_dir"], cfg.output, lambda d: core.save_lm(policy, d, engine.module.lm, cfg, tok),
+                                 hist, f"ppo ({cfg.algorithm})")
+        storage.write_json(storage.join(run["stage_dir"], core.SUMMARY_FILE), {
             "job": "ppo", "algorithm": cfg.algorithm, "iterations": state["step"], "world_size": dist.get_world_size(),
             "zero_stage": cfg.zero_stage, "precision": run["precision"], "precision_reason": run.get("precision_reason", ""),
-            "model_dir": at(cfg.output), "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
+            "model_dir": out, "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
             "examples": state["examples"], "resumes": state["resumes"], "resumed_from_iterations": state["resumed_from"],
             "prompts": len(prompts), "rollouts": sum(cfg.prompts_per_iteration * cfg.samples_per_prompt for _ in hist)})
     dist.barrier()
@@ -482,9 +470,9 @@ def run(cfg: PPOConfig, ctx: StageContext) -> dict:
                         f"{cfg.prompts_per_iteration} — add prompts or lower it")
     reward_dir = None
     if not cfg.reward_fn:
-        from workflows.evaluate.model_scores import check_reward_dir
+        from training.reward import check_reward_dir
 
-        reward_dir = check_reward_dir(core.resolve_ref(cfg.reward_model, ctx))
+        reward_dir = check_reward_dir(core.resolve_ref(cfg.reward_model, ctx), f"stage {ctx.name}: reward_model")
     else:
         try:
             load_reward_fn(cfg.reward_fn)

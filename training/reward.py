@@ -52,6 +52,17 @@ def freeze_lm_head(backbone: nn.Module) -> None:
         out.weight.requires_grad_(False)
 
 
+def check_reward_dir(reward_dir: str, where: str = "reward_model") -> str:
+    """``reward_dir`` if it holds a reward model this job exported, else one ``ConfigError`` line."""
+    from workflows.core.errors import ConfigError
+
+    missing = [f for f in ("config.json", HEAD_WEIGHTS, HEAD_CONFIG) if not os.path.isfile(os.path.join(reward_dir, f))]
+    if missing:
+        raise ConfigError(f"{where} {reward_dir!r}", f"missing {', '.join(missing)}",
+                          "pass the reward_model directory the reward stage wrote (<run>/reward/reward_model)")
+    return reward_dir
+
+
 def load_reward_model(path: str, dtype: str | torch.dtype = "auto", device: str = "auto") -> RewardModel:
     """A reward model saved by this job, in eval mode, with its reward statistics attached."""
     from actors.models import load_causal_lm

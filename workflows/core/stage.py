@@ -144,6 +144,23 @@ class _RollingWriter:
 Router = Callable[[pa.Table], dict[str, pa.Table]]
 
 
+def select_route(name: str, schema: pa.Schema) -> Router:
+    """The router of a stage with one dataset: good raw rows → ``name``, cut to ``schema``."""
+    def route(good: pa.Table) -> dict[str, pa.Table]:
+        return {name: good.select(schema.names).cast(schema)}
+
+    route.schemas = {name: schema}
+    return route
+
+
+def write_rows(uri: str, rows: list[dict], schema: pa.Schema, chunk: int = 10_000) -> None:
+    """``rows`` as a parquet dataset directory (replacing it); an empty one still gets a file."""
+    writer = _RollingWriter(uri)
+    for start in range(0, max(len(rows), 1), chunk):
+        writer.write(pa.Table.from_pylist(rows[start:start + chunk], schema=schema))
+    writer.close()
+
+
 @dataclass
 class Finalized:
     counts: dict[str, int]

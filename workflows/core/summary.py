@@ -13,8 +13,7 @@ def _clip(text: str | None, n: int = 400) -> str:
 
 def stage_lines(info: dict) -> list[str]:
     secs = max(float(info.get("seconds", 0)), 1e-9)
-    lines = [f"verdict: {info['verdict']} ({info['target']} against {info['base']}) — "
-             + "; ".join(info.get("verdict_reasons") or [])] if info.get("verdict") else []
+    lines = [info["headline"]] if info.get("headline") else []  # a stage's one-line outcome, first
     lines += [f"rows in {info['inputs']}, out {info['outputs']}, errors {info['errors']} "
              f"in {info.get('seconds', 0):.1f} s ({info['outputs'] / secs:.2f} rows/s)"]
     gen = info.get("metrics", {}).get("_gen_tokens")

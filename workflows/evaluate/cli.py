@@ -41,7 +41,11 @@ def _set(text: str) -> dict:
     """``KIND=PATH`` (your own file) or a shipped set name."""
     kind, sep, path = text.partition("=")
     if not sep:
-        return {"name": text, "kind": {"eval_red_team": "red_team", "eval_benign_edgy": "benign_edgy"}.get(text, "helpful")}
+        from workflows.evaluate.config import BUILTIN_SETS
+
+        if text not in BUILTIN_SETS:
+            raise ConfigError("--sets", f"{text!r} is not a shipped set", f"use {', '.join(BUILTIN_SETS)} or KIND=FILE")
+        return {"name": text, "kind": BUILTIN_SETS[text]}
     return {"name": os.path.splitext(os.path.basename(path))[0], "kind": kind, "path": path}
 
 

@@ -24,7 +24,6 @@ A row is ``{"messages": [chat turns ending with the user turn], "answer": str}``
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,10 +39,11 @@ from actors.models import (
     prepare_model,
     resolve_device,
 )
+from training.data import pad_right
+from training.reward import check_reward_dir as _check_reward_dir
 from workflows.core.errors import ConfigError
 from workflows.evaluate.stats import bootstrap_mean
 
-REWARD_FILES = ("config.json", "reward_head.pt", "reward_head.json")  # see training.reward
 
 
 def check_model(model: str) -> str:
@@ -54,20 +54,6 @@ def check_model(model: str) -> str:
     except EngineError as e:
         raise ConfigError("evaluate", str(e)) from None
     return src.path if src.gguf_file is None else model
-
-
-def check_reward_dir(reward_dir: str) -> str:
-    """``reward_dir`` if it holds a reward model exported by the reward stage, else ``ConfigError``."""
-    missing = [f for f in REWARD_FILES if not os.path.isfile(os.path.join(reward_dir, f))]
-    if missing:
-        raise ConfigError(f"evaluate: reward model {reward_dir!r}", f"missing {', '.join(missing)}",
-                          "pass the reward_model directory the reward stage wrote (<run>/reward/reward_model)")
-    return reward_dir
-
-
-def _pad_right(seqs: list[list[int]], value: int, device) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
 
 
 @torch.no_grad()
@@ -88,7 +74,7 @@ def answer_logprobs(model: str, rows: list[dict], dtype: str = "auto", batch_siz
     for k in range(0, len(todo), max(1, batch_size)):
         chunk = todo[k:k + max(1, batch_size)]
         seqs = [encoded[i][0] + encoded[i][1] for i in chunk]
-        ids, mask = _pad_right(seqs, tok.pad_token_id, dev), _pad_right([[1] * len(s) for s in seqs], 0, dev)
+        ids, mask = pad_right(seqs, tok.pad_token_id).to(dev), pad_right([[1] * len(s) for s in seqs], 0).to(dev)
         logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for j, i in enumerate(chunk):
             p, a = len(encoded[i][0]), encoded[i][1]
@@ -103,7 +89,7 @@ def reward_scores(reward_dir: str, rows: list[dict], batch_size: int = 8, dtype:
     """The reward model's score of each ``messages + [{"role": "assistant", "content": answer}]``."""
     from training.reward import load_reward_model, score
 
-    check_reward_dir(reward_dir)
+    _check_reward_dir(reward_dir, "evaluate: reward model")
     model, tok = load_reward_model(reward_dir, dtype=dtype, device=device), load_tokenizer(reward_dir)
     convs = [list(r["messages"]) + [{"role": "assistant", "content": r["answer"]}] for r in rows]
     return score(model, tok, convs, batch_size=batch_size)
@@ -165,7 +151,7 @@ def run_scores(jobs: list[ScoreJob]) -> list[list]:
     for job in jobs:
         if job.kind not in ("logprobs", "reward"):
             raise ConfigError("evaluate: score job", f"unknown kind {job.kind!r}", "use 'logprobs' or 'reward'")
-        specs.append(check_model(job.model) if job.kind == "logprobs" else check_reward_dir(job.model))
+        specs.append(check_model(job.model) if job.kind == "logprobs" else _check_reward_dir(job.model, "evaluate: reward model"))
     task = ray.remote(_score)
     refs = [task.options(num_cpus=job.num_cpus, num_gpus=job.num_gpus, name=f"score-{job.kind}")
             .remote(job.kind, spec, job.rows, max(1, int(job.num_cpus)), job.kwargs)

@@ -21,6 +21,7 @@ Every (prompt, model) is answered or in ``errors`` with its reason; nothing is d
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pyarrow as pa
@@ -32,6 +33,7 @@ from workflows.core import engine_pool, stage, storage, summary
 from workflows.core.reconcile import check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
+from training.reward import check_reward_dir
 from workflows.evaluate import model_scores, refusal, report, scoring
 from workflows.evaluate.answers import answer_batch, unit_id
 from workflows.evaluate.config import EvaluateConfig, gold_location
@@ -84,14 +86,6 @@ class EvalJudgeWorker:
                                     schema=JUDGE_RAW_SCHEMA)
 
 
-def _route(name: str, schema: pa.Schema):
-    def route(good: pa.Table) -> dict[str, pa.Table]:
-        return {name: good.select(schema.names).cast(schema)}
-
-    route.schemas = {name: schema}
-    return route
-
-
 # ---------------------------------------------------------------- phases
 
 def load_prompts(cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
@@ -114,13 +108,6 @@ def load_prompts(cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
     return rows, errors
 
 
-def _write(rows: list[dict], schema: pa.Schema, uri: str) -> None:
-    storage.delete(uri)
-    fs, path = storage.resolve(storage.join(uri, "part-00000.parquet"))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=fs)
-
-
 def _read(uri: str) -> list[dict]:
     fs, path = storage.resolve(uri)
     return pq.read_table(path, filesystem=fs).to_pylist()
@@ -139,7 +126,7 @@ def answer_all(cfg: EvaluateConfig, ctx: StageContext, models: dict[str, str], p
                                              k=cfg.samples_per_prompt, factory=cfg.engine_factory),
                                         total=len(eval_ids), checkpoint_rows=cfg.checkpoint_rows,
                                         check=not cfg.engine_factory)
-        fin = stage.finalize(actx.dir, f"{ctx.name}:{ANSWERS}:{name}", "eval_id", _route(ANSWERS, ANSWERS_SCHEMA),
+        fin = stage.finalize(actx.dir, f"{ctx.name}:{ANSWERS}:{name}", "eval_id", stage.select_route(ANSWERS, ANSWERS_SCHEMA),
                              [ANSWERS])
         check(f"{ctx.name}:{ANSWERS}:{name}", eval_ids, fin.output_ids, fin.error_ids)
         answers[name] = {r["eval_id"]: r["answers"] for r in _read(actx.path(ANSWERS))}
@@ -172,14 +159,14 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
     input_uri = jctx.path("input")
     if not stage.done_ids(jctx.dir, "id"):
-        _write([{k: r[k] for k in JUDGE_INPUT_SCHEMA.names} for r in records], JUDGE_INPUT_SCHEMA, input_uri)
+        stage.write_rows(input_uri, [{k: r[k] for k in JUDGE_INPUT_SCHEMA.names} for r in records], JUDGE_INPUT_SCHEMA)
     print(f"[{ctx.name}] judging {len(records)} answers with {cfg.judge.backend}:{cfg.judge.model}")
     engine_pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
                                     dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
                                          constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
                                     total=len(records), checkpoint_rows=cfg.checkpoint_rows,
                                     check=not cfg.engine_factory)
-    fin = stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", _route("judged", JUDGED_SCHEMA), ["judged"])
+    fin = stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", stage.select_route("judged", JUDGED_SCHEMA), ["judged"])
     check(f"{ctx.name}:{JUDGING}", [r["id"] for r in records], fin.output_ids, fin.error_ids)
     return {r["id"]: r for r in _read(jctx.path("judged"))}, _read(jctx.path("errors"))
 
@@ -187,7 +174,7 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
 def _check_scores(cfg: EvaluateConfig, models: dict[str, str], reward_dir: str | None) -> bool:
     """Whether KL can be computed (local models only), after checking every path it needs."""
     if reward_dir:
-        model_scores.check_reward_dir(reward_dir)
+        check_reward_dir(reward_dir, "evaluate: reward model")
     local = cfg.engine.backend != "openai" and not cfg.engine_factory
     if cfg.kl and not local:
         print(f"note: kl skipped: models served by {cfg.engine_factory or 'an OpenAI-compatible endpoint'} "
@@ -247,7 +234,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     constitution = load_constitution(cfg.constitution)
     kl_models = _check_scores(cfg, models, reward_dir)  # one clear line now, not a failed task later
     prompts, prompt_errors = load_prompts(cfg)
-    _write(prompts, PROMPTS_SCHEMA, ctx.path(EVAL_PROMPTS))
+    stage.write_rows(ctx.path(EVAL_PROMPTS), prompts, PROMPTS_SCHEMA)
     eval_ids = [p["eval_id"] for p in prompts]
     answers, answer_errors, metrics = answer_all(cfg, ctx, models, ctx.path(EVAL_PROMPTS), eval_ids)
     records = slots(cfg, prompts, answers)
@@ -260,16 +247,18 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     gold = judge_gold(cfg, ctx, constitution) if cfg.gold and cfg.judge else None
     metrics_json = scoring.aggregate(records, cfg.base, list(models), cfg.verdict, seed, gold, kl)
     metrics_json["refusal_classifier"] = refusal.accuracy()
-    errors = prompt_errors + answer_errors + judge_errors
-    _write([{"stage": ctx.name, **e} for e in errors], ERRORS_SCHEMA, ctx.path("errors"))
+    errors = prompt_errors + answer_errors  # each a (prompt, model) not answered: inputs = outputs + errors
+    stage.write_rows(ctx.path("errors"), [{"stage": ctx.name, **e} for e in errors + judge_errors], ERRORS_SCHEMA)
     target = metrics_json["comparisons"][cfg.target_name]["verdict"]
     n_out = sum(len(a) for a in answers.values())
     info = {"stage": ctx.name, "inputs": len(eval_ids) * len(models) + len(prompt_errors), "outputs": n_out,
-            "errors": len(errors), "datasets": {EVAL_PROMPTS: len(prompts), "errors": len(errors)},
-            "errors_by_reason": _count(e["reason"] for e in errors), "metrics": metrics,
+            "errors": len(errors), "judge_errors": len(judge_errors),
+            "datasets": {EVAL_PROMPTS: len(prompts), "errors": len(errors) + len(judge_errors)},
+            "errors_by_reason": dict(Counter(e["reason"] for e in errors)), "metrics": metrics,
             "config_hash": ctx.config_hash, "seconds": round(time.time() - started, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": models, "base": cfg.base,
             "target": cfg.target_name, "greedy": cfg.sampling.greedy, "verdict": target["label"], "verdict_reasons": target["reasons"],
+            "headline": f"verdict: {target['label']} ({cfg.target_name} against {cfg.base}) — " + "; ".join(target["reasons"]),
             "engines": engine_pool.engines_used(*[storage.join(ctx.path(ANSWERS), m) for m in models],
                                                 ctx.path(JUDGING)),
             "report": "report.md"}
@@ -278,9 +267,3 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     summary.write_stage_summary(ctx, info)
     return info
 
-
-def _count(reasons) -> dict:
-    out: dict = {}
-    for r in reasons:
-        out[r] = out.get(r, 0) + 1
-    return out

@@ -141,7 +141,7 @@ def judge_gold(cfg, ctx: StageContext, constitution) -> dict:
     storage.delete(gctx.dir)
     gold_rows, skipped = load_gold(cfg.gold, ctx.name)
     pairs = [labeled_pair_row(g) for g in gold_rows]
-    pref.write_rows(gctx.path("pairs"), pairs, pref.PAIRS_SCHEMA)
+    stage.write_rows(gctx.path("pairs"), pairs, pref.PAIRS_SCHEMA)
     engine_pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", pref.JudgeWorker,
                                     pref.judge_pool(cfg.judges), pref.judge_kwargs(cfg, ctx, constitution),
                                     total=len(pairs), checkpoint_rows=cfg.checkpoint_rows,

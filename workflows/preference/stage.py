@@ -199,11 +199,7 @@ def _explode(lists: pa.ListArray) -> tuple[pa.StructArray, pa.Array]:
                                       fields=list(flat.type)), pc.list_parent_indices(lists)
 
 
-def route_labels(good: pa.Table) -> dict[str, pa.Table]:
-    return {LABELS: good.select(LABELS_SCHEMA.names).cast(LABELS_SCHEMA)}
-
-
-route_labels.schemas = {LABELS: LABELS_SCHEMA}
+route_labels = stage.select_route(LABELS, LABELS_SCHEMA)
 
 
 # ---------------------------------------------------------------- the stage
@@ -227,14 +223,6 @@ def worker_config(cfg: PreferenceConfig) -> dict:
 def judge_kwargs(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
     """``JudgeWorker``'s arguments: the same for the gold pairs and for the stage's pairs."""
     return dict(cfg=worker_config(cfg), constitution=constitution, seed=ctx.seed, cache_uri=cache_location(cfg, ctx))
-
-
-def write_rows(uri: str, rows: list[dict], schema: pa.Schema, chunk: int = 10_000) -> None:
-    """``rows`` as a parquet dataset directory (replacing it); an empty one still gets a file."""
-    writer = stage._RollingWriter(uri)
-    for start in range(0, max(len(rows), 1), chunk):
-        writer.write(pa.Table.from_pylist(rows[start:start + chunk], schema=schema))
-    writer.close()
 
 
 @dataclass
@@ -285,8 +273,8 @@ def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     started = time.time()
     pf = load_pairs(cfg.pairs_from, stage=f"{ctx.name}:pairs")
     check(f"{ctx.name}:pairs", pf.rows, pf.kept, [e["id"] for e in pf.errors])
-    write_rows(ctx.path("pairs"), pf.pairs, PAIRS_SCHEMA)
-    write_rows(ctx.path("errors"), pf.errors, ERRORS_SCHEMA)
+    stage.write_rows(ctx.path("pairs"), pf.pairs, PAIRS_SCHEMA)
+    stage.write_rows(ctx.path("errors"), pf.errors, ERRORS_SCHEMA)
     reasons = dict(Counter(e["reason"] for e in pf.errors))
     figures = {"file": cfg.pairs_from, "rows": len(pf.rows), "row_errors": len(pf.errors), "pairs": len(pf.pairs),
                "with_dataset_label": len(pf.labels), "seconds": round(time.time() - started, 2)}

@@ -15,11 +15,7 @@ from workflows.prompts.sources import PromptsConfig, read_prompts
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("messages", MESSAGES), ("source", pa.string())])
 
 
-def route(good: pa.Table) -> dict[str, pa.Table]:
-    return {"prompts": good.select(PROMPTS_SCHEMA.names).cast(PROMPTS_SCHEMA)}
-
-
-route.schemas = {"prompts": PROMPTS_SCHEMA}
+route = stage.select_route("prompts", PROMPTS_SCHEMA)
 
 
 def _raw_count(stage_dir: str) -> int:
