@@ -348,10 +348,11 @@ def test_ray_whole_input_errors_are_clear(ray_local, tmp_path):
 
 def test_ray_builtin_sets(ray_local):
     red, helpful = ray_rows(cfg(path="builtin:red_team")), ray_rows(cfg(path="builtin:helpful"))
-    both = ray_rows(cfg(path="builtin:all"))
-    assert len(red) >= 40 and len(helpful) >= 20 and len(both) == len(red) + len(helpful)
-    for rows in (red, helpful, both):
+    edgy, every = ray_rows(cfg(path="builtin:benign_edgy")), ray_rows(cfg(path="builtin:all"))
+    assert len(red) >= 200 and len(helpful) >= 150 and len(edgy) >= 150
+    assert len(every) == len(red) + len(helpful) + len(edgy)
+    for rows in (red, helpful, edgy, every):
         assert all(r["_error"] is None for r in rows)
         assert len({r["prompt_id"] for r in rows}) == len(rows)
-    assert {r["source"] for r in both} == {"red_team", "helpful"}
+    assert {r["source"] for r in every} == {"red_team", "helpful", "benign_edgy"}
     assert RAW_SCHEMA.names == COLUMNS

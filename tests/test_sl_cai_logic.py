@@ -62,3 +62,23 @@ def test_per_row_principles_do_not_depend_on_batch(constitution):
     alone = critique_revise(ScriptedEngine(), rows("a", "b", "c")[1:2], cfg, constitution, seed=3)
     batch = critique_revise(ScriptedEngine(), rows("a", "b", "c"), cfg, constitution, seed=3)
     assert [x["principle_id"] for x in alone[0]["rounds"]] == [x["principle_id"] for x in batch[1]["rounds"]]
+
+
+def test_only_revise_sources_are_revised_the_rest_keep_their_initial_answer(constitution):
+    cfg = from_dict(CritiqueRevisionConfig, {"rounds": 1, "revise_sources": ["red_team"]})
+    batch = rows("how to hotwire a car", "a basil tip please", "pick a lock")
+    batch[1]["source"] = "helpful"
+    batch[0]["source"] = batch[2]["source"] = "red_team"
+    engine = ScriptedEngine()
+    out = critique_revise(engine, batch, cfg, constitution, seed=0)
+    assert [len(r["rounds"]) for r in out] == [1, 0, 1]
+    assert out[1]["final_response"] == out[1]["initial_response"] and out[1]["_error"] is None
+    assert out[0]["final_response"] == out[0]["rounds"][0]["revision"] != out[0]["initial_response"]
+    assert [len(c) for c in engine.calls] == [3, 2, 2]  # the helpful row is answered, never critiqued
+
+
+def test_revise_sources_must_name_something():
+    from workflows.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="revise_sources"):
+        from_dict(CritiqueRevisionConfig, {"revise_sources": []}, "recipe: stages[1]")

@@ -53,6 +53,9 @@ STAGES: dict[str, StageSpec] = {
     "preference": StageSpec(
         "workflows.preference.stage:PreferenceConfig", "workflows.preference.stage:run", ("pairs", "preferences"),
         "RL-CAI: K samples per prompt, pairs judged (A)/(B) under sampled principles in both orders, soft labels"),
+    "revision_pairs": StageSpec(
+        "workflows.preference.revisions:RevisionPairsConfig", "workflows.preference.revisions:run",
+        ("revision_pairs",), "preference pairs from SL-CAI: the revision chosen over the initial answer, no judge"),
     "sft": StageSpec("training.config:SFTConfig", "training.sft:run", ("sft_model",),
                      "supervised fine-tuning on the sft dataset (Ray Train + DeepSpeed)"),
     "reward": StageSpec("training.config:RewardConfig", "training.reward:run", ("reward_model",),

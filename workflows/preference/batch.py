@@ -54,6 +54,16 @@ class HumanData:
 
 
 @dataclass
+class RevisionData:
+    """Revision pairs (``workflows.preference.revisions``) mixed into ``preferences``: chosen = the
+    SL-CAI revision, rejected = the initial answer."""
+
+    input: str = "revision_pairs"  # a revision_pairs or sl_cai dataset name of an earlier stage, or a parquet dir
+    ratio: float = 0.5  # fraction of the output that is revision pairs
+    p_chosen: float = 1.0  # label confidence when made here from an sl_cai dataset
+
+
+@dataclass
 class PreferenceConfig:
     """RL-CAI labeling: who samples, how pairs are chosen, who judges under which principles."""
 
@@ -79,6 +89,7 @@ class PreferenceConfig:
     cache: bool = True
     cache_uri: str | None = None  # default: <run_dir>/label_cache
     human: HumanData | None = None
+    revisions: RevisionData | None = None
     # the gold gate: human-labeled pairs (prompt/chosen/rejected formats of `human`) the judges
     # label first, with these same settings; below min_agreement the stage stops or warns
     gold: str | None = None  # a file, or builtin:gold_pairs (90 pairs shipped with the evaluate stage)
@@ -111,6 +122,12 @@ class PreferenceConfig:
             ("cache_uri", self.cache_uri is not None and not self.cache_uri.strip(), "remove it or give a path"),
             ("human.path", h is not None and not h.path.strip(), "point it at a jsonl/csv/parquet/HF dataset dir"),
             ("human.ratio", h is not None and not 0.0 <= h.ratio <= 1.0, "use a fraction between 0 and 1"),
+            ("revisions.ratio", self.revisions is not None and not 0.0 <= self.revisions.ratio <= 1.0,
+             "use a fraction between 0 and 1"),
+            ("revisions.ratio", self.revisions is not None and h is not None and h.ratio + self.revisions.ratio > 1.0,
+             "human.ratio + revisions.ratio is the given share of the output: make them add up to at most 1"),
+            ("revisions.p_chosen", self.revisions is not None and not 0.5 < self.revisions.p_chosen <= 1.0,
+             "use a confidence above 0.5 and at most 1.0"),
             ("pairs_from", _missing_file(self.pairs_from),
              "no such file: point it at a jsonl/json/csv/parquet file or saved Hugging Face dataset dir of pairs"),
             ("gold", _missing_file(self.gold),

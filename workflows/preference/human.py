@@ -236,22 +236,34 @@ def load_human(path: str, split: str = "train", limit: int | None = None,
 
 # ---------------------------------------------------------------- mixing
 
+def mix_plan(n_ai: int, given: dict[str, tuple[int, float]]) -> dict[str, int]:
+    """Rows kept per source so that each given source ``name: (rows, ratio)`` makes ``ratio`` of
+    the output and AI labels the rest (1 − Σ ratios), rounded to whole rows: the largest total every
+    source can fill, so the scarcest source (relative to its share) is used whole and the others
+    subsampled. Returns ``{"ai": k, name: k, ...}``."""
+    for name, (_, r) in given.items():
+        if not 0.0 <= r <= 1.0:
+            raise ConfigError(f"{name}_ratio", f"got {r}", "use a fraction between 0 and 1")
+    r_ai = 1.0 - sum(r for _, r in given.values())
+    if r_ai < -1e-9:
+        raise ConfigError("ratio", f"the given sources' ratios add up to {1 - r_ai:g}", "make them add up to at most 1")
+    shares = {"ai": (n_ai, max(r_ai, 0.0)), **given}
+    used = {k: v for k, v in shares.items() if v[1] > 1e-12}
+    if not used:
+        return {k: 0 for k in shares}
+    if len(used) > 1 and any(n == 0 for n, _ in used.values()):
+        missing = next("AI" if k == "ai" else k for k, (n, _) in used.items() if n == 0)
+        others = " and ".join("AI" if k == "ai" else k for k in used)
+        raise DataError(f"the mix asks for {others} rows, but there are no {missing} rows")
+    total = min(n / r for n, r in used.values())
+    return {k: (min(n, round(r * total)) if k in used else 0) for k, (n, r) in shares.items()}
+
+
 def mix_counts(n_ai: int, n_human: int, human_ratio: float) -> tuple[int, int]:
-    """(ai kept, human kept) so that human / total == human_ratio (rounded to whole rows):
-    all of the scarcer side is used and the other side is subsampled."""
-    if not 0.0 <= human_ratio <= 1.0:
-        raise ConfigError("human_ratio", f"got {human_ratio}", "use a fraction between 0 and 1")
-    if human_ratio == 0.0:
-        return n_ai, 0
-    if human_ratio == 1.0:
-        return 0, n_human
-    if n_human == 0 or n_ai == 0:
-        missing = "human" if n_human == 0 else "AI"
-        raise DataError(f"human_ratio {human_ratio} needs both AI and human rows, but there are no {missing} rows")
-    want_ai = round(n_human * (1 - human_ratio) / human_ratio)
-    if want_ai <= n_ai:
-        return want_ai, n_human
-    return n_ai, min(n_human, round(n_ai * human_ratio / (1 - human_ratio)))
+    """(ai kept, human kept) so that human / total == human_ratio (``mix_plan`` with one given
+    source): all of the scarcer side is used and the other side is subsampled."""
+    plan = mix_plan(n_ai, {"human": (n_human, human_ratio)})
+    return plan["ai"], plan["human"]
 
 
 def _subsample(rows: list[dict], k: int, seed: int, salt: str) -> list[dict]:

@@ -1,12 +1,13 @@
 """The ``preference`` stage's public outputs, written by streaming (memory flat in the row count):
 
 - ``preferences/``: every AI label (``_judging/labels``, PREFERENCES_SCHEMA columns), or — with
-  ``human`` set — AI and human rows in the configured proportion (``mix_counts`` of
-  ``workflows.preference.human``): an AI row whose pair also has a human label is dropped (the human
-  label wins), then the scarcer side is kept whole and the other subsampled without
-  replacement, deterministically (selection sampling: one pass, O(1) memory);
+  ``human`` and/or ``revisions`` set — AI, human and revision rows in the configured proportions
+  (``mix_plan`` of ``workflows.preference.human``): an AI row whose pair also has a given label is
+  dropped (the given label wins), then the scarcest source is kept whole and the others
+  subsampled without replacement, deterministically (selection sampling: one pass, O(1) memory);
 - ``errors/``: the sampling errors (written by finalize), plus part files appended here for
-  sample notes (``samples-*``), judging errors (``judging-*``) and unusable human rows (``human-*``);
+  sample notes (``samples-*``), judging errors (``judging-*``), unusable human rows (``human-*``)
+  and sl_cai rows that made no revision pair (``revision-*``);
 - ``report.md`` with ``p_chosen.png`` and ``principles.png``; the gold gate's figures and the
   agreement with a pairs file's own choices, when there are any, also in ``summary.md``.
 
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from workflows.core import storage, summary
 from workflows.core.stage import ERRORS_SCHEMA, _RollingWriter
-from workflows.preference.human import PREFERENCES_SCHEMA, load_human, mix_counts, to_table
+from workflows.preference.human import PREFERENCES_SCHEMA, load_human, mix_plan, to_table
 
 BINS = 10  # p_chosen histogram over [0.5, 1.0]
 
@@ -88,31 +89,38 @@ def select_stream(n: int, k: int, rng: random.Random):
         yield take
 
 
-def assemble(ctx, labels_uri: str, notes_name: str, judge_errors_uri: str, human, human_cfg) -> dict:
-    """Write ``preferences`` (mixed if ``human``) and the appended ``errors`` parts; gather label stats."""
+def assemble(ctx, labels_uri: str, notes_name: str, judge_errors_uri: str, given: dict[str, tuple]) -> dict:
+    """Write ``preferences`` (AI labels, mixed by ratio with the ``given`` sources — ``{name: (rows,
+    errors, ratio)}``, e.g. human and revision rows) and the appended ``errors`` parts; gather label
+    stats. An AI label whose pair a given source also labels is dropped first (the given label wins)."""
     stats, writer = LabelStats(), _RollingWriter(ctx.path("preferences"))
-    human_rows, human_errors = human or ([], [])
-    human_ids = pa.array(sorted({r["pair_id"] for r in human_rows}), pa.string())
+    given_ids = pa.array(sorted({r["pair_id"] for rows, _, _ in given.values() for r in rows}), pa.string())
     mix = keep = None
-    if human is not None:
+    picked: dict[str, list[int]] = {}
+    if given:
         n_ai = over = 0
         for t in iter_tables(labels_uri, ["pair_id"]):
-            n_ai, over = n_ai + t.num_rows, over + pc.sum(pc.is_in(t["pair_id"], value_set=human_ids)).as_py()
-        k_ai, k_h = mix_counts(n_ai - over, len(human_rows), human_cfg.ratio)
-        keep = select_stream(n_ai - over, k_ai, _rng(ctx.seed, "ai"))
-        picked = sorted(_rng(ctx.seed, "human").sample(range(len(human_rows)), k_h))
-        mix = {"human_ratio": human_cfg.ratio, "actual_human_ratio": k_h / (k_ai + k_h) if k_ai + k_h else 0.0,
-               "ai_in": n_ai, "ai_kept": k_ai, "ai_overridden_by_human": over, "human_in": len(human_rows),
-               "human_kept": k_h, "human_errors": len(human_errors)}
+            n_ai, over = n_ai + t.num_rows, over + pc.sum(pc.is_in(t["pair_id"], value_set=given_ids)).as_py()
+        plan = mix_plan(n_ai - over, {name: (len(rows), ratio) for name, (rows, _, ratio) in given.items()})
+        keep = select_stream(n_ai - over, plan["ai"], _rng(ctx.seed, "ai"))
+        picked = {name: sorted(_rng(ctx.seed, name).sample(range(len(rows)), plan[name]))
+                  for name, (rows, _, _) in given.items()}
+        total = sum(plan.values())
+        mix = {"ai_in": n_ai, "ai_kept": plan["ai"], "ai_overridden_by_human": over}
+        for name, (rows, errors, ratio) in given.items():
+            mix.update({f"{name}_ratio": ratio, f"actual_{name}_ratio": plan[name] / total if total else 0.0,
+                        f"{name}_in": len(rows), f"{name}_kept": plan[name], f"{name}_errors": len(errors)})
+        mix["sources"] = list(given)
     for t in iter_tables(labels_uri):
         stats.update(t)
         t = t.select(PREFERENCES_SCHEMA.names)
         if keep is not None:
-            fresh = pc.invert(pc.is_in(t["pair_id"], value_set=human_ids)).to_pylist()
+            fresh = pc.invert(pc.is_in(t["pair_id"], value_set=given_ids)).to_pylist()
             t = t.filter(pa.array([ok and next(keep) for ok in fresh], pa.bool_()))
         writer.write(t)
-    if human is not None:
-        writer.write(to_table([human_rows[i] for i in picked]))
+    for name, (rows, _, _) in given.items():
+        if picked[name]:
+            writer.write(to_table([rows[i] for i in picked[name]]))
     n_pref = writer.total
     writer.close()
     if n_pref == 0:
@@ -121,8 +129,9 @@ def assemble(ctx, labels_uri: str, notes_name: str, judge_errors_uri: str, human
     errors_uri = ctx.path("errors")
     notes = append_parts(ctx.path(notes_name), errors_uri, "samples")
     append_parts(judge_errors_uri, errors_uri, "judging")
-    if human_errors:
-        _write(pa.Table.from_pylist(human_errors, schema=ERRORS_SCHEMA), storage.join(errors_uri, "human-00000.parquet"))
+    for name, (_, errors, _) in given.items():
+        if errors:
+            _write(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), storage.join(errors_uri, f"{name}-00000.parquet"))
     n_err = sum(_num_rows(f) for f in storage.list_files(errors_uri, ".parquet"))
     return {"preferences": n_pref, "errors": n_err, "mix": mix, "stats": stats, "notes_by_reason": notes}
 
@@ -273,9 +282,10 @@ def write_report(ctx, info: dict, stats: LabelStats) -> str:
                                       or "none"), ""]
     if info.get("mix"):
         m = info["mix"]
-        lines += [f"Human data mixed in: {m['human_kept']} of {m['human_in']} human rows and {m['ai_kept']} of "
-                  f"{m['ai_in']} AI rows (human share {_fmt(m['actual_human_ratio'])}, asked {m['human_ratio']}; "
-                  f"{m['ai_overridden_by_human']} AI labels replaced by human ones).", ""]
+        parts = [f"{m[f'{n}_kept']} of {m[f'{n}_in']} {n} rows (share {_fmt(m[f'actual_{n}_ratio'])}, "
+                 f"asked {m[f'{n}_ratio']})" for n in m.get("sources", ["human"])]
+        lines += [f"Mixed in: {'; '.join(parts)}; and {m['ai_kept']} of {m['ai_in']} AI rows "
+                  f"({m['ai_overridden_by_human']} AI labels replaced by given ones).", ""]
     lines += ["![p_chosen histogram](p_chosen.png)", "", "## Per principle", "",
               "p = P(chosen is better) under that principle alone. confidence = mean 2·|p − 0.5|; sides with "
               "ensemble = share with p > 0.5; order agreement = share where both orders prefer the same response.", "",

@@ -43,7 +43,8 @@ Informational error rows, not part of any equation: stage "<name>:samples" (a fa
 sample ``<prompt_id>/sample-<k>``, or a group of identical samples with id
 ``pair_id(prompt_id, text, text)`` and reason ``duplicate_responses``, of a prompt that still
 made pairs) and "<name>:human" (unusable human rows). All AI labels, before mixing, stay in
-``<stage>/_judging/labels``; ``preferences`` mixes them with human rows when ``human`` is set.
+``<stage>/_judging/labels``; ``preferences`` mixes them by ratio with human rows (``human``) and
+revision pairs (``revisions``: an SL-CAI revision chosen over its initial answer) when set.
 
 Label cache: ``<run_dir>/label_cache/`` (or ``cache_uri``), keyed by ``judging.cache_key``
 (prompt, ordered responses, principle text, judge identity, template, CoT). Each judging
@@ -332,7 +333,11 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
     cfg = replace(cfg, policy=replace(cfg.policy, model=ctx.resolve(cfg.policy.model)),
                   judges=[replace(j, model=ctx.resolve(j.model)) for j in cfg.judges])  # e.g. `model: sft_model`
     constitution = load_constitution(cfg.constitution)
-    human = report.load_human_data(cfg.human, ctx.name) if cfg.human else None  # fail fast
+    given = {}
+    if cfg.human:
+        given["human"] = (*report.load_human_data(cfg.human, ctx.name), cfg.human.ratio)  # fail fast
+    if cfg.revisions:
+        given["revision"] = (*load_revisions(cfg.revisions, ctx), cfg.revisions.ratio)
     gold_info = gold_gate(cfg, ctx, constitution) if cfg.gold else None  # before any pair is made
     made = read_pairs(cfg, ctx) if cfg.pairs_from else sample(cfg, ctx)
     judging_started = time.time()
@@ -340,7 +345,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
     judged = time.time()
     n_pairs, n_pair_errors = len(made.pair_ids), len(fin.error_ids)
     del made.pair_ids, fin.output_ids, fin.error_ids  # flat memory
-    out = report.assemble(ctx, jctx.path(LABELS), NOTES, jctx.path("errors"), human, cfg.human)
+    out = report.assemble(ctx, jctx.path(LABELS), NOTES, jctx.path("errors"), given)
     m = {**made.metrics, **fin.metrics}
     info = {
         "stage": ctx.name, "inputs": made.inputs, "outputs": rec.outputs, "errors": made.errors + n_pair_errors,
@@ -366,6 +371,26 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
     stage.write_success(ctx.dir, info)
     report.write_summary(ctx, info)
     return info
+
+
+def load_revisions(rev, ctx: StageContext) -> tuple[list[dict], list[dict]]:
+    """(rows, error rows) of ``revisions.input``: a revision_pairs dataset as it is, or an sl_cai
+    dataset turned into revision pairs here (rows that make none are errors ``<name>:revisions``)."""
+    from workflows.preference.revisions import revision_pair
+
+    uri = ctx.input(rev.input) if "/" not in rev.input else rev.input
+    fs, path = storage.resolve(uri)
+    table = pq.read_table(path, filesystem=fs)
+    if "final_response" not in table.column_names:
+        return table.select(PREFERENCES_SCHEMA.names).to_pylist(), []
+    rows, errors = [], []
+    for r in (revision_pair(x, rev.p_chosen) for x in table.to_pylist()):
+        if r["_error"]:
+            errors.append({"id": r["prompt_id"], "stage": f"{ctx.name}:revisions", "reason": r["_error"],
+                           "detail": r["_detail"]})
+        else:
+            rows.append({k: r[k] for k in PREFERENCES_SCHEMA.names})
+    return rows, errors
 
 
 def _merge_counts(*dicts: dict) -> dict:

@@ -2,7 +2,7 @@
 
 Inputs: a file or directory (``.jsonl``/``.json``/``.csv``/``.parquet``, optionally
 ``.gz``), a saved Hugging Face dataset (``load_from_disk`` dir), ``hf:NAME[:CONFIG]``
-(the hub, when reachable) or a shipped set: ``builtin:red_team|helpful|all``.
+(the hub, when reachable) or a shipped set: ``builtin:red_team|helpful|benign_edgy|all``.
 
 Every input row yields exactly one output row (``RAW_SCHEMA``). Good rows have
 ``_error = None``; bad rows keep ``prompt_id = "row:" + _loc``, ``messages = []`` and a

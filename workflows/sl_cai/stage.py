@@ -1,5 +1,8 @@
 """SL-CAI stage: initial answer → N × (sample a principle, critique, revise) → sl_cai + sft.
 
+With ``revise_sources``, rows from other prompt sources (helpful tasks) skip the rounds and keep
+their initial answer: the SFT set then mixes revised red-team answers with ordinary helpful ones.
+
 ``critique_revise`` is the whole per-batch program over any ``Engine`` (unit-tested with a
 scripted engine); ``CritiqueReviseWorker`` wraps it as a Ray Data actor-pool UDF; ``run``
 streams the input dataset through the pool, then finalizes and reconciles.
@@ -41,6 +44,11 @@ class CritiqueRevisionConfig:
     critique_max_new_tokens: int | None = None  # default: sampling.max_new_tokens
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint_rows: int = 256  # rows per raw file: the unit of work a resumed run does not redo
+    # Prompt sources (the prompts dataset's ``source``: a builtin's or file's name) that go through
+    # critique and revision; rows of other sources keep their initial answer as the SFT target, with
+    # no rounds. CAI mixes helpful samples into SL-CAI this way so the model keeps answering benign
+    # requests. null: every row is revised.
+    revise_sources: list[str] | None = None
 
     def validate(self, where: str) -> None:
         from workflows.core.errors import ConfigError
@@ -49,6 +57,9 @@ class CritiqueRevisionConfig:
             raise ConfigError(f"{where}.rounds", f"got {self.rounds}", "use 1 or more rounds")
         if self.sampling.max_new_tokens < 1:
             raise ConfigError(f"{where}.sampling.max_new_tokens", "must be ≥ 1")
+        if self.revise_sources is not None and not [s for s in self.revise_sources if s.strip()]:
+            raise ConfigError(f"{where}.revise_sources", "is empty",
+                              "name the prompt sources to revise (e.g. [red_team]), or null to revise every row")
 
 
 class _RowFailed(Exception):
@@ -98,6 +109,8 @@ def critique_revise(engine, rows: list[dict], cfg: CritiqueRevisionConfig, const
                                       for i in alive}, cfg.sampling)
     for i, text in current.items():
         state[i]["initial"] = text
+    kept = {i: current.pop(i) for i in list(current)
+            if cfg.revise_sources is not None and state[i]["row"].get("source") not in cfg.revise_sources}
     principles = {i: sample_principles(constitution, state[i]["row"]["prompt_id"], cfg.rounds, seed)
                   for i in current}
     for r in range(cfg.rounds):
@@ -112,6 +125,7 @@ def critique_revise(engine, rows: list[dict], cfg: CritiqueRevisionConfig, const
         for i, text in revisions.items():
             state[i]["rounds"].append({"principle_id": principles[i][r], "critique": critiques[i], "revision": text})
         current = revisions
+    current.update(kept)
     return [_raw_row(s, current.get(i)) for i, s in enumerate(state)]
 
 
@@ -147,18 +161,33 @@ route.schemas = {"sl_cai": pa.schema([f for f in RAW_SCHEMA if not f.name.starts
                  "sft": pa.schema([("prompt_id", pa.string()), ("messages", MESSAGES)])}
 
 
+def _check_sources(cfg: CritiqueRevisionConfig, input_uri: str, name: str) -> None:
+    """A ``revise_sources`` name that no input row carries would silently revise nothing."""
+    from workflows.core.errors import ConfigError
+
+    if cfg.revise_sources is None:
+        return
+    present = set(stage.ids_of(input_uri, "source"))
+    missing = [s for s in cfg.revise_sources if s not in present]
+    if missing:
+        raise ConfigError(f"stage {name}.revise_sources", f"no input row has source {', '.join(map(repr, missing))}",
+                          f"the input's sources are {', '.join(sorted(map(str, present)))}")
+
+
 def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
     """Stream ``cfg.input`` through the engine pool into ``<stage>/_raw``, then finalize."""
     started = time.time()
     constitution = load_constitution(cfg.constitution)
     input_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     input_ids = stage.ids_of(input_uri, "prompt_id")
+    _check_sources(cfg, input_uri, ctx.name)
     engine_pool.stream_through_pool(
         ctx, input_uri, "prompt_id", CritiqueReviseWorker, cfg.engine,
         dict(cfg=to_dict(cfg), constitution=constitution, seed=ctx.seed), total=len(input_ids),
         checkpoint_rows=cfg.checkpoint_rows)
     fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["sl_cai", "sft"])
     info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"constitution": constitution.name, "rounds": cfg.rounds,
+                                     "revise_sources": cfg.revise_sources,
                                      "engine": f"{cfg.engine.backend}:{cfg.engine.model}",
                                      "engines": engine_pool.engines_used(ctx.dir)})
     summary.write_stage_summary(ctx, info, examples=summary.before_after_examples(ctx.path("sl_cai")))

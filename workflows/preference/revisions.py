@@ -1,0 +1,92 @@
+"""Revision pairs: preference rows from an SL-CAI dataset, no judge needed.
+
+Each ``sl_cai`` row (prompt, initial answer, critique/revision rounds, final answer) becomes one
+preference row with the **final revision as chosen** and the **initial answer as rejected** —
+the source of DPO pairs in the Hugging Face Constitutional AI replication. The rows carry
+``source: "revision"``, ``judge: "revision"``, the rounds' principle ids and ``p_chosen`` from the
+config (1.0 by default; lower it to soften the label for cDPO or the reward model's soft loss).
+
+They can stand alone (the ``revision_pairs`` stage's dataset fed straight to ``dpo`` or
+``reward``, when the judge is too weak to trust) or be mixed with AI and human labels by ratio
+(the ``preference`` stage's ``revisions:``).
+
+Reconcile: every sl_cai row is a pair or an error row (same ``prompt_id``) with a reason:
+``not_revised`` (no rounds: a source ``revise_sources`` left alone), ``unchanged`` (the revision
+equals the initial answer) or ``missing_response``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflows.core import stage, storage, summary
+from workflows.core.stage import StageContext
+from workflows.core.typed import check_fields
+from workflows.preference.human import PREFERENCES_SCHEMA, preference_row
+
+OUTPUT = "revision_pairs"
+JUDGE = SOURCE = "revision"
+RAW_SCHEMA = pa.schema([*PREFERENCES_SCHEMA, ("_error", pa.string()), ("_detail", pa.string())])
+
+
+@dataclass
+class RevisionPairsConfig:
+    """Pairs from SL-CAI revisions: chosen = final revision, rejected = initial answer."""
+
+    input: str = "sl_cai"  # dataset name of an earlier critique_revision stage, or a parquet directory
+    p_chosen: float = 1.0  # the label's confidence: 1.0 hard, e.g. 0.9 for a softer target
+
+    def validate(self, where: str) -> None:
+        check_fields(self, where, [
+            ("input", not self.input.strip(), "name the sl_cai dataset, e.g. input: sl_cai"),
+            ("p_chosen", not 0.5 < self.p_chosen <= 1.0, "use a confidence above 0.5 and at most 1.0, e.g. 1.0"),
+        ])
+
+
+def revision_pair(row: dict, p_chosen: float = 1.0) -> dict:
+    """One sl_cai row → one raw row: a preference row, or an error row (``_error`` set)."""
+    initial, final, rounds = row.get("initial_response"), row.get("final_response"), row.get("rounds") or []
+    error = None
+    if not (initial or "").strip() or not (final or "").strip():
+        error = ("missing_response", "the sl_cai row has no initial or no final answer")
+    elif not rounds:
+        error = ("not_revised", f"source {row.get('source')!r} was not revised (critique_revision revise_sources)")
+    elif initial.strip() == final.strip():
+        error = ("unchanged", "the revision is the same as the initial answer")
+    if error:
+        empty = {name: None for name in PREFERENCES_SCHEMA.names}
+        return {**empty, "prompt_id": row["prompt_id"], "_error": error[0], "_detail": error[1]}
+    out = preference_row(row["messages"], final, initial, p_chosen, principle_ids=[r["principle_id"] for r in rounds],
+                         judge=JUDGE, order_agreement=None, source=SOURCE)
+    return {**out, "prompt_id": row["prompt_id"], "_error": None, "_detail": None}
+
+
+route = stage.select_route(OUTPUT, PREFERENCES_SCHEMA)
+
+
+def run(cfg: RevisionPairsConfig, ctx: StageContext) -> dict:
+    """Stream the sl_cai dataset into raw rows, then finalize and reconcile (one pair per row)."""
+    started = time.time()
+    input_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
+    storage.delete(ctx.path(stage.RAW))  # cheap to redo whole
+    input_ids: list[str] = []
+    for k, uri in enumerate(storage.list_files(input_uri, ".parquet")):
+        fs, path = storage.resolve(uri)
+        for j, batch in enumerate(pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192)):
+            rows = batch.to_pylist()
+            input_ids += [r["prompt_id"] for r in rows]
+            raw = pa.Table.from_pylist([revision_pair(r, cfg.p_chosen) for r in rows], schema=RAW_SCHEMA)
+            _write_raw(ctx, f"part-{k:05d}-{j:05d}.parquet", raw)
+    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, [OUTPUT])
+    info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"input": cfg.input, "p_chosen": cfg.p_chosen})
+    summary.write_stage_summary(ctx, info)
+    return info
+
+
+def _write_raw(ctx: StageContext, name: str, table: pa.Table) -> None:
+    storage.makedirs(ctx.path(stage.RAW))
+    fs, path = storage.resolve(ctx.path(stage.RAW, name))
+    pq.write_table(table, path, filesystem=fs)
