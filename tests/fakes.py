@@ -13,10 +13,12 @@ class ScriptedEngine:
 
     def __init__(self, fail_reason: str = "boom: scripted failure", empty_on: str | None = None):
         self.calls: list[list[list[dict]]] = []
+        self.params: list = []  # the SamplingParams of each call
         self.fail_reason, self.empty_on = fail_reason, empty_on
 
     def generate(self, conversations, params):
         self.calls.append(conversations)
+        self.params.append(params)
         out = []
         for conv in conversations:
             last = conv[-1]["content"]

@@ -227,3 +227,24 @@ def test_cai_eval_command_writes_a_report_with_a_verdict(tmp_path, tiny_llama_di
     assert metrics["units_per_set"] == {"eval_benign_edgy": 1, "eval_helpful": 1, "eval_red_team": 1}
     kl = metrics["comparisons"]["tuned"]["kl_from_base"]
     assert kl["n"] == 3 and kl["kl"] != 0  # two different models: their answers' log-probs differ
+
+
+def test_limit_spreads_over_every_category_of_a_grouped_set():
+    import json
+
+    from workflows.evaluate.config import EvaluateConfig
+    from workflows.evaluate.stage import load_prompts, spread
+
+    assert spread(10, 3) == [0, 3, 6] and spread(4, None) == spread(4, 9) == [0, 1, 2, 3]
+    rows, errors = load_prompts(EvaluateConfig(limit=20))
+    by_text = {}
+    for s in ("eval_red_team", "eval_benign_edgy", "eval_helpful"):
+        for line in open(f"workflows/evaluate/data/{s}.jsonl"):
+            rec = json.loads(line)
+            by_text[rec["prompt"]] = (s, rec["category"])
+    got = [by_text[r["messages"][-1]["content"]] for r in rows]
+    assert not errors and len(rows) == 60
+    for s in ("eval_red_team", "eval_benign_edgy", "eval_helpful"):
+        cats = {c for name, c in got if name == s}
+        every = {c for name, c in by_text.values() if name == s}
+        assert cats == every, s  # a first-20 cut would cover two categories

@@ -82,3 +82,12 @@ def test_revise_sources_must_name_something():
 
     with pytest.raises(ConfigError, match="revise_sources"):
         from_dict(CritiqueRevisionConfig, {"revise_sources": []}, "recipe: stages[1]")
+
+
+def test_revision_sampling_decodes_critiques_and_revisions_only(constitution):
+    cfg = from_dict(CritiqueRevisionConfig, {
+        "sampling": {"max_new_tokens": 50, "repetition_penalty": 1.2},
+        "revision_sampling": {"max_new_tokens": 30, "repetition_penalty": 1.0}, "critique_max_new_tokens": 20})
+    engine = ScriptedEngine()
+    critique_revise(engine, rows("how to hotwire a car"), cfg, constitution, seed=0)
+    assert [(p.max_new_tokens, p.repetition_penalty) for p in engine.params] == [(50, 1.2), (20, 1.0), (30, 1.0)]

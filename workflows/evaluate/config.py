@@ -27,7 +27,7 @@ class EvalSet:
     kind: Kind = "red_team"
     path: str = ""  # a jsonl/csv/parquet file or HF dataset dir with a `prompt` (or messages) field
     field: str = "prompt"
-    limit: int | None = None  # the first N prompts of this set (overrides the stage's `limit`)
+    limit: int | None = None  # N prompts of this set, spread evenly over the file (overrides the stage's `limit`)
 
     def location(self) -> str:
         return self.path or str(DATA / f"{self.name}.jsonl")
@@ -60,7 +60,7 @@ class EvaluateConfig:
     base: str = "base"
     target: str | None = None
     sets: list[EvalSet] = field(default_factory=default_sets)
-    limit: int | None = None  # prompts per set, for a quick look
+    limit: int | None = None  # prompts per set, spread evenly over each file (every category of a grouped set)
     engine: EngineConfig = field(default_factory=EngineConfig)  # how every model answers (its `model` is ignored)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128, temperature=0.0,
                                                                             seed=0))

@@ -88,14 +88,24 @@ class EvalJudgeWorker:
 
 # ---------------------------------------------------------------- phases
 
+def spread(n: int, k: int | None) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k`` is None or ≥ n): a
+    limited evaluation still sees every category of a set grouped by category."""
+    if k is None or k >= n:
+        return list(range(n))
+    return [(i * n) // k for i in range(k)]
+
+
 def load_prompts(cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
-    """(prompt rows, error rows) of every set; an error row's id is ``<set>/row:<file>:<n>``."""
+    """(prompt rows, error rows) of every set, ``limit`` records spread evenly over each file; an
+    error row's id is ``<set>/row:<file>:<n>``."""
     rows, errors, seen = [], [], set()
     for s in cfg.sets:
         limit = s.limit if s.limit is not None else cfg.limit
-        pc = PromptsConfig(path=s.location(), field=s.field, limit=limit, source=s.name)
+        pc = PromptsConfig(path=s.location(), field=s.field, source=s.name)
         pc.validate(f"evaluate.sets[{s.name}]")
-        for r in iter_prompt_rows(pc):
+        records = list(iter_prompt_rows(pc))
+        for r in (records[i] for i in spread(len(records), limit)):
             eid = f"{s.name}/{r['prompt_id']}"
             if r["_error"] is not None:
                 errors.append({"id": eid, "reason": r["_error"], "detail": r["_detail"] or ""})

@@ -42,6 +42,10 @@ class CritiqueRevisionConfig:
     max_prompt_chars: int = 8000
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=128))
     critique_max_new_tokens: int | None = None  # default: sampling.max_new_tokens
+    # decoding of critiques and revisions (default: ``sampling``, which the initial answer uses). A
+    # small model copies a few-shot revision's wording only without a repetition penalty, while its
+    # initial answers need one to not loop.
+    revision_sampling: SamplingParams | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint_rows: int = 256  # rows per raw file: the unit of work a resumed run does not redo
     # Prompt sources (the prompts dataset's ``source``: a builtin's or file's name) that go through
@@ -57,6 +61,8 @@ class CritiqueRevisionConfig:
             raise ConfigError(f"{where}.rounds", f"got {self.rounds}", "use 1 or more rounds")
         if self.sampling.max_new_tokens < 1:
             raise ConfigError(f"{where}.sampling.max_new_tokens", "must be ≥ 1")
+        if self.revision_sampling is not None and self.revision_sampling.max_new_tokens < 1:
+            raise ConfigError(f"{where}.revision_sampling.max_new_tokens", "must be ≥ 1")
         if self.revise_sources is not None and not [s for s in self.revise_sources if s.strip()]:
             raise ConfigError(f"{where}.revise_sources", "is empty",
                               "name the prompt sources to revise (e.g. [red_team]), or null to revise every row")
@@ -76,8 +82,9 @@ def critique_revise(engine, rows: list[dict], cfg: CritiqueRevisionConfig, const
     """Run the SL-CAI program on a batch of prompt rows; one raw row out per row in, in order.
     Each step is one batched ``generate`` call over the rows still alive."""
     examples = templates.few_shot_messages(constitution.few_shot, cfg.few_shot)
-    crit_params = SamplingParams(**{**asdict(cfg.sampling), "stop": tuple(cfg.sampling.stop),
-                                    "max_new_tokens": cfg.critique_max_new_tokens or cfg.sampling.max_new_tokens})
+    rev_params = cfg.revision_sampling or cfg.sampling
+    crit_params = SamplingParams(**{**asdict(rev_params), "stop": tuple(rev_params.stop),
+                                    "max_new_tokens": cfg.critique_max_new_tokens or rev_params.max_new_tokens})
     state = [{"row": r, "rounds": [], "tokens": 0, "prompt_tokens": 0, "error": None} for r in rows]
     for s in state:
         msgs = s["row"].get("messages") or []
@@ -121,7 +128,7 @@ def critique_revise(engine, rows: list[dict], cfg: CritiqueRevisionConfig, const
         rev_convs = {i: templates.revision_conversation(crit_convs[i], critiques[i],
                                                         constitution.get(principles[i][r]).revision)
                      for i in critiques}
-        revisions = step(f"round {r + 1} revision", rev_convs, cfg.sampling)
+        revisions = step(f"round {r + 1} revision", rev_convs, rev_params)
         for i, text in revisions.items():
             state[i]["rounds"].append({"principle_id": principles[i][r], "critique": critiques[i], "revision": text})
         current = revisions
