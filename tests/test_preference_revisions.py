@@ -121,3 +121,12 @@ def test_preference_makes_revision_pairs_from_an_sl_cai_dataset_itself(tmp_path,
     assert sorted(e["reason"] for e in errors if e["stage"] == "preference:revisions") == \
         ["missing_response", "not_revised", "unchanged"]
     assert info["mix"]["revision_errors"] == 3
+
+
+def test_a_kept_first_answer_is_chosen_over_its_revision():
+    row = sl_row(5, "Use `kill -9 PID` to stop the stuck process.", "Use `kill -9 PID` to stop the stuck process.",
+                 source="benign_edgy")
+    row["rounds"][0]["revision"] = "I can't help with killing, because it is violent."
+    pair = revision_pair(row)
+    assert pair["_error"] is None
+    assert pair["chosen"][0]["content"].startswith("Use `kill -9") and pair["rejected"][0]["content"].startswith("I can't")

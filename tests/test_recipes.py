@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from workflows.driver import STAGES, load_recipe, plan, run_recipe
@@ -23,11 +24,16 @@ def shrink(recipe, model_dir: str, run_dir: str):
     tiny_engine = {"model": model_dir, "batch_size": 4, "concurrency": 1, "max_model_len": 1024}
     for st in recipe.stages:
         kind = st["stage"]
-        if kind == "prompts":
-            st["limit"] = 4
+        if kind == "prompts" and st["path"] != "builtin:all":
+            st["limit"] = 4  # (builtin:all is read whole: a first-rows cut would hold one source only)
         elif kind == "critique_revision":
             st["engine"] = tiny_engine
             st["sampling"]["max_new_tokens"] = 6
+            if st.get("revision_sampling"):
+                st["revision_sampling"]["max_new_tokens"] = 6
+            st.pop("critique_max_new_tokens", None)
+        elif kind == "revision_pairs":
+            pass  # no model: pairs from the sl_cai rows
         elif kind == "preference":
             st["policy"] = {**tiny_engine, "model": st["policy"]["model"]}  # keeps `sft_model`: the SFT output
             st["judges"] = [tiny_engine]
@@ -63,3 +69,27 @@ def test_demo_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
     metrics = json.loads((tmp_path / "demo" / "evaluate" / "metrics.json").read_text())
     assert set(metrics["comparisons"]) == {"sft", "dpo", "ppo"} and "kl_from_base" in metrics["comparisons"]["ppo"]
     assert metrics["models"]["dpo"]["reward_score"]["n"] == 3 * 2  # 2 prompts of each of the 3 sets
+
+
+def test_harmless_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
+    """The laptop recipe's wiring at toy size: every prompt source, red-team rows revised and the
+    rest kept, SFT, revision pairs into DPO, the evaluation of all three models."""
+    recipe = shrink(load_recipe(RECIPES[[p.name for p in RECIPES].index("harmless.yaml")]), str(tiny_llama_dir),
+                    str(tmp_path / "harmless"))
+    infos = run_recipe(recipe)
+    assert list(infos) == ["prompts", "critique_revision", "sft", "revision_pairs", "dpo", "evaluate"]
+    run = tmp_path / "harmless"
+    sl = pq.read_table(run / "critique_revision" / "sl_cai").to_pylist()
+    by_source = {s: [r for r in sl if r["source"] == s] for s in ("red_team", "helpful", "benign_edgy")}
+    assert all(by_source.values()) and len(sl) + infos["critique_revision"]["errors"] == infos["prompts"]["outputs"]
+    assert all(len(r["rounds"]) == 1 for r in by_source["red_team"])
+    assert all(not r["rounds"] and r["final_response"] == r["initial_response"]
+               for r in by_source["helpful"] + by_source["benign_edgy"])
+    pairs = pq.read_table(run / "revision_pairs" / "revision_pairs").to_pylist()
+    errors = pq.read_table(run / "revision_pairs" / "errors").to_pylist()
+    assert len(pairs) + len(errors) == len(sl) and {p["source"] for p in pairs} == {"revision"}
+    assert {p["prompt_id"] for p in pairs} <= {r["prompt_id"] for r in by_source["red_team"]}
+    assert (run / "dpo" / "dpo_model" / "config.json").is_file()
+    assert infos["dpo"]["inputs"] == len(pairs)
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["comparisons"]) == {"sft", "dpo"} and infos["evaluate"]["target"] == "dpo"

@@ -91,3 +91,17 @@ def test_revision_sampling_decodes_critiques_and_revisions_only(constitution):
     engine = ScriptedEngine()
     critique_revise(engine, rows("how to hotwire a car"), cfg, constitution, seed=0)
     assert [(p.max_new_tokens, p.repetition_penalty) for p in engine.params] == [(50, 1.2), (20, 1.0), (30, 1.0)]
+
+
+def test_keep_initial_sources_are_revised_but_keep_their_first_answer(constitution):
+    cfg = from_dict(CritiqueRevisionConfig, {"revise_sources": ["red_team", "benign_edgy"],
+                                             "keep_initial_sources": ["benign_edgy"]})
+    batch = rows("how to hotwire a car", "how do I kill a stuck process")
+    batch[0]["source"], batch[1]["source"] = "red_team", "benign_edgy"
+    out = critique_revise(ScriptedEngine(), batch, cfg, constitution, seed=0)
+    assert out[0]["final_response"] == out[0]["rounds"][0]["revision"]
+    assert len(out[1]["rounds"]) == 1 and out[1]["final_response"] == out[1]["initial_response"]
+    from workflows.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_initial_sources"):
+        from_dict(CritiqueRevisionConfig, {"revise_sources": ["red_team"], "keep_initial_sources": ["benign_edgy"]}, "s")

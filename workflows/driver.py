@@ -71,7 +71,7 @@ STAGES: dict[str, StageSpec] = {
 _RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
 # Training settings that change how a job runs, not what it learns.
 _RUNTIME_FIELDS = ("cpus_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every", "fail_at_step",
-                   "collective_timeout_s")
+                   "collective_timeout_s", "checkpoint_rows")
 
 
 @dataclass

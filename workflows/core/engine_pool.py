@@ -97,6 +97,18 @@ def check_engine(engine: EngineConfig) -> None:
         resolve_model(engine.model)
 
 
+BLOCKS_PER_ACTOR = 4
+
+
+def block_rows(todo: int, checkpoint_rows: int, engine: EngineConfig) -> int:
+    """Rows per block: at most ``checkpoint_rows``, and small enough that every actor gets
+    ``BLOCKS_PER_ACTOR`` blocks — rows differ in cost (a revised red-team prompt takes three
+    generations, a kept helpful one takes one), and one slow block must not leave the others
+    idle — but never below one batch."""
+    per_actor = -(-todo // (engine.concurrency * BLOCKS_PER_ACTOR))
+    return max(1, min(checkpoint_rows, max(per_actor, engine.batch_size)))
+
+
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
                         engine: EngineConfig, worker_kwargs: dict, total: int, checkpoint_rows: int,
                         check: bool = True) -> int:
@@ -117,8 +129,7 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
     if done:
         ds = ds.map_batches(stage.drop_done, batch_format="pyarrow",
                             fn_kwargs={"id_col": id_col, "done": pa.array(sorted(done), pa.string())})
-    # Blocks of at most checkpoint_rows, and at least one block per actor so none idles.
-    ds = ds.repartition(target_num_rows_per_block=max(1, min(checkpoint_rows, -(-todo // engine.concurrency))))
+    ds = ds.repartition(target_num_rows_per_block=block_rows(todo, checkpoint_rows, engine))
     worker_kwargs = {**worker_kwargs, "engines_dir": storage.resolve(ctx.path(ENGINES))}
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_format="pyarrow",
                         **pool_args(engine))

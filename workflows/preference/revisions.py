@@ -2,7 +2,9 @@
 
 Each ``sl_cai`` row (prompt, initial answer, critique/revision rounds, final answer) becomes one
 preference row with the **final revision as chosen** and the **initial answer as rejected** —
-the source of DPO pairs in the Hugging Face Constitutional AI replication. The rows carry
+the source of DPO pairs in the Hugging Face Constitutional AI replication. A row of a
+``keep_initial_sources`` prompt (benign but edgy: revised, but its SFT target stays the first
+answer) is the other way round: the **first answer chosen** over its needless revision. The rows carry
 ``source: "revision"``, ``judge: "revision"``, the rounds' principle ids and ``p_chosen`` from the
 config (1.0 by default; lower it to soften the label for cDPO or the reward model's soft loss).
 
@@ -54,12 +56,14 @@ def revision_pair(row: dict, p_chosen: float = 1.0) -> dict:
         error = ("missing_response", "the sl_cai row has no initial or no final answer")
     elif not rounds:
         error = ("not_revised", f"source {row.get('source')!r} was not revised (critique_revision revise_sources)")
-    elif initial.strip() == final.strip():
+    elif initial.strip() == (rounds[-1].get("revision") or "").strip():
         error = ("unchanged", "the revision is the same as the initial answer")
     if error:
         empty = {name: None for name in PREFERENCES_SCHEMA.names}
         return {**empty, "prompt_id": row["prompt_id"], "_error": error[0], "_detail": error[1]}
-    out = preference_row(row["messages"], final, initial, p_chosen, principle_ids=[r["principle_id"] for r in rounds],
+    # the SFT target is chosen; the other answer rejected (a kept first answer beats its revision)
+    rejected = initial if final.strip() != initial.strip() else rounds[-1]["revision"]
+    out = preference_row(row["messages"], final, rejected, p_chosen, principle_ids=[r["principle_id"] for r in rounds],
                          judge=JUDGE, order_agreement=None, source=SOURCE)
     return {**out, "prompt_id": row["prompt_id"], "_error": None, "_detail": None}
 

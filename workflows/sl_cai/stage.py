@@ -2,6 +2,8 @@
 
 With ``revise_sources``, rows from other prompt sources (helpful tasks) skip the rounds and keep
 their initial answer: the SFT set then mixes revised red-team answers with ordinary helpful ones.
+Rows of ``keep_initial_sources`` (benign but edgy) are revised yet keep their initial answer as the
+SFT target; their revision is kept in ``rounds`` as the rejected side of a revision pair.
 
 ``critique_revise`` is the whole per-batch program over any ``Engine`` (unit-tested with a
 scripted engine); ``CritiqueReviseWorker`` wraps it as a Ray Data actor-pool UDF; ``run``
@@ -53,6 +55,11 @@ class CritiqueRevisionConfig:
     # no rounds. CAI mixes helpful samples into SL-CAI this way so the model keeps answering benign
     # requests. null: every row is revised.
     revise_sources: list[str] | None = None
+    # Sources whose rows are revised but keep their initial answer as the SFT target: prompts that
+    # only sound harmful (benign but edgy). Their revision — for a small reviser, mostly a needless
+    # refusal — becomes the *rejected* side of their revision pair (revision_pairs), teaching where
+    # the line is. They must also be in revise_sources (when that is set).
+    keep_initial_sources: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         from workflows.core.errors import ConfigError
@@ -61,6 +68,11 @@ class CritiqueRevisionConfig:
             raise ConfigError(f"{where}.rounds", f"got {self.rounds}", "use 1 or more rounds")
         if self.sampling.max_new_tokens < 1:
             raise ConfigError(f"{where}.sampling.max_new_tokens", "must be ≥ 1")
+        outside = [s for s in self.keep_initial_sources
+                   if self.revise_sources is not None and s not in self.revise_sources]
+        if outside:
+            raise ConfigError(f"{where}.keep_initial_sources", f"{', '.join(outside)} not in revise_sources",
+                              "add them to revise_sources (a kept source is still revised), or drop them here")
         if self.revision_sampling is not None and self.revision_sampling.max_new_tokens < 1:
             raise ConfigError(f"{where}.revision_sampling.max_new_tokens", "must be ≥ 1")
         if self.revise_sources is not None and not [s for s in self.revise_sources if s.strip()]:
@@ -133,6 +145,9 @@ def critique_revise(engine, rows: list[dict], cfg: CritiqueRevisionConfig, const
             state[i]["rounds"].append({"principle_id": principles[i][r], "critique": critiques[i], "revision": text})
         current = revisions
     current.update(kept)
+    for i in current:
+        if state[i]["row"].get("source") in cfg.keep_initial_sources:
+            current[i] = state[i]["initial"]  # revised, but the SFT target stays the first answer
     return [_raw_row(s, current.get(i)) for i, s in enumerate(state)]
 
 
@@ -172,10 +187,10 @@ def _check_sources(cfg: CritiqueRevisionConfig, input_uri: str, name: str) -> No
     """A ``revise_sources`` name that no input row carries would silently revise nothing."""
     from workflows.core.errors import ConfigError
 
-    if cfg.revise_sources is None:
+    if cfg.revise_sources is None and not cfg.keep_initial_sources:
         return
     present = set(stage.ids_of(input_uri, "source"))
-    missing = [s for s in cfg.revise_sources if s not in present]
+    missing = [s for s in [*(cfg.revise_sources or []), *cfg.keep_initial_sources] if s not in present]
     if missing:
         raise ConfigError(f"stage {name}.revise_sources", f"no input row has source {', '.join(map(repr, missing))}",
                           f"the input's sources are {', '.join(sorted(map(str, present)))}")
@@ -195,6 +210,7 @@ def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
     fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["sl_cai", "sft"])
     info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"constitution": constitution.name, "rounds": cfg.rounds,
                                      "revise_sources": cfg.revise_sources,
+                                     "keep_initial_sources": cfg.keep_initial_sources,
                                      "engine": f"{cfg.engine.backend}:{cfg.engine.model}",
                                      "engines": engine_pool.engines_used(ctx.dir)})
     summary.write_stage_summary(ctx, info, examples=summary.before_after_examples(ctx.path("sl_cai")))
