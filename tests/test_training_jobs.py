@@ -172,10 +172,15 @@ def test_reward_model_zero3_ranks_held_out_pairs(ray_local, tiny_llama_dir, pref
 
 
 def test_dpo_zero0_learns_and_exports_a_reloadable_model(ray_local, tiny_llama_dir, pref_data, tmp_path):
+    import signal
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    before = signal.getsignal(signal.SIGINT)
     info, stage_dir = train(dpo, DPOConfig, tmp_path, "dpo", model=str(tiny_llama_dir), input=pref_data,
                             zero_stage=0, max_steps=16, checkpoint_every=0, eval_fraction=0.25, beta=0.5)
+    # Ray Train's own Ctrl-C handler is gone with the job: Ctrl-C in a later stage still stops the run
+    assert signal.getsignal(signal.SIGINT) is before
     curve = losses(stage_dir)
     assert curve[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the first step
     assert_learned(stage_dir, info, 16)

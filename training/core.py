@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -141,10 +143,21 @@ def fit_trainer(loop: Callable[[dict], None], cfg, ctx: StageContext, job: str, 
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         **extra)
+    storage.delete(ctx.path(SUMMARY_FILE))  # written by rank 0 as the job's last act: the proof it finished
+    previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 — surface our own error if a worker raised one
         raise _user_error(e) or TrainingError(f"stage {ctx.name}: training failed: {e}") from e
+    finally:
+        # Ray Train installs its own SIGINT handler (a graceful abort) and never restores it: without
+        # this, Ctrl-C in any later stage of the run would go to a finished trainer and be lost.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+    if not storage.exists(ctx.path(SUMMARY_FILE)):
+        # Ray Train returns normally after a Ctrl-C abort; the job did not finish. Its checkpoints
+        # stay, so the same command resumes it.
+        raise KeyboardInterrupt
 
 
 def _worker_cpus(cfg) -> float:
