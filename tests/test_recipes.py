@@ -73,11 +73,11 @@ def test_demo_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
 
 def test_harmless_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
     """The laptop recipe's wiring at toy size: every prompt source, red-team rows revised and the
-    rest kept, SFT, revision pairs into DPO, the evaluation of all three models."""
+    rest kept, SFT, revision pairs, the evaluation of the SFT model against the base."""
     recipe = shrink(load_recipe(RECIPES[[p.name for p in RECIPES].index("harmless.yaml")]), str(tiny_llama_dir),
                     str(tmp_path / "harmless"))
     infos = run_recipe(recipe)
-    assert list(infos) == ["prompts", "critique_revision", "sft", "revision_pairs", "dpo", "evaluate"]
+    assert list(infos) == ["prompts", "critique_revision", "sft", "revision_pairs", "evaluate"]
     run = tmp_path / "harmless"
     sl = pq.read_table(run / "critique_revision" / "sl_cai").to_pylist()
     by_source = {s: [r for r in sl if r["source"] == s] for s in ("red_team", "helpful", "benign_edgy")}
@@ -89,7 +89,6 @@ def test_harmless_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
     errors = pq.read_table(run / "revision_pairs" / "errors").to_pylist()
     assert len(pairs) + len(errors) == len(sl) and {p["source"] for p in pairs} == {"revision"}
     assert {p["prompt_id"] for p in pairs} <= {r["prompt_id"] for r in by_source["red_team"]}
-    assert (run / "dpo" / "dpo_model" / "config.json").is_file()
-    assert infos["dpo"]["inputs"] == len(pairs)
+    assert (run / "sft" / "sft_model" / "config.json").is_file()
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
-    assert set(metrics["comparisons"]) == {"sft", "dpo"} and infos["evaluate"]["target"] == "dpo"
+    assert set(metrics["comparisons"]) == {"sft"} and infos["evaluate"]["target"] == "sft"
