@@ -24,8 +24,9 @@ def shrink(recipe, model_dir: str, run_dir: str):
     tiny_engine = {"model": model_dir, "batch_size": 4, "concurrency": 1, "max_model_len": 1024}
     for st in recipe.stages:
         kind = st["stage"]
-        if kind == "prompts" and st["path"] != "builtin:all":
-            st["limit"] = 4  # (builtin:all is read whole: a first-rows cut would hold one source only)
+        if kind == "prompts":
+            if st["path"] != "builtin:all":  # builtin:all is read whole: a first-rows cut holds one source
+                st["limit"] = 4
         elif kind == "critique_revision":
             st["engine"] = tiny_engine
             st["sampling"]["max_new_tokens"] = 6
