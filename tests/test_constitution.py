@@ -65,10 +65,11 @@ def mutated(fn) -> dict:
 
 # ----------------------------------------------------------------------------- shipped files
 
-@pytest.mark.parametrize("name,min_principles,min_few_shot", [("default", 14, 2), ("harmless", 5, 1)])
-def test_shipped_constitutions_load(name, min_principles, min_few_shot):
+@pytest.mark.parametrize("name,version,min_principles,min_few_shot", [("default", "1", 14, 2),
+                                                                       ("harmless", "2", 5, 3)])
+def test_shipped_constitutions_load(name, version, min_principles, min_few_shot):
     c = load_constitution(name)
-    assert c.name == name and c.version == "1" and c.description
+    assert c.name == name and c.version == version and c.description
     assert len(c.principles) >= min_principles
     assert len(c.few_shot) >= min_few_shot
     assert len(set(c.ids)) == len(c.ids)
