@@ -68,6 +68,18 @@ def revision_pair(row: dict, p_chosen: float = 1.0) -> dict:
     return {**out, "prompt_id": row["prompt_id"], "_error": None, "_detail": None}
 
 
+def split_pairs(rows: list[dict], p_chosen: float, stage_name: str) -> tuple[list[dict], list[dict]]:
+    """sl_cai rows → (preference rows, error rows ``{id, stage, reason, detail}``), for callers that
+    mix revision pairs in without a stage of their own (the ``preference`` stage's ``revisions``)."""
+    pairs, errors = [], []
+    for r in (revision_pair(x, p_chosen) for x in rows):
+        if r["_error"]:
+            errors.append({"id": r["prompt_id"], "stage": stage_name, "reason": r["_error"], "detail": r["_detail"]})
+        else:
+            pairs.append({k: r[k] for k in PREFERENCES_SCHEMA.names})
+    return pairs, errors
+
+
 route = stage.select_route(OUTPUT, PREFERENCES_SCHEMA)
 
 

@@ -376,21 +376,14 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
 def load_revisions(rev, ctx: StageContext) -> tuple[list[dict], list[dict]]:
     """(rows, error rows) of ``revisions.input``: a revision_pairs dataset as it is, or an sl_cai
     dataset turned into revision pairs here (rows that make none are errors ``<name>:revisions``)."""
-    from workflows.preference.revisions import revision_pair
+    from workflows.preference.revisions import split_pairs
 
     uri = ctx.input(rev.input) if "/" not in rev.input else rev.input
     fs, path = storage.resolve(uri)
     table = pq.read_table(path, filesystem=fs)
     if "final_response" not in table.column_names:
         return table.select(PREFERENCES_SCHEMA.names).to_pylist(), []
-    rows, errors = [], []
-    for r in (revision_pair(x, rev.p_chosen) for x in table.to_pylist()):
-        if r["_error"]:
-            errors.append({"id": r["prompt_id"], "stage": f"{ctx.name}:revisions", "reason": r["_error"],
-                           "detail": r["_detail"]})
-        else:
-            rows.append({k: r[k] for k in PREFERENCES_SCHEMA.names})
-    return rows, errors
+    return split_pairs(table.to_pylist(), rev.p_chosen, f"{ctx.name}:revisions")
 
 
 def _merge_counts(*dicts: dict) -> dict:
