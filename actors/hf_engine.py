@@ -53,6 +53,26 @@ from actors.prefix_cache import (
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
+class _RowStreamer:
+    """A ``transformers`` streamer for a whole micro-batch: ``generate`` hands it the prompt first,
+    then one new token per row at every step; each step goes to ``on_tokens(row, [token])`` with the
+    row's index in the caller's input (tokens after a row's end of turn are padding: the caller's
+    decoding stops at the first stop token, as ``_finish`` does)."""
+
+    def __init__(self, rows: list[int], on_tokens):
+        self.rows, self.on_tokens, self.prompt_seen = rows, on_tokens, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, tok in zip(self.rows, value.reshape(-1).tolist()):
+            self.on_tokens(row, [int(tok)])
+
+    def end(self) -> None:
+        pass
+
+
 class TransformersEngine:
     """``Engine`` on a Hugging Face causal LM. ``name`` is ``transformers:<model label>``."""
 
@@ -174,8 +194,10 @@ class TransformersEngine:
             return results
 
     # ---------------------------------------------------------------- generate
-    def generate(self, conversations, params: SamplingParams) -> list[Generation]:
-        """One assistant reply per conversation, in input order (see the module docstring)."""
+    def generate(self, conversations, params: SamplingParams, on_tokens=None) -> list[Generation]:
+        """One assistant reply per conversation, in input order (see the module docstring).
+        ``on_tokens(row, token_ids)``, when given, is called as decoding goes with each row's newly
+        generated tokens (its input index), for streaming servers."""
         if params.max_new_tokens < 1:
             raise EngineError(f"sampling.max_new_tokens must be ≥ 1, got {params.max_new_tokens}")
         limit = self.cfg.max_model_len - params.max_new_tokens
@@ -187,13 +209,14 @@ class TransformersEngine:
             torch.manual_seed(params.seed)  # copies of a prompt in different micro-batches differ
         for chunk in self._micro_batches(ok, encoded):
             results = self._run_chunk(
-                chunk, lambda rows: self._generate_rows([encoded[i] for i in rows], params),
+                chunk, lambda rows: self._generate_rows([encoded[i] for i in rows], params,
+                                                        _RowStreamer(rows, on_tokens) if on_tokens else None),
                 lambda e: Generation.failed(f"generate_error: {type(e).__name__}: {e}"))
             for i, g in zip(chunk, results):
                 out[i] = g
         return out
 
-    def _generate_rows(self, rows: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _generate_rows(self, rows: list[list[int]], params: SamplingParams, streamer=None) -> list[Generation]:
         ids, mask, cache = self._batch_inputs(rows)
         # use_cache explicitly: a model saved with training's ``use_cache: false`` would otherwise
         # recompute the whole sequence at every new token
@@ -207,6 +230,8 @@ class TransformersEngine:
             kwargs.update(do_sample=False)
         else:  # plain temperature / nucleus sampling: top_k=0 switches off transformers' default top-k of 50
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
         with torch.inference_mode():
             seqs = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = seqs[:, ids.shape[1]:].tolist()

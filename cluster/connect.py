@@ -1,6 +1,7 @@
 """Connecting the driver to Ray: a local single-node cluster, or an existing one."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -42,8 +43,35 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def job_runtime_env() -> dict | None:
+    """The runtime env of the Ray job this process is the driver of (``ray job submit``, ``cai submit``,
+    a KubeRay RayJob), or None outside a job. Ray hands it to the entrypoint in an environment variable."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def driver_runtime_env(ours: dict, job: dict | None) -> dict:
+    """What ``ray.init`` may add to the job's own runtime env: only the fields and environment
+    variables the job does not set already (Ray refuses to merge a conflict), and never a
+    ``working_dir`` — a job's code is the job's working_dir, or installed on the cluster."""
+    if job is None:
+        return ours
+    added = {k: v for k, v in ours.items() if k not in job and k not in ("env_vars", "working_dir", "excludes")}
+    job_vars = job.get("env_vars") or {}
+    env_vars = {k: v for k, v in (ours.get("env_vars") or {}).items() if k not in job_vars and k not in os.environ}
+    if env_vars:
+        added["env_vars"] = env_vars
+    return added
+
+
 def connect(cfg: RayConfig | None = None) -> None:
-    """Start or join Ray once per process; a second call is a no-op."""
+    """Start or join Ray once per process; a second call is a no-op. Inside a Ray job the driver
+    always joins the job's cluster, whatever ``address`` says, and keeps the job's runtime env."""
     import ray
 
     cfg = cfg or RayConfig()
@@ -51,7 +79,10 @@ def connect(cfg: RayConfig | None = None) -> None:
         return
     runtime_env: dict = {"env_vars": worker_env(), "worker_process_setup_hook": "cluster.connect.quiet_worker_logs"}
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.address in ("local", "", None):
+    job = job_runtime_env()
+    if job is not None:
+        runtime_env = driver_runtime_env(runtime_env, job)  # RAY_ADDRESS (set by Ray) says where
+    elif cfg.address in ("local", "", None):
         # No dashboard and no metrics agent on a laptop/CI node: the local cluster starts faster, and
         # the metrics exporter thread (a known source of segfaults in exiting Ray workers) never runs.
         kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False,

@@ -2,7 +2,7 @@
 
 This module owns ``run``, ``stages`` and ``validate-constitution`` and builds the parser; every stage
 package adds its own commands (``workflows.sl_cai.cli``, ``workflows.preference.cli``, ``training.cli``,
-``workflows.evaluate.cli``)."""
+``workflows.evaluate.cli``, ``cluster.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,8 @@ EPILOG = textwrap.dedent("""\
       cai train sft --config sft.yaml --out runs/sft     # Ray Train + DeepSpeed
       cai eval --models base=embedded,dpo=runs/demo/dpo/dpo_model --out runs/eval --limit 20
       cai stages                                      # what a recipe can contain
+      cai submit workflows/recipes/demo.yaml --address http://HEAD:8265 --run-dir s3://bucket/demo
+      cai serve runs/demo/dpo/dpo_model --port 8000   # OpenAI-compatible API (Ray Serve)
 
     Runs start a local Ray cluster unless the recipe's ray.address says otherwise.
     Every stage writes parquet datasets, an errors dataset and a summary.md under the run directory.
@@ -62,12 +64,13 @@ def _cmd_stages(args) -> int:
 
 def _stage_clis() -> list:
     """Each stage package's command-line module; each ``register(subparsers)`` adds its commands."""
+    from cluster import cli as cluster_cli
     from training import cli as training_cli
     from workflows.evaluate import cli as evaluate_cli
     from workflows.preference import cli as preference_cli
     from workflows.sl_cai import cli as sl_cai_cli
 
-    return [sl_cai_cli, preference_cli, training_cli, evaluate_cli]
+    return [sl_cai_cli, preference_cli, training_cli, evaluate_cli, cluster_cli]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving on Ray Serve: ``cai serve``, the ``serve`` stage, and ``serve run`` configs."""

@@ -1,0 +1,107 @@
+"""What ``cai serve``, a Serve config file and the recipe's ``serve`` stage share: one typed config,
+the application it builds, and how it is started and stopped."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.config import EngineConfig
+from workflows.core.errors import ConfigError
+from workflows.core.typed import check_fields, from_dict, to_dict
+
+APP_NAME = "cai"
+
+
+@dataclass
+class ServeConfig:
+    """``model``: ``embedded``, a Hugging Face model directory (a training stage's output) or a ``.gguf``.
+    ``model_name``: the id clients send (default: the model directory's name). ``host`` is loopback
+    unless told otherwise; ``api_key_env`` names the variable holding the bearer key (never the key)."""
+
+    model: str = "embedded"
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_batch_size: int = 8  # concurrent requests generated together
+    batch_wait_timeout_s: float = 0.02  # how long a batch waits to fill
+    api_key_env: str | None = None
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=2048))
+
+    def validate(self, where: str) -> None:
+        check_fields(self, where, [
+            ("port", not 0 < self.port < 65536, "a TCP port, e.g. 8000"),
+            ("replicas", self.replicas < 1, "at least 1"),
+            ("max_batch_size", self.max_batch_size < 1, "at least 1"),
+            ("batch_wait_timeout_s", self.batch_wait_timeout_s < 0, "0 or more seconds"),
+            ("engine.backend", self.engine.backend == "openai",
+             "serve a model of ours (transformers or vllm); an OpenAI endpoint is already a server"),
+        ])
+        if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
+            raise ConfigError(f"{where}.api_key_env", f"{self.api_key_env!r} is not an environment variable name",
+                              "name the variable that holds the key (e.g. CAI_API_KEY), not the key itself")
+
+    @classmethod
+    def from_args(cls, args: dict, where: str = "serve args") -> "ServeConfig":
+        return from_dict(cls, dict(args or {}), where)
+
+    @property
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return "embedded" if self.model == "embedded" else Path(self.model.rstrip("/")).name
+
+    def engine_config(self) -> dict:
+        eng = to_dict(self.engine)
+        eng["model"] = self.model
+        eng["batch_size"] = max(int(eng.get("batch_size") or 1), self.max_batch_size)  # a batch is one micro-batch
+        eng["concurrency"] = 1
+        return eng
+
+    def key_hash(self) -> str | None:
+        """The bearer key's SHA-256, read here from ``api_key_env``: the key itself never reaches Ray."""
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError("api_key_env", f"the variable {self.api_key_env} is not set or empty",
+                              f"export {self.api_key_env}=<key> before starting the server")
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def application(self, key_hash: str | None = None):
+        from cluster.serve.app import ChatModel
+
+        opts = {"num_cpus": self.engine.num_cpus, "num_gpus": self.engine.num_gpus}
+        return ChatModel.options(num_replicas=self.replicas, ray_actor_options=opts).bind(
+            engine=self.engine_config(), model_name=self.served_name, max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s, api_key_sha256=key_hash,
+            api_key_env=None if key_hash else self.api_key_env)
+
+
+def start(cfg: ServeConfig) -> str:
+    """Deploy on the connected Ray cluster; returns the base URL once every replica is up."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(cfg.application(cfg.key_hash()), name=APP_NAME, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}/v1"
+
+
+def wait_until_interrupted(url: str, name: str) -> None:
+    """Serve until Ctrl-C, then take the application down."""
+    from ray import serve
+
+    print(f"serving {name!r} at {url} — OpenAI-compatible (GET /models, POST /chat/completions); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping the server", flush=True)
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()

@@ -1,0 +1,117 @@
+"""A real Ray cluster from ``ray start``: a head (and more nodes) on this machine, each with explicit
+ports and its own temp dir, auth mode set explicitly, and stopped by the process ids it started —
+never ``ray stop``, which would end every Ray process on the machine."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalCluster:
+    """``ray start --head`` plus optional worker nodes; ``dashboard`` is the Jobs API address."""
+
+    def __init__(self, num_cpus: int = 2, env: dict | None = None, auth_token: str | None = None):
+        self.env = dict(os.environ, **(env or {}))
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_JOB_CONFIG_JSON_ENV_VAR", None)
+        self.env["RAY_AUTH_MODE"] = "token" if auth_token else "disabled"
+        if auth_token:
+            self.env["RAY_AUTH_TOKEN"] = auth_token
+        else:
+            self.env.pop("RAY_AUTH_TOKEN", None)
+        self.env["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.temp_dirs: list[str] = []
+        gcs, dash, client, metrics = free_ports(4)
+        self.gcs = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self._start(["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                     "--include-dashboard=true", f"--ray-client-server-port={client}",
+                     f"--metrics-export-port={metrics}",
+                     f"--num-cpus={num_cpus}"])
+        self._wait_for_dashboard()
+
+    def _start(self, args: list[str]) -> None:
+        temp = tempfile.mkdtemp(prefix="cai-rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.temp_dirs.append(temp)
+        node_manager, object_manager, agent, agent_grpc, runtime_env_agent = free_ports(5)
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, f"--temp-dir={temp}",
+               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--runtime-env-agent-port={runtime_env_agent}", "--object-store-memory=300000000",
+               "--disable-usage-stats"]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+    def add_node(self, num_cpus: int = 2, resources: str | None = None) -> None:
+        args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={resources}")
+        self._start(args)
+
+    def _wait_for_dashboard(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5):
+                    return
+            except Exception:  # noqa: BLE001 — not up yet
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"the dashboard at {self.dashboard} did not come up")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process this cluster started: those naming one of its temp dirs, and their descendants."""
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                line = " ".join(p.info["cmdline"] or [])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if any(t in line for t in self.temp_dirs):
+                found[p.pid] = p
+                try:
+                    for c in p.children(recursive=True):
+                        found[c.pid] = c
+                except psutil.NoSuchProcess:
+                    pass
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)

@@ -1,0 +1,151 @@
+"""`cai submit` and plain `ray job submit` against a real `ray start --head` cluster (two nodes on this
+machine), with the run directory on disk and on a local S3-compatible server."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster import submit, upload
+from cluster.connect import REPO_ROOT
+from ray_cluster import LocalCluster
+from workflows.cli import main
+from workflows.core import stage, storage
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # cluster nodes hold their own storage credentials (an instance role on a real cluster); moto takes any
+    c = LocalCluster(num_cpus=2, env={"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    try:
+        c.add_node(num_cpus=2, resources='{"second_node": 1}')
+        yield c
+    finally:
+        c.stop()
+
+
+def _recipe(model: str, n: int, tokens: int, concurrency: int = 1, num_cpus: float = 1.0) -> str:
+    return (f"name: tiny\nrun_dir: runs/tiny\nstages:\n"
+            f"  - stage: prompts\n    path: data/prompts.jsonl\n"
+            f"  - stage: critique_revision\n    sampling: {{max_new_tokens: {tokens}}}\n"
+            f"    engine: {{model: {model}, batch_size: 2, max_model_len: 768, concurrency: {concurrency}, "
+            f"num_cpus: {num_cpus}}}\n")
+
+
+@pytest.fixture
+def project(tmp_path, tiny_llama_dir):
+    """A copy of this project (what `cai submit` would upload) plus a tiny recipe, its prompts and an
+    ignored file."""
+    root = upload.stage(upload.select(REPO_ROOT), tmp_path / "proj")
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me fact {i}."}) + "\n"
+                                                         for i in range(6)))
+    (root / "tiny.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 4))
+    with open(root / ".gitignore", "a") as f:
+        f.write("secret.txt\n")
+    (root / "secret.txt").write_text("must not travel")
+    return root
+
+
+def _wait(cluster, job_id: str, timeout: float = 300) -> str:
+    for _ in range(int(timeout)):
+        st = submit.status(job_id, cluster.dashboard)
+        if st in submit.TERMINAL:
+            return st
+        time.sleep(1)
+    raise AssertionError(f"{job_id} still {st} after {timeout} s")
+
+
+def test_submit_runs_the_recipe_and_reports_success(cluster, project, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = main(["submit", str(project / "tiny.yaml"), "--project", str(project), "--address", cluster.dashboard,
+               "--run-dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "SUCCEEDED" in out.splitlines()[-1]
+    for name in ("prompts", "critique_revision"):
+        assert stage.read_success(str(run_dir / name))["outputs"] == 6
+    job_id = out.split("submitted ")[1].split(":")[0]
+    info = submit.client(cluster.dashboard).get_job_info(job_id)
+    assert info.metadata["recipe"] == "tiny" and info.metadata["cai_version"]
+    # the same submission again is recognised, not run twice
+    rc = main(["submit", str(project / "tiny.yaml"), "--project", str(project), "--address", cluster.dashboard,
+               "--run-dir", str(run_dir), "--no-wait"])
+    assert rc == 0 and "already submitted as " + job_id in capsys.readouterr().out
+
+
+def test_stop_a_running_job(cluster, project, tmp_path, tiny_llama_dir, capsys):
+    (project / "long.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 4).replace("name: tiny", "name: long")
+                                       .replace("max_new_tokens: 4", "max_new_tokens: 700"))
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Write a story {i}."}) + "\n"
+                                                            for i in range(200)))
+    sub = submit.plan(str(project / "long.yaml"), str(tmp_path / "run"), root=project)
+    job_id, new = submit.submit(sub, cluster.dashboard)
+    assert new
+    for _ in range(120):
+        if submit.status(job_id, cluster.dashboard) == "RUNNING":
+            break
+        time.sleep(1)
+    assert main(["jobs", "stop", job_id, "--address", cluster.dashboard]) == 0
+    assert _wait(cluster, job_id) == "STOPPED"
+    assert main(["jobs", "status", job_id, "--address", cluster.dashboard]) == 1
+    assert "STOPPED" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "critique_revision" / "_SUCCESS").exists()
+
+
+def test_plain_ray_job_submit_runs_cai_and_skips_ignored_files(cluster, project, tmp_path):
+    """The plain Ray way (README): `ray job submit --working-dir . -- <entrypoint>`."""
+    run_dir = tmp_path / "run"
+    check = "test ! -e secret.txt && test -e tiny.yaml && " + submit.entrypoint("tiny.yaml", str(run_dir))
+    out = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
+                          cluster.dashboard, "--working-dir", ".", "--", "bash", "-c", check],
+                         cwd=project, env=cluster.env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert "succeeded" in out.stdout.lower()
+    assert stage.read_success(str(run_dir / "critique_revision"))["outputs"] == 6
+
+
+def test_two_nodes_share_an_engine_pool_with_the_run_on_s3(cluster, project, tiny_llama_dir, s3_env):
+    import ray.util.state as state
+
+    (project / "wide.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 8, concurrency=2, num_cpus=1.5)
+                                       .replace("name: tiny", "name: wide"))
+    (project / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Name a color {i}."}) + "\n"
+                                                            for i in range(24)))
+    run_dir = "s3://cai/runs/wide"
+    sub = submit.plan(str(project / "wide.yaml"), run_dir, root=project)
+    assert sub.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_env  # the workers find the same S3 server
+    job_id, _ = submit.submit(sub, cluster.dashboard)
+    st = _wait(cluster, job_id)
+    assert st == "SUCCEEDED", submit.client(cluster.dashboard).get_job_logs(job_id)[-3000:]
+    done = stage.read_success(storage.join(run_dir, "critique_revision"))
+    assert done["outputs"] + done.get("errors", 0) == 24 and done["outputs"] == 24
+    ray_job = submit.client(cluster.dashboard).get_job_info(job_id).job_id
+    actors = [a for a in state.list_actors(address=cluster.dashboard, filters=[("job_id", "=", ray_job)],
+                                           detail=True, limit=1000, raise_on_missing_output=False)
+              if "CritiqueRevise" in (a.repr_name or "") + (a.class_name or "")]
+    assert len(actors) == 2 and len({a.node_id for a in actors}) == 2, actors
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from ray_cluster import free_ports
+
+    port = free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test",
+                 "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="cai")
+    yield url
+    server.stop()

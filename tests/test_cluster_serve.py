@@ -1,0 +1,130 @@
+"""`cai serve`: the official `openai` client against our Ray Serve app on 127.0.0.1 (tiny model)."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ray_cluster import free_ports
+
+openai = pytest.importorskip("openai")
+
+KEY_ENV = "CAI_TEST_SERVE_KEY"
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_llama_dir):
+    from ray import serve
+
+    from cluster.serve.config import ServeConfig, start
+
+    os.environ[KEY_ENV] = "sk-test-canary-3f9a"
+    port = free_ports(1)[0]
+    cfg = ServeConfig.from_args({"model": str(tiny_llama_dir), "model_name": "tiny", "port": port,
+                                 "api_key_env": KEY_ENV, "max_batch_size": 4, "batch_wait_timeout_s": 0.5,
+                                 "engine": {"max_model_len": 256}})
+    url = start(cfg)
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+        os.environ.pop(KEY_ENV, None)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server, api_key=os.environ[KEY_ENV], max_retries=0, timeout=120)
+
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_models_and_a_chat_completion(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 12
+
+
+def test_streamed_completion_matches_the_whole_one(client):
+    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len(pieces) > 1  # tokens left as they were decoded, not one block at the end
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_four_concurrent_requests_are_one_batch(client):
+    def ask(i):
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=8, temperature=0)
+        return int(raw.headers["x-cai-batch-size"]), raw.parse().choices[0].message.content
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, range(4)))
+    assert [size for size, _ in results] == [4, 4, 4, 4]
+    assert all(isinstance(text, str) for _, text in results)
+
+
+def test_wrong_key_is_401(server):
+    bad = openai.OpenAI(base_url=server, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
+], ids=["no-messages", "unknown-role", "max-tokens-0", "prompt-too-long"])
+def test_bad_requests_are_400_and_the_server_keeps_serving(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", **kwargs)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+    ok = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    assert ok.choices[0].message.content is not None
+
+
+def test_cai_serve_command_serves_and_stops_on_ctrl_c(tiny_llama_dir, tmp_path):
+    port = free_ports(1)[0]
+    env = dict(os.environ, CAI_CLI_KEY="sk-cli-canary-77")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", str(tiny_llama_dir), "--port", str(port),
+                             "--api-key-env", "CAI_CLI_KEY", "--max-model-len", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving " in line:
+                break
+        assert any("serving 'tiny_llama'" in x or "serving " in x for x in lines), "".join(lines)[-3000:]
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli-canary-77", max_retries=0)
+        r = c.chat.completions.create(model=c.models.list().data[0].id, messages=HELLO, max_tokens=4)
+        assert r.choices[0].message.content is not None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping the server" in out and "Traceback" not in out
+    assert "sk-cli-canary-77" not in out

@@ -1,0 +1,100 @@
+"""What `cai submit` uploads and what it sends, without a cluster: selection, size preflight, staging,
+ids, the entrypoint, and how a job's driver joins the job's runtime env."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from cluster import connect, submit, upload
+
+
+def _project(tmp_path, git: bool):
+    root = tmp_path / "proj"
+    (root / "workflows").mkdir(parents=True)
+    (root / "workflows" / "a.py").write_text("x = 1\n")
+    (root / "recipe.yaml").write_text("name: t\nrun_dir: runs/t\nstages:\n  - stage: prompts\n    path: builtin:helpful\n")
+    (root / ".gitignore").write_text("secret.txt\n/data/\n")
+    (root / "secret.txt").write_text("do not upload")
+    (root / "data").mkdir()
+    (root / "data" / "big.jsonl").write_text("{}\n")
+    (root / "runs" / "t").mkdir(parents=True)
+    (root / "runs" / "t" / "out.parquet").write_bytes(b"x")
+    (root / "model.safetensors").write_bytes(b"w" * 10)
+    (root / "pkg" / "__pycache__").mkdir(parents=True)
+    (root / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"c")
+    (root / "pkg" / "m.py").write_text("y = 2\n")
+    if git:
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+        subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
+    return root
+
+
+@pytest.mark.parametrize("git", [True, False], ids=["git", "no-git"])
+def test_selection_honours_gitignore_and_leaves_out_runs_caches_and_weights(tmp_path, git):
+    sel = upload.select(_project(tmp_path, git))
+    assert sel.files == (".gitignore", "pkg/m.py", "recipe.yaml", "workflows/a.py")
+    staged = upload.stage(sel, tmp_path / "staged")
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == list(sel.files)
+    assert not (staged / "secret.txt").exists()
+
+
+def test_size_preflight_names_the_largest_files(tmp_path):
+    root = _project(tmp_path, git=False)
+    (root / "prompts_dump.jsonl").write_bytes(b"p" * 3000)
+    (root / "notes.txt").write_bytes(b"n" * 2000)
+    sel = upload.select(root)
+    with pytest.raises(upload.UploadError) as e:
+        upload.check_size(sel, limit=4000)
+    msg = str(e.value)
+    assert "over the Ray Jobs limit" in msg and msg.index("prompts_dump.jsonl") < msg.index("notes.txt")
+    assert "\n" not in msg and ".gitignore" in msg
+    upload.check_size(sel, limit=10_000)  # under the limit: no error
+
+
+def test_submission_is_deterministic_and_follows_content(tmp_path):
+    root = _project(tmp_path, git=False)
+    a = submit.plan(str(root / "recipe.yaml"), "/shared/runs/t", root=root)
+    b = submit.plan(str(root / "recipe.yaml"), "/shared/runs/t", root=root)
+    assert a.submission_id == b.submission_id and a.submission_id.startswith("cai-t-")
+    assert a.entrypoint == "python -m workflows.cli run recipe.yaml --run-dir /shared/runs/t"
+    assert a.metadata["recipe"] == "t" and a.metadata["run_dir"] == "/shared/runs/t" and not a.notes
+    (root / "pkg" / "m.py").write_text("y = 3\n")
+    assert submit.plan(str(root / "recipe.yaml"), "/shared/runs/t", root=root).submission_id != a.submission_id
+    rel = submit.plan(str(root / "recipe.yaml"), root=root)  # the recipe's relative run_dir: a warning
+    assert "relative" in rel.notes[0] and rel.submission_id != a.submission_id
+
+
+def test_recipe_outside_the_project_or_ignored_is_refused(tmp_path):
+    root = _project(tmp_path, git=False)
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text((root / "recipe.yaml").read_text())
+    with pytest.raises(submit.SubmitError, match="outside the project"):
+        submit.plan(str(outside), root=root)
+    (root / "data" / "r.yaml").write_text((root / "recipe.yaml").read_text())
+    with pytest.raises(submit.SubmitError, match="git-ignored or excluded"):
+        submit.plan(str(root / "data" / "r.yaml"), root=root)
+
+
+def test_a_job_driver_adds_only_what_the_job_lacks(monkeypatch):
+    ours = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HOME": "/h"}, "worker_process_setup_hook": "x.y",
+            "working_dir": "/repo"}
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    job = {"working_dir": "gcs://pkg.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "true"}}
+    assert connect.driver_runtime_env(ours, job) == {"worker_process_setup_hook": "x.y", "env_vars": {"HF_HOME": "/h"}}
+    assert connect.driver_runtime_env(ours, None) == ours
+    # what Ray itself does with the two: no conflict left to refuse
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+    assert _merge_runtime_env(job, connect.driver_runtime_env(ours, job)) is not None
+    assert _merge_runtime_env(job, ours) is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))
+    assert connect.job_runtime_env() == job
+
+
+def test_address_comes_from_flag_then_environment(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert submit.address(None) == "http://head:8265" and submit.address("http://x:1") == "http://x:1"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # not a dashboard URL
+    assert submit.address(None) == submit.DEFAULT_ADDRESS
