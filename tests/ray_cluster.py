@@ -70,6 +70,7 @@ class LocalCluster:
         self._start(args)
 
     def _wait_for_dashboard(self, timeout: float = 120) -> None:
+        import urllib.error
         import urllib.request
 
         end = time.time() + timeout
@@ -77,6 +78,8 @@ class LocalCluster:
             try:
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5):
                     return
+            except urllib.error.HTTPError:  # it answers (401 without a token on a token-auth cluster)
+                return
             except Exception:  # noqa: BLE001 — not up yet
                 time.sleep(1)
         self.stop()

@@ -113,7 +113,7 @@ def test_plain_ray_job_submit_runs_cai_and_skips_ignored_files(cluster, project,
 def test_two_nodes_share_an_engine_pool_with_the_run_on_s3(cluster, project, tiny_llama_dir, s3_env):
     import ray.util.state as state
 
-    (project / "wide.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 8, concurrency=2, num_cpus=1.5)
+    (project / "wide.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 8, concurrency=2, num_cpus=1.0)
                                        .replace("name: tiny", "name: wide"))
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Name a color {i}."}) + "\n"
                                                             for i in range(24)))
@@ -149,3 +149,18 @@ def s3_env(monkeypatch):
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="cai")
     yield url
     server.stop()
+
+
+def test_token_auth_cluster_needs_the_token_from_the_environment(monkeypatch, capsys):
+    token = "0123456789abcdef0123456789abcdef"
+    c = LocalCluster(num_cpus=1, auth_token=token)
+    try:
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the client side: only our explicit header counts
+        assert main(["jobs", "list", "--address", c.dashboard]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "RAY_AUTH_TOKEN" in err and "\n" not in err
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        assert main(["jobs", "list", "--address", c.dashboard]) == 0
+    finally:
+        c.stop()

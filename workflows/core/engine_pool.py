@@ -84,6 +84,8 @@ def pool_args(engine: EngineConfig) -> dict:
             "compute": ray.data.ActorPoolStrategy(size=engine.concurrency)}
     if engine.num_gpus:
         args["num_gpus"] = engine.num_gpus
+    if engine.concurrency > 1:  # on a cluster, one engine per node before two on one (a no-op on a laptop)
+        args["scheduling_strategy"] = "SPREAD"
     return args
 
 
