@@ -54,11 +54,30 @@ def shrink(recipe, model_dir: str, run_dir: str):
 
 
 def test_demo_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
+    from ray import serve
+
+    from ray_cluster import free_ports
+
     recipe = shrink(load_recipe(RECIPES[[p.name for p in RECIPES].index("demo.yaml")]), str(tiny_llama_dir),
                     str(tmp_path / "demo"))
-    infos = run_recipe(recipe)
-    assert list(infos) == ["prompts", "critique_revision", "sft", "preference", "reward", "dpo", "ppo", "evaluate"]
-    for name in infos:
+    # and the run ends by serving its DPO policy (without waiting: the test is the client)
+    port = free_ports(1)[0]
+    recipe.stages.append({"stage": "serve", "model": "dpo_model", "wait": False, "port": port,
+                          "engine": {"max_model_len": 512}})
+    try:
+        infos = run_recipe(recipe)
+        import openai
+        client = openai.OpenAI(base_url=infos["serve"]["url"], api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["dpo_model"]
+        answer = client.chat.completions.create(model="dpo_model", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4)
+        assert answer.choices[0].message.content is not None
+    finally:
+        serve.shutdown()
+    assert infos["serve"]["url"] == f"http://127.0.0.1:{port}/v1"
+    assert list(infos) == ["prompts", "critique_revision", "sft", "preference", "reward", "dpo", "ppo", "evaluate",
+                           "serve"]
+    for name in list(infos)[:-1]:
         assert (tmp_path / "demo" / name / "_SUCCESS").is_file(), name
     for model in ("sft/sft_model", "reward/reward_model", "dpo/dpo_model", "ppo/ppo_model"):
         assert (tmp_path / "demo" / model / "config.json").is_file(), model

@@ -38,6 +38,7 @@ class StageSpec:
     run: str  # "module:function" taking (cfg, ctx) and returning the _SUCCESS info
     outputs: tuple[str, ...]
     help: str
+    always_runs: bool = False  # never skipped as finished (serving)
 
     def load(self, ref: str):
         module, attr = ref.split(":")
@@ -66,6 +67,9 @@ STAGES: dict[str, StageSpec] = {
                      "RL-CAI: PPO or RLOO of the policy against the reward model, rollouts from engine actors"),
     "evaluate": StageSpec("workflows.evaluate.config:EvaluateConfig", "workflows.evaluate.stage:run", ("eval_prompts",),
                           "answer held-out prompts with every model, score them, report a verdict against the base"),
+    "serve": StageSpec("cluster.serve.stage:ServeStageConfig", "cluster.serve.stage:run", (),
+                       "serve a model of the run (e.g. sft_model) behind an OpenAI-compatible API (Ray Serve)",
+                       always_runs=True),
 }
 # Fields that size the pool but do not change results: changing them still resumes a run.
 _RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
@@ -179,12 +183,12 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
     for i, s in enumerate(stages):
         h = result_hash(s.config, recipe.seed)
         ctx = StageContext(recipe.run_dir, s.name, recipe.seed, inputs=dict(datasets), config_hash=h)
-        info = stage_mod.read_success(ctx.dir)
-        if _check_resumable(ctx, h, info):
+        spec = STAGES[s.kind]
+        info = None if spec.always_runs else stage_mod.read_success(ctx.dir)
+        if not spec.always_runs and _check_resumable(ctx, h, info):
             print(f"[{s.name}] already finished ({info['outputs']} rows, {info['errors']} errors) — skipped")
         else:
             storage.write_json(ctx.path("_config.json"), {"config_hash": h, "config": to_dict(s.config)})
-            spec = STAGES[s.kind]
             info = spec.load(spec.run)(s.config, ctx)
         infos[s.name] = info
         outputs = (s.config.output,) if hasattr(s.config, "output") else STAGES[s.kind].outputs

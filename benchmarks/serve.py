@@ -1,0 +1,159 @@
+"""Requests/s and p50/p95 latency of ``cai serve`` (Ray Serve, batched) versus a naive server that
+answers one request at a time with ``model.generate``, both with the embedded SmolLM2-135M-Instruct,
+measured in one run with the official ``openai`` client at concurrency 1, 4 and 16.
+
+    python benchmarks/serve.py [--requests 32] [--max-tokens 48] [--dtype auto]
+
+Both servers get the same model, number format, threads (every core), prompts and greedy decoding;
+they run one after the other, never side by side. Goal: at least 3x the naive throughput at
+concurrency 16. The first line names the processor and the number format chosen there.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPTS = ["Give me three tips for a job interview.", "How do I boil an egg?", "What is a prime number?",
+           "Name two uses of vinegar at home.", "Explain what a budget is.", "How can I sleep better?",
+           "What does a compass do?", "Suggest a name for a cat."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def naive_server(args, port: int):
+    """One request at a time: a lock around ``model.generate`` on one conversation."""
+    import torch
+
+    from actors.models import chat_prompt_ids, load_causal_lm, load_tokenizer, resolve_model
+    from actors.precision import choose
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    source = resolve_model("embedded")
+    model = load_causal_lm(source, choose(args.dtype, torch.device("cpu")).dtype, "cpu").eval()
+    tok = load_tokenizer(source)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            ids = torch.tensor([chat_prompt_ids(tok, body["messages"])])
+            with lock, torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
+                                     do_sample=False, pad_token_id=tok.pad_token_id)
+            new = out[0, ids.shape[1]:].tolist()
+            text = tok.decode(new, skip_special_tokens=True).strip()
+            data = json.dumps({"id": "naive", "object": "chat.completion", "created": int(time.time()),
+                               "model": "embedded", "choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": text}}],
+                               "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new),
+                                         "total_tokens": ids.shape[1] + len(new)}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def load(url: str, concurrency: int, n: int, max_tokens: int) -> dict:
+    """``n`` requests from ``concurrency`` client threads: requests/s, tokens/s, p50/p95 latency."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+
+    def one(i):
+        t = time.perf_counter()
+        r = client.chat.completions.create(model=client_model[url], max_tokens=max_tokens, temperature=0,
+                                           messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+        return time.perf_counter() - t, r.usage.completion_tokens
+
+    one(0)  # warm-up, not counted
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(n)))
+    wall = time.perf_counter() - start
+    lat = sorted(x for x, _ in results)
+    return {"rps": n / wall, "tok_s": sum(t for _, t in results) / wall, "p50": statistics.median(lat),
+            "p95": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]}
+
+
+client_model: dict[str, str] = {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--levels", default="1,4,16")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    from benchmarks.common import formats_line, number_formats
+    print(formats_line(number_formats(args.dtype)), flush=True)
+
+    results: dict[str, dict[int, dict]] = {"naive": {}, "cai serve": {}}
+    port = free_port()
+    naive = naive_server(args, port)
+    url = f"http://127.0.0.1:{port}/v1"
+    client_model[url] = "embedded"
+    for c in levels:
+        results["naive"][c] = load(url, c, args.requests, args.max_tokens)
+        print(f"naive     c={c:<3} {results['naive'][c]}", flush=True)
+    naive.shutdown()
+    import gc
+    gc.collect()
+
+    from ray import serve
+
+    from cluster.connect import RayConfig, connect
+    from cluster.serve.config import ServeConfig, start
+
+    connect(RayConfig(num_cpus=os.cpu_count(), progress_bars=False))
+    cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
+                                 "batch_wait_timeout_s": 0.01,
+                                 "engine": {"dtype": args.dtype, "num_cpus": os.cpu_count(), "max_model_len": 1024}})
+    url = start(cfg)
+    client_model[url] = cfg.served_name
+    try:
+        for c in levels:
+            results["cai serve"][c] = load(url, c, args.requests, args.max_tokens)
+            print(f"cai serve c={c:<3} {results['cai serve'][c]}", flush=True)
+    finally:
+        serve.shutdown()
+
+    print("\nconcurrency | naive req/s | cai serve req/s | ratio | naive p50/p95 s | cai serve p50/p95 s")
+    for c in levels:
+        n, s = results["naive"][c], results["cai serve"][c]
+        print(f"{c:>11} | {n['rps']:>11.2f} | {s['rps']:>15.2f} | {s['rps'] / n['rps']:>5.2f} | "
+              f"{n['p50']:.2f}/{n['p95']:.2f} | {s['p50']:.2f}/{s['p95']:.2f}")
+    top = max(levels)
+    ratio = results["cai serve"][top]["rps"] / results["naive"][top]["rps"]
+    print(f"cai serve at concurrency {top}: {ratio:.2f}x the naive server's requests/s "
+          f"({'meets' if ratio >= 3 else 'misses'} the 3x goal)")
+
+
+if __name__ == "__main__":
+    main()
