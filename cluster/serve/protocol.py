@@ -173,7 +173,7 @@ class TextDeltas:
             if s and s in text:
                 text, self.done = text[:text.index(s)], True
         safe = text if self.done else text[:len(text) - hold] if hold else text
-        safe = safe.rstrip() if not self.done else safe
+        safe = safe.rstrip()  # trailing whitespace waits: the final answer is stripped
         if text.endswith("\ufffd"):  # a multi-byte character not complete yet
             safe = safe.rstrip("\ufffd")
         if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
