@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -127,3 +128,42 @@ def test_cai_serve_command_serves_and_stops_on_ctrl_c(tiny_llama_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "stopping the server" in out and "Traceback" not in out
     assert "sk-cli-canary-77" not in out
+
+
+def test_serve_run_with_the_shipped_config_file(tiny_llama_dir, tmp_path):
+    """`serve run cluster/serve/serve_config.yaml`, with the model and port swapped for the test's."""
+    import yaml
+
+    from cluster.connect import REPO_ROOT
+
+    config = yaml.safe_load((REPO_ROOT / "cluster" / "serve" / "serve_config.yaml").read_text())
+    port = free_ports(1)[0]
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(model=str(tiny_llama_dir), engine={"max_model_len": 256})
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", str(path)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        for _ in range(180):
+            try:
+                models = c.models.list().data
+                break
+            except openai.APIConnectionError:
+                time.sleep(1)
+            except openai.APIStatusError:  # proxy up, application still deploying
+                time.sleep(1)
+        else:
+            raise AssertionError("serve run never answered")
+        r = c.chat.completions.create(model=models[0].id, messages=HELLO, max_tokens=4)
+        assert models[0].id == tiny_llama_dir.name and r.choices[0].message.content is not None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
