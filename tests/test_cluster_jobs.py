@@ -130,37 +130,3 @@ def test_two_nodes_share_an_engine_pool_with_the_run_on_s3(cluster, project, tin
                                            detail=True, limit=1000, raise_on_missing_output=False)
               if "CritiqueRevise" in (a.repr_name or "") + (a.class_name or "")]
     assert len(actors) == 2 and len({a.node_id for a in actors}) == 2, actors
-
-
-@pytest.fixture
-def s3_env(monkeypatch):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from ray_cluster import free_ports
-
-    port = free_ports(1)[0]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test",
-                 "AWS_SECRET_ACCESS_KEY": "test"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="cai")
-    yield url
-    server.stop()
-
-
-def test_token_auth_cluster_needs_the_token_from_the_environment(monkeypatch, capsys):
-    token = "0123456789abcdef0123456789abcdef"
-    c = LocalCluster(num_cpus=1, auth_token=token)
-    try:
-        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the client side: only our explicit header counts
-        assert main(["jobs", "list", "--address", c.dashboard]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "RAY_AUTH_TOKEN" in err and "\n" not in err
-        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-        assert main(["jobs", "list", "--address", c.dashboard]) == 0
-    finally:
-        c.stop()

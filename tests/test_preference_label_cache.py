@@ -54,25 +54,9 @@ def test_rejects_failed_judgments(tmp_path):
 
 
 @pytest.fixture
-def s3_uri(monkeypatch):
-    """A bucket on a local S3-compatible server (moto) on 127.0.0.1."""
-    moto_server = pytest.importorskip("moto.server")
-    import socket
-
-    import boto3
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="cai")
-    yield "s3://cai/run/label_cache"
-    server.stop()
+def s3_uri(s3_env):
+    """A cache location on the local S3-compatible server (conftest ``s3_env``)."""
+    return "s3://cai/run/label_cache"
 
 
 def test_round_trip_s3(s3_uri):
