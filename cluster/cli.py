@@ -29,7 +29,10 @@ def _cmd_submit(args) -> int:
     if args.no_wait:
         print(f"follow it: cai jobs logs {job_id} --follow   stop it: cai jobs stop {job_id}")
         return 0
-    final = submit.follow(job_id, args.address)
+    try:
+        final = submit.follow(job_id, args.address)
+    except KeyboardInterrupt:  # follow() said the job goes on and how to stop it
+        return 130
     print(f"job {job_id}: {final}")
     return submit.exit_code(final)
 
@@ -54,7 +57,10 @@ def _cmd_jobs(args) -> int:
         return submit.exit_code(st) if st in submit.TERMINAL else 0
     if args.action == "logs":
         if args.follow:
-            return submit.exit_code(submit.follow(args.id, url))
+            try:
+                return submit.exit_code(submit.follow(args.id, url))
+            except KeyboardInterrupt:
+                return 130
         sys.stdout.write(submit._call(url, c.get_job_logs, args.id))
         return 0
     stopped = submit._call(url, c.stop_job, args.id)

@@ -73,6 +73,11 @@ def test_submit_runs_the_recipe_and_reports_success(cluster, project, tmp_path, 
     job_id = out.split("submitted ")[1].split(":")[0]
     info = submit.client(cluster.dashboard).get_job_info(job_id)
     assert info.metadata["recipe"] == "tiny" and info.metadata["cai_version"]
+    assert main(["jobs", "logs", job_id, "--address", cluster.dashboard]) == 0
+    assert "critique_revision" in capsys.readouterr().out  # the job's own output
+    assert main(["jobs", "status", "cai-no-such-job", "--address", cluster.dashboard]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no job cai-no-such-job") and "\n" not in err
     # the same submission again is recognised, not run twice
     rc = main(["submit", str(project / "tiny.yaml"), "--project", str(project), "--address", cluster.dashboard,
                "--run-dir", str(run_dir), "--no-wait"])
