@@ -26,6 +26,7 @@ from workflows.core.errors import CaiError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TOKEN_ENV = "RAY_AUTH_TOKEN"  # Ray's own variable for clusters with token authentication
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+LOCAL_PATH_VARS = ("HF_HOME", "CAI_RAY_CACHE")
 
 
 class SubmitError(CaiError):
@@ -128,7 +129,8 @@ def plan(recipe_path: str, run_dir: str | None = None, restart_from: str | None 
                      "head node and go away with it — pass --run-dir s3://bucket/prefix (or a shared absolute path)")
     metadata = {"recipe": recipe.name, "recipe_path": rel, "cai_version": project_version(),
                 "git_revision": git_revision(root), "run_dir": target}
-    env = {"env_vars": worker_env()}
+    # settings, not this machine's paths (HF_HOME, CAI_RAY_CACHE): the cluster's nodes keep their own
+    env = {"env_vars": {k: v for k, v in worker_env().items() if k not in LOCAL_PATH_VARS}}
     return Submission(submission_id(recipe.name, sel.digest(), cmd), cmd, env, metadata, sel, notes)
 
 

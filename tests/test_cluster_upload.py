@@ -60,6 +60,7 @@ def test_submission_is_deterministic_and_follows_content(tmp_path):
     assert a.submission_id == b.submission_id and a.submission_id.startswith("cai-t-")
     assert a.entrypoint == "python -m workflows.cli run recipe.yaml --run-dir /shared/runs/t"
     assert a.metadata["recipe"] == "t" and a.metadata["run_dir"] == "/shared/runs/t" and not a.notes
+    assert "CAI_RAY_CACHE" not in a.runtime_env["env_vars"]  # a path on this machine, not the cluster's
     (root / "pkg" / "m.py").write_text("y = 3\n")
     assert submit.plan(str(root / "recipe.yaml"), "/shared/runs/t", root=root).submission_id != a.submission_id
     rel = submit.plan(str(root / "recipe.yaml"), root=root)  # the recipe's relative run_dir: a warning
