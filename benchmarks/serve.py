@@ -40,8 +40,7 @@ def naive_server(args, port: int):
     """One request at a time: a lock around ``model.generate`` on one conversation."""
     import torch
 
-    from actors.models import chat_prompt_ids, load_causal_lm, load_tokenizer, resolve_model
-    from actors.precision import choose
+    from actors.models import chat_prompt_ids, choose, load_causal_lm, load_tokenizer, resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     source = resolve_model("embedded")
@@ -85,9 +84,14 @@ def load(url: str, concurrency: int, n: int, max_tokens: int) -> dict:
 
     def one(i):
         t = time.perf_counter()
-        r = client.chat.completions.create(model=client_model[url], max_tokens=max_tokens, temperature=0,
-                                           messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+        raw = client.chat.completions.with_raw_response.create(
+            model=client_model[url], max_tokens=max_tokens, temperature=0,
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+        r = raw.parse()
+        batches.append(int(raw.headers.get("x-cai-batch-size", 1)))
         return time.perf_counter() - t, r.usage.completion_tokens
+
+    batches: list[int] = []
 
     one(0)  # warm-up, not counted
     start = time.perf_counter()
@@ -95,8 +99,9 @@ def load(url: str, concurrency: int, n: int, max_tokens: int) -> dict:
         results = list(pool.map(one, range(n)))
     wall = time.perf_counter() - start
     lat = sorted(x for x, _ in results)
-    return {"rps": n / wall, "tok_s": sum(t for _, t in results) / wall, "p50": statistics.median(lat),
-            "p95": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]}
+    return {"rps": round(n / wall, 3), "tok_s": round(sum(t for _, t in results) / wall, 1),
+            "p50": round(statistics.median(lat), 2), "p95": round(lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))], 2),
+            "mean_batch": round(statistics.mean(batches[1:]), 1)}
 
 
 client_model: dict[str, str] = {}
@@ -108,6 +113,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--batch-wait", type=float, default=0.1, help="seconds a batch waits to fill (cai serve's default)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -133,7 +139,7 @@ def main() -> None:
 
     connect(RayConfig(num_cpus=os.cpu_count(), progress_bars=False))
     cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
-                                 "batch_wait_timeout_s": 0.01,
+                                 "batch_wait_timeout_s": args.batch_wait,
                                  "engine": {"dtype": args.dtype, "num_cpus": os.cpu_count(), "max_model_len": 1024}})
     url = start(cfg)
     client_model[url] = cfg.served_name

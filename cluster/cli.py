@@ -93,7 +93,8 @@ def _cmd_serve(args) -> int:
               "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
     cfg = sc.ServeConfig.from_args({"model": args.model, "model_name": args.model_name, "host": args.host,
                                     "port": args.port, "replicas": args.replicas, "api_key_env": args.api_key_env,
-                                    "max_batch_size": args.max_batch_size, "engine": engine}, "cai serve")
+                                    "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+                                    "engine": engine}, "cai serve")
     cfg.key_hash()  # a missing key is a usage error before anything starts
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key_env:
         print(f"warning: serving on {cfg.host} without --api-key-env: anyone who can reach this port can use it",
@@ -140,6 +141,7 @@ def register(sub) -> None:
                                                         "name; the key stays in the environment)")
     v.add_argument("--model-name", help="the model id clients send (default: the model directory's name)")
     v.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests generated together")
+    v.add_argument("--batch-wait-s", type=float, default=0.1, help="how long a batch waits to fill (default 0.1)")
     v.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     v.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16), float32, ...")
     v.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens")

@@ -36,7 +36,7 @@ def _error(e: oa.RequestError) -> JSONResponse:
 @serve.deployment(name="ChatModel", max_ongoing_requests=64)
 @serve.ingress(api)
 class ChatModel:
-    def __init__(self, engine: dict, model_name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
+    def __init__(self, engine: dict, model_name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.1,
                  api_key_sha256: str | None = None, api_key_env: str | None = None):
         self.cfg = from_dict(EngineConfig, engine, "serve engine")
         self.engine = make_engine(self.cfg)
@@ -137,7 +137,7 @@ class ChatModel:
         yield oa.sse("[DONE]")
 
     # ------------------------------------------------------------------ batching
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both set from the config in __init__
     async def _generate(self, reqs: list[oa.ChatRequest]):
         """One engine call per sampling setting for the whole batch, in a thread. Yields, per request,
         the list of its new events: ``("tokens", ids, n)`` while decoding, then ``("done", Generation, n)``."""
