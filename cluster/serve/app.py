@@ -94,6 +94,9 @@ class ChatModel:
             for kind, value, size in step:
                 if kind == "done":
                     final, batch = value, size
+        if final.error and final.error.startswith("prompt_too_long"):  # engines that cannot count up front
+            return _error(oa.RequestError(f"{final.error} — shorten the messages or lower max_tokens", "messages",
+                                          "context_length_exceeded"))
         if final.error:
             return _error(oa.RequestError(f"generation failed: {final.error}", None, "generation_failed",
                                           status=500, kind="server_error"))
