@@ -33,7 +33,9 @@ def _error(e: oa.RequestError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-@serve.deployment(name="ChatModel", max_ongoing_requests=64)
+# Ctrl-C should stop a server within seconds: in-flight requests get 5 s, not Serve's default 20
+@serve.deployment(name="ChatModel", max_ongoing_requests=64, graceful_shutdown_timeout_s=5,
+                  graceful_shutdown_wait_loop_s=1)
 @serve.ingress(api)
 class ChatModel:
     def __init__(self, engine: dict, model_name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.1,

@@ -106,5 +106,4 @@ def wait_until_interrupted(url: str, name: str) -> None:
     except KeyboardInterrupt:
         print("\nstopping the server", flush=True)
     finally:
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        serve.shutdown()  # deletes the application, then the controller and proxies
