@@ -85,7 +85,9 @@ def connect(cfg: RayConfig | None = None) -> None:
     elif cfg.address in ("local", "", None):
         # No dashboard and no metrics agent on a laptop/CI node: the local cluster starts faster, and
         # the metrics exporter thread (a known source of segfaults in exiting Ray workers) never runs.
-        kwargs.update(num_cpus=cfg.num_cpus, include_dashboard=False,
+        # address="local": always a new cluster — with no address Ray would join any cluster already
+        # running on this machine (another run's, a `ray start` one) and share its Serve and resources.
+        kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                       _system_config=LOCAL_SYSTEM_CONFIG)
     else:
         # Ship the repo so the top-level packages import on every node with no install step.

@@ -90,7 +90,7 @@ def ray_local():
     if not ray.is_initialized():
         from cluster.connect import LOCAL_SYSTEM_CONFIG
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                               "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],
                                               "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"],
