@@ -1,6 +1,6 @@
 """A real Ray cluster from ``ray start``: a head (and more nodes) on this machine, each with explicit
-ports and its own temp dir, auth mode set explicitly, and stopped by the process ids it started —
-never ``ray stop``, which would end every Ray process on the machine."""
+ports and its own temp dir, auth mode set explicitly, and stopped by the process ids it started (never
+by a command that ends every Ray process on the machine)."""
 from __future__ import annotations
 
 import os
