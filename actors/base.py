@@ -28,6 +28,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def validate(self, where: str) -> None:
+        from actors.config import raise_first
+
+        raise_first([
+            ("max_new_tokens", self.max_new_tokens < 1, "use 1 or more tokens"),
+            ("temperature", self.temperature < 0, "use 0 (greedy) or a positive temperature, e.g. 0.7"),
+            ("top_p", not 0 < self.top_p <= 1, "use a probability in (0, 1], e.g. 0.9"),
+            ("repetition_penalty", self.repetition_penalty <= 0, "use 1.0 (none) or a little above, e.g. 1.1"),
+        ], where, self)
+
 
 @dataclass
 class Generation:

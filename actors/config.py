@@ -1,10 +1,25 @@
 """Engine configuration: which backend, which model, how the actor pool is sized."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 Backend = Literal["transformers", "vllm", "openai"]
+# number formats a config may name (``actors.precision`` maps them to torch dtypes)
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+
+Problem = tuple[str, bool, str]  # (field, failed?, how to fix it)
+
+
+def raise_first(problems: list[Problem], where: str, obj) -> None:
+    """``from_dict`` validation: a ``ConfigError`` for the first failed check (``workflows.core.typed``)."""
+    from workflows.core.typed import check_fields
+
+    check_fields(obj, where, problems)
 
 
 @dataclass
@@ -18,6 +33,26 @@ class OpenAIOptions:
     backoff_s: float = 0.5  # first retry delay; doubles each retry, with jitter
     timeout_s: float = 120.0
     top_logprobs: int = 20  # how many alternatives to ask for in choice_logprobs
+
+    def problems(self) -> list[Problem]:
+        return [
+            ("base_url", not str(self.base_url).startswith(("http://", "https://")),
+             "use an http(s) URL, e.g. http://127.0.0.1:8000/v1"),
+            ("max_concurrency", self.max_concurrency < 1, "use 1 or more"),
+            ("max_retries", self.max_retries < 0, "use 0 or more"),
+            ("backoff_s", self.backoff_s < 0, "use 0 or more seconds"),
+            ("timeout_s", self.timeout_s <= 0, "use a positive number of seconds"),
+            ("top_logprobs", self.top_logprobs < 1, "use 1 or more (most endpoints allow up to 20)"),
+        ]
+
+    def validate(self, where: str) -> None:
+        # the key's variable name is checked without echoing the value: it may be a key pasted here
+        if not ENV_NAME.fullmatch(str(self.api_key_env or "")):
+            from workflows.core.errors import ConfigError
+
+            raise ConfigError(f"{where}.api_key_env", "must be the NAME of an environment variable (letters, digits, "
+                              "_), never the key itself", "e.g. api_key_env: OPENAI_API_KEY, then export the key")
+        raise_first(self.problems(), where, self)
 
 
 @dataclass
@@ -53,3 +88,18 @@ class EngineConfig:
     min_prefix_tokens: int = 32  # shorter shared prefixes are not worth the bookkeeping: plain left padding
     openai: OpenAIOptions = field(default_factory=OpenAIOptions)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
+
+    def validate(self, where: str) -> None:
+        raise_first([
+            ("model", not str(self.model).strip(), "use `embedded`, a model directory, a .gguf file or a hub id"),
+            ("dtype", self.dtype != "auto" and self.dtype not in DTYPE_NAMES,
+             "use auto, float32, bfloat16 or float16"),
+            ("device", not _DEVICE.fullmatch(str(self.device)), "use auto, cpu, cuda or cuda:N"),
+            ("max_model_len", self.max_model_len < 16, "use the model's context length in tokens, e.g. 2048"),
+            ("batch_size", self.batch_size < 1, "use 1 or more rows per batch"),
+            ("concurrency", self.concurrency < 1, "use 1 or more actors"),
+            ("num_cpus", self.num_cpus <= 0, "use a positive number of CPUs per actor, e.g. 1"),
+            ("num_gpus", self.num_gpus < 0, "use 0 (CPU) or a positive number of GPUs per actor"),
+            ("torch_threads", self.torch_threads is not None and self.torch_threads < 1, "use 1 or more, or null"),
+            ("min_prefix_tokens", self.min_prefix_tokens < 1, "use 1 or more"),
+        ], where, self)

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import re
 import threading
 import time
 import urllib.error
@@ -37,13 +36,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from actors.base import EngineError, Generation, SamplingParams
-from actors.config import EngineConfig
+from actors.config import ENV_NAME, EngineConfig
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 30.0  # cap on any single retry wait, Retry-After included
 VERY_UNLIKELY = -9999.0  # OpenAI reports tokens outside its top 20 with this logprob
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -126,17 +124,13 @@ class OpenAIEngine:
 
     def __init__(self, cfg: EngineConfig):
         o = cfg.openai
-        if not str(o.base_url).startswith(("http://", "https://")):
-            raise EngineError(f"engine.openai.base_url: {o.base_url!r} is not an http(s) URL — "
-                              "use e.g. http://127.0.0.1:8000/v1")
-        if not _ENV_NAME.fullmatch(str(o.api_key_env or "")):
+        if not ENV_NAME.fullmatch(str(o.api_key_env or "")):
             # Never echo the value: it may be a key pasted into the wrong field.
             raise EngineError("engine.openai.api_key_env: must be the NAME of an environment variable "
                               "(letters, digits, _), e.g. OPENAI_API_KEY — never the key itself")
-        if o.max_concurrency < 1 or o.max_retries < 0 or o.timeout_s <= 0 or o.top_logprobs < 1:
-            raise EngineError("engine.openai: max_concurrency ≥ 1, max_retries ≥ 0, timeout_s > 0 and "
-                              f"top_logprobs ≥ 1 are required (got {o.max_concurrency}, {o.max_retries}, "
-                              f"{o.timeout_s}, {o.top_logprobs})")
+        for name, failed, fix in o.problems():
+            if failed:
+                raise EngineError(f"engine.openai.{name}: got {getattr(o, name)!r} — {fix}")
         self.cfg, self.opts = cfg, o
         self.url = str(o.base_url).rstrip("/") + "/chat/completions"
         self.name = f"openai:{cfg.model}"

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.config import DTYPE_NAMES
+
 CPU_BF16_ENV = "CAI_RAY_CPU_BF16"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_DTYPES = {name: getattr(torch, full) for name, full in DTYPE_NAMES.items()}
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

@@ -88,6 +88,7 @@ SERVE_EPILOG = textwrap.dedent("""\
 def _cmd_serve(args) -> int:
     from cluster.connect import RayConfig, connect
     from cluster.serve import config as sc
+    from workflows.driver import check_model_ref
 
     engine = {"backend": args.backend, "dtype": args.dtype, "max_model_len": args.max_model_len,
               "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
@@ -96,6 +97,7 @@ def _cmd_serve(args) -> int:
                                     "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                                     "engine": engine}, "cai serve")
     cfg.key_hash()  # a missing key is a usage error before anything starts
+    check_model_ref(cfg.model, "cai serve MODEL")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key_env:
         print(f"warning: serving on {cfg.host} without --api-key-env: anyone who can reach this port can use it",
               file=sys.stderr)

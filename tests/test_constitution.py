@@ -311,7 +311,9 @@ def test_check_main_ok(capsys):
 
 def test_check_main_error(tmp_path, capsys):
     path = write_yaml(tmp_path, mutated(_set(1, "critique", "")))
-    assert check_main(str(path)) == 1
+    from workflows.cli import main
+
+    assert main(["validate-constitution", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     err = captured.err.strip()

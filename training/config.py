@@ -19,6 +19,7 @@ from typing import Callable, Literal
 
 from actors.config import EngineConfig
 from workflows.core.errors import ConfigError
+from workflows.core.safety import check_name
 
 
 @dataclass
@@ -85,8 +86,7 @@ class TrainConfig:
             raise bad("model", "use `embedded`, a model directory, a .gguf file or an earlier stage's model")
         if not self.input.strip():
             raise bad("input", "name an earlier stage's dataset or a parquet directory")
-        if not self.output or "/" in self.output or "\\" in self.output or self.output.startswith(("_", ".")):
-            raise bad("output", "use a plain directory name such as `model`")
+        check_name(self.output, f"{where}.output", "output")
         if self.zero_stage not in (0, 1, 2, 3):
             raise bad("zero_stage", "use 0 (plain data parallel), 1, 2 or 3")
         for name in ("micro_batch_size", "grad_accum", "epochs", "num_workers", "keep_checkpoints"):

@@ -68,7 +68,7 @@ def value_head(hidden: int, reward_dir: str | None) -> nn.Linear:
     head = nn.Linear(hidden, 1)
     path = os.path.join(reward_dir, "reward_head.pt") if reward_dir else None
     if path and os.path.isfile(path):
-        weights = torch.load(path, map_location="cpu")
+        weights = torch.load(path, map_location="cpu", weights_only=True)
         if tuple(weights["weight"].shape) == tuple(head.weight.shape):
             with open(os.path.join(reward_dir, "reward_head.json")) as f:
                 meta = json.load(f)

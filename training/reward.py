@@ -71,7 +71,7 @@ def load_reward_model(path: str, dtype: str | torch.dtype = "auto", device: str 
         meta = json.load(f)
     backbone = load_causal_lm(path, dtype=dtype, device=device)
     model = RewardModel(backbone, nn.Linear(meta["hidden_size"], 1))
-    model.head.load_state_dict(torch.load(os.path.join(path, HEAD_WEIGHTS), map_location="cpu"))
+    model.head.load_state_dict(torch.load(os.path.join(path, HEAD_WEIGHTS), map_location="cpu", weights_only=True))
     model.head.to(device=backbone.device, dtype=backbone.dtype)
     model.mean, model.std, model.normalize = meta["mean"], meta["std"], meta["normalize"]
     model.max_length = meta.get("max_length")

@@ -27,6 +27,7 @@ from cluster.connect import RayConfig, connect
 from workflows.core import stage as stage_mod
 from workflows.core import storage, summary
 from workflows.core.errors import ConfigError
+from workflows.core.safety import check_name
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.evaluate import guard
@@ -93,6 +94,11 @@ class PlannedStage:
     kind: str
     config: object
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The datasets (or model) this stage makes, by the names later stages use."""
+        return (self.config.output,) if hasattr(self.config, "output") else STAGES[self.kind].outputs
+
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
@@ -120,12 +126,72 @@ def plan(recipe: Recipe, where: str = "recipe") -> list[PlannedStage]:
         kind, name = body.pop("stage"), body.pop("name", None) or entry["stage"]
         if kind not in STAGES:
             raise ConfigError(f"{at}.stage", f"unknown stage {kind!r}", f"one of: {', '.join(STAGES)}")
+        check_name(name, f"{at}.name", "stage name")
         if name in names:
             raise ConfigError(f"{at}.name", f"duplicate stage name {name!r}", "give each stage a unique `name:`")
         names.add(name)
         spec = STAGES[kind]
         planned.append(PlannedStage(name, kind, from_dict(spec.load(spec.config), body, at)))
     return planned
+
+
+def _model_refs(data, path: str = ""):
+    """(dotted field, spec) of every model a stage config names: engines' ``model`` (not an
+    OpenAI endpoint's, which names a remote model), ``model``/``reward_model`` and ``models.*``."""
+    if isinstance(data, dict):
+        if "backend" in data and "model" in data:
+            if data["backend"] != "openai":
+                yield f"{path}.model", data["model"]
+            return
+        for k, v in data.items():
+            if k in ("model", "reward_model") and isinstance(v, str):
+                yield f"{path}.{k}", v
+            elif k == "models" and isinstance(v, dict):
+                yield from ((f"{path}.models.{n}", m) for n, m in v.items() if isinstance(m, str))
+            else:
+                yield from _model_refs(v, f"{path}.{k}")
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _model_refs(v, f"{path}[{i}]")
+
+
+def check_model_ref(spec: str, at: str, produced: set[str] = frozenset()) -> None:
+    """A model a stage names, checked before Ray starts: an earlier stage's output, ``embedded``, or a
+    local path that holds a model. Hub ids (``org/name``) are left to the stage (no network here)."""
+    import difflib
+
+    from actors.base import EngineError
+    from actors.models import EMBEDDED_ALIASES, resolve_model
+
+    if spec in produced or spec.lower() in {a.lower() for a in EMBEDDED_ALIASES}:
+        return
+    p = Path(spec).expanduser()
+    close = difflib.get_close_matches(spec, sorted(produced), n=1)
+    if close and not p.exists():
+        raise ConfigError(at, f"{spec!r} is neither an earlier stage's output nor a path", f"did you mean {close[0]!r}?")
+    if p.exists() or spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        try:
+            resolve_model(spec)
+        except EngineError as e:
+            raise ConfigError(at, str(e)) from None
+
+
+def preflight(recipe: Recipe, stages: list[PlannedStage], where: str) -> None:
+    """What can be checked before Ray starts, so a typo costs a second, not a cluster start:
+    the run directory's storage scheme, every model a stage names, and its constitution."""
+    from workflows.constitution import load_constitution
+
+    storage.resolve(recipe.run_dir)
+    produced: set[str] = set()
+    for i, s in enumerate(stages):
+        for field_path, spec in _model_refs(to_dict(s.config)):
+            check_model_ref(spec, f"{where}: stages[{i}]{field_path}", produced)
+        if isinstance(getattr(s.config, "constitution", None), str):
+            try:
+                load_constitution(s.config.constitution)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: stages[{i}].constitution", str(e)) from None
+        produced.update(s.outputs)
 
 
 def _without_resources(data):
@@ -170,6 +236,7 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
     names = [s.name for s in stages]
     if restart_from is not None and restart_from not in names:
         raise ConfigError("--restart-from", f"no stage named {restart_from!r}", f"stages: {', '.join(names)}")
+    preflight(recipe, stages, where)
     connect(recipe.ray)
     storage.makedirs(recipe.run_dir)
     storage.write_text(storage.join(recipe.run_dir, "recipe.yaml"), yaml.safe_dump(to_dict(recipe), sort_keys=False))
@@ -191,7 +258,7 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
             storage.write_json(ctx.path("_config.json"), {"config_hash": h, "config": to_dict(s.config)})
             info = spec.load(spec.run)(s.config, ctx)
         infos[s.name] = info
-        outputs = (s.config.output,) if hasattr(s.config, "output") else STAGES[s.kind].outputs
+        outputs = s.outputs
         datasets.update({d: ctx.path(d) for d in outputs})
         for later, index in guards:
             if stages.index(later) > i and s.kind != "evaluate":

@@ -7,6 +7,7 @@ from typing import Literal
 
 from actors import EngineConfig, SamplingParams
 from workflows.core.errors import ConfigError
+from workflows.core.safety import check_engine_factory, check_name
 from workflows.core.typed import check_fields
 from workflows.evaluate.verdict import VerdictConfig
 
@@ -95,10 +96,9 @@ class EvaluateConfig:
              "several answers per prompt need sampling: set sampling.temperature > 0 (e.g. 0.7)"),
             ("principles_per_comparison", self.principles_per_comparison < 1, "use 1 or more"),
             ("checkpoint_rows", self.checkpoint_rows < 1, "use 1 or more"),
-            ("engine_factory", bool(self.engine_factory) and ":" not in str(self.engine_factory),
-             "write module:callable"),
         ]
         check_fields(self, where, checks)
+        check_engine_factory(self.engine_factory, where)
         names = [s.name for s in self.sets]
         for i, s in enumerate(self.sets):
             if names.count(s.name) > 1:
@@ -108,7 +108,5 @@ class EvaluateConfig:
                                   f"give `path:` or use one of {', '.join(BUILTIN_SETS)}")
             if s.limit is not None and s.limit < 1:
                 raise ConfigError(f"{where}.sets[{i}].limit", f"got {s.limit!r}", "use 1 or more, or null")
-        bad = [m for m in self.models if "/" in m or ":" in m or not m.strip()]
-        if bad:
-            raise ConfigError(f"{where}.models", f"model name {bad[0]!r} cannot name a directory",
-                              "use short names without '/' or ':' (e.g. sft, dpo); the value is the path")
+        for m in self.models:
+            check_name(m, f"{where}.models", "model name")

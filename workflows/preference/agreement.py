@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
-from workflows.preference.human import load_human, text_of
+from workflows.preference.human import load_human, require_rows, text_of
 from workflows.preference.judging import pair_id, render_conversation
 from workflows.prompts.sources import prompt_id
 
@@ -172,6 +172,7 @@ def main(labels_path: str, human_path: str, out_dir: str | None = None) -> int:
     """``cai agreement``: print the report; write report.md/.json and reliability.png to out_dir."""
     ai_rows = read_preferences(labels_path)
     human_rows, errors = load_human(human_path)
+    require_rows(human_rows, errors, human_path)
     report = agreement_report(ai_rows, human_rows)
     text = format_report(report)
     print(text.replace("![reliability diagram](reliability.png)", "").rstrip())

@@ -21,6 +21,7 @@ from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, sample_principles
 from workflows.core import storage
 from workflows.core.errors import RowError
+from workflows.core.safety import check_engine_factory
 from workflows.core.typed import check_fields
 from workflows.preference.human import preference_row
 from workflows.preference.judging import (
@@ -120,7 +121,8 @@ class PreferenceConfig:
             ("clamp", c is not None and not (len(c) == 2 and 0.0 <= c[0] <= c[1] <= 1.0),
              "write [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0.4, 0.6], or null"),
             ("cache_uri", self.cache_uri is not None and not self.cache_uri.strip(), "remove it or give a path"),
-            ("human.path", h is not None and not h.path.strip(), "point it at a jsonl/csv/parquet/HF dataset dir"),
+            ("human.path", h is not None and _missing_file(h.path),
+             "no such file: point it at a jsonl/json/csv/parquet file or saved Hugging Face dataset dir"),
             ("human.ratio", h is not None and not 0.0 <= h.ratio <= 1.0, "use a fraction between 0 and 1"),
             ("revisions.ratio", self.revisions is not None and not 0.0 <= self.revisions.ratio <= 1.0,
              "use a fraction between 0 and 1"),
@@ -137,10 +139,9 @@ class PreferenceConfig:
             ("max_position_bias", self.max_position_bias is not None and not 0.0 <= self.max_position_bias <= 1.0,
              "use a share between 0 and 1, e.g. 0.4, or null"),
             ("checkpoint_rows", self.checkpoint_rows < 1, "use 1 or more"),
-            ("engine_factory", bool(self.engine_factory) and ":" not in str(self.engine_factory),
-             "write module:callable"),
         ]
         check_fields(self, where, checks)
+        check_engine_factory(self.engine_factory, where)
 
 
 def _missing_file(path: str | None) -> bool:

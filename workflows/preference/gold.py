@@ -37,7 +37,7 @@ from workflows.core.reconcile import check
 from workflows.core.stage import StageContext
 from workflows.evaluate.stats import wilson
 from workflows.preference.agreement import content_key
-from workflows.preference.human import load_human, text_of
+from workflows.preference.human import load_human, require_rows, text_of
 from workflows.preference.judging import DEGENERATE_TOL
 from workflows.preference.pairs import labeled_pair_row
 
@@ -121,11 +121,7 @@ def load_gold(path: str, stage_name: str) -> tuple[list[dict], list[dict]]:
         raise ConfigError(where, "file not found",
                           "point gold (--gold) at human-labeled pairs: prompt, chosen, rejected")
     rows, skipped = load_human(path, stage=f"{stage_name}:gold")
-    if not rows:
-        first = f"; first problem: {skipped[0]['id']}: {skipped[0]['reason']} {skipped[0]['detail']}" if skipped else ""
-        raise ConfigError(where, f"no usable gold pair in {len(skipped)} row(s){first}",
-                          "give prompt, chosen and rejected per row (or HH chosen/rejected transcripts)")
-    return rows, skipped
+    return require_rows(rows, skipped, where, "gold pair"), skipped
 
 
 def judge_gold(cfg, ctx: StageContext, constitution) -> dict:

@@ -234,6 +234,16 @@ def load_human(path: str, split: str = "train", limit: int | None = None,
     return rows, errors
 
 
+def require_rows(rows: list[dict], errors: list[dict], where: str, what: str = "human pair") -> list[dict]:
+    """``rows``, or a ``ConfigError`` naming the file's first bad row when not one row was usable
+    (a file of the wrong shape is a mistake to fix, not a file of bad rows to skip)."""
+    if not rows:
+        first = f"; first problem: {errors[0]['id']}: {errors[0]['reason']} {errors[0]['detail']}" if errors else ""
+        raise ConfigError(where, f"no usable {what} in {len(errors)} row(s){first}",
+                          "give prompt, chosen and rejected per row (or HH chosen/rejected transcripts)")
+    return rows
+
+
 # ---------------------------------------------------------------- mixing
 
 def mix_plan(n_ai: int, given: dict[str, tuple[int, float]]) -> dict[str, int]:
