@@ -39,9 +39,19 @@ QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cl
 
 
 def quiet_worker_logs() -> None:
-    """Runs at the start of every Ray worker process (``worker_process_setup_hook``)."""
+    """Runs at the start of every Ray worker process (``worker_process_setup_hook``). Also points
+    Ray's own API clients in the worker at this cluster: without an address they look for one on
+    the machine, and with two clusters on it (two runs, a run beside `ray start`) Ray Train's
+    placement-group cleaner died with "Found multiple active Ray instances" and a traceback."""
+    import ray
+
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "RAY_ADDRESS" not in os.environ:
+        try:
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 — not connected yet: Ray finds the address itself
+            pass
 
 
 def job_runtime_env() -> dict | None:
@@ -70,24 +80,20 @@ def driver_runtime_env(ours: dict, job: dict | None) -> dict:
     return added
 
 
-def connect(cfg: RayConfig | None = None) -> None:
-    """Start or join Ray once per process; a second call is a no-op. Inside a Ray job the driver
-    always joins the job's cluster, whatever ``address`` says, and keeps the job's runtime env."""
-    import ray
-
-    cfg = cfg or RayConfig()
-    if ray.is_initialized():
-        return
+def init_args(cfg: RayConfig) -> dict:
+    """The ``ray.init`` arguments for ``cfg``. Inside a Ray job the driver always joins the job's
+    cluster, whatever ``address`` says, and keeps the job's runtime env."""
     runtime_env: dict = {"env_vars": worker_env(), "worker_process_setup_hook": "cluster.connect.quiet_worker_logs"}
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
     job = job_runtime_env()
     if job is not None:
         runtime_env = driver_runtime_env(runtime_env, job)  # RAY_ADDRESS (set by Ray) says where
     elif cfg.address in ("local", "", None):
-        # No dashboard and no metrics agent on a laptop/CI node: the local cluster starts faster, and
-        # the metrics exporter thread (a known source of segfaults in exiting Ray workers) never runs.
-        # address="local": always a new cluster — with no address Ray would join any cluster already
-        # running on this machine (another run's, a `ray start` one) and share its Serve and resources.
+        # No dashboard and no metrics agent on a laptop/CI node: the local cluster starts faster, nothing
+        # listens for HTTP, and the metrics exporter thread (a known source of segfaults in exiting Ray
+        # workers) never runs. address="local": always a new cluster — with no address Ray would join
+        # any cluster already running on this machine (another run's, a `ray start` one) and share its
+        # Serve and resources.
         kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                       _system_config=LOCAL_SYSTEM_CONFIG)
     else:
@@ -95,5 +101,15 @@ def connect(cfg: RayConfig | None = None) -> None:
         runtime_env["working_dir"] = str(REPO_ROOT)
         runtime_env["excludes"] = ["runs/", ".git/", "**/__pycache__/", "*.parquet", "*.gguf"]
         kwargs["address"] = cfg.address
-    ray.init(runtime_env=runtime_env, **kwargs)
+    return {**kwargs, "runtime_env": runtime_env}
+
+
+def connect(cfg: RayConfig | None = None) -> None:
+    """Start or join Ray once per process (``init_args``); a second call is a no-op."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return
+    ray.init(**init_args(cfg))
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars

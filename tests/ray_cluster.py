@@ -40,6 +40,7 @@ class LocalCluster:
             self.env.pop("RAY_AUTH_TOKEN", None)
         self.env["RAY_USAGE_STATS_ENABLED"] = "0"
         self.temp_dirs: list[str] = []
+        self.sessions: list[int] = []
         gcs, dash, client, metrics = free_ports(4)
         self.gcs = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dash}"
@@ -58,10 +59,15 @@ class LocalCluster:
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--runtime-env-agent-port={runtime_env_agent}", "--object-store-memory=300000000",
                "--disable-usage-stats"]
-        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
-        if out.returncode != 0:
+        # a session of its own: every daemon `ray start` leaves behind keeps this session id, even once
+        # re-parented to init, so stop() finds them all (and nothing else on the machine)
+        proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        self.sessions.append(proc.pid)
+        out, err = proc.communicate(timeout=180)
+        if proc.returncode != 0:
             self.stop()
-            raise RuntimeError(f"ray start failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            raise RuntimeError(f"ray start failed:\n{out[-3000:]}\n{err[-3000:]}")
 
     def add_node(self, num_cpus: int = 2, resources: str | None = None) -> None:
         args = [f"--address={self.gcs}", f"--num-cpus={num_cpus}"]
@@ -86,14 +92,16 @@ class LocalCluster:
         raise RuntimeError(f"the dashboard at {self.dashboard} did not come up")
 
     def processes(self) -> list[psutil.Process]:
-        """Every process this cluster started: those naming one of its temp dirs, and their descendants."""
+        """Every process this cluster started: those in its `ray start` sessions or naming one of its
+        temp dirs, and their descendants."""
         found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 line = " ".join(p.info["cmdline"] or [])
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                sid = os.getsid(p.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
                 continue
-            if any(t in line for t in self.temp_dirs):
+            if sid in self.sessions or any(t in line for t in self.temp_dirs):
                 found[p.pid] = p
                 try:
                     for c in p.children(recursive=True):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,19 @@ def test_wrong_key_is_401(server):
     assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_serve_listens_on_loopback_only_and_no_log_holds_the_key(server, client):
+    import psutil
+    import ray
+
+    port = int(server.rsplit(":", 1)[1].split("/")[0])
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    assert listening == ["127.0.0.1"]
+    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)  # a request with the key
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    key = os.environ[KEY_ENV].encode()
+    assert [p for p in logs.rglob("*") if p.is_file() and key in p.read_bytes()] == []
 
 
 @pytest.mark.parametrize("kwargs,param", [

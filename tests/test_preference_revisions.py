@@ -65,7 +65,7 @@ def test_revision_pairs_config_errors_name_the_field(bad, field):
 
 def test_preference_revisions_ratios_are_checked():
     with pytest.raises(ConfigError, match="revisions.ratio"):
-        from_dict(PreferenceConfig, {"human": {"path": "h.jsonl", "ratio": 0.6}, "revisions": {"ratio": 0.5}}, "s")
+        from_dict(PreferenceConfig, {"human": {"path": __file__, "ratio": 0.6}, "revisions": {"ratio": 0.5}}, "s")
 
 
 def write_sl_cai(tmp_path: Path) -> str:

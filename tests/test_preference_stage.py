@@ -223,7 +223,7 @@ def test_sampled_pair_selection():
 @pytest.mark.parametrize("bad, field", [
     ({"samples_per_prompt": 1}, "samples_per_prompt"), ({"sampling": {"temperature": 0.0}}, "sampling.temperature"),
     ({"pairs": "sample"}, "pairs_per_prompt"), ({"judges": []}, "judges"), ({"clamp": [0.7, 0.2]}, "clamp"),
-    ({"human": {"path": "h.jsonl", "ratio": 2.0}}, "human.ratio"), ({"engine_factory": "nocolon"}, "engine_factory"),
+    ({"human": {"path": __file__, "ratio": 2.0}}, "human.ratio"), ({"engine_factory": "nocolon"}, "engine_factory"),
 ])
 def test_config_errors_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=f"^x.{field}: "):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -144,20 +143,38 @@ def fit_trainer(loop: Callable[[dict], None], cfg, ctx: StageContext, job: str, 
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         **extra)
     storage.delete(ctx.path(SUMMARY_FILE))  # written by rank 0 as the job's last act: the proof it finished
-    previous = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit()
+        _fit_interruptibly(trainer)
     except Exception as e:  # noqa: BLE001 — surface our own error if a worker raised one
         raise _user_error(e) or TrainingError(f"stage {ctx.name}: training failed: {e}") from e
-    finally:
-        # Ray Train installs its own SIGINT handler (a graceful abort) and never restores it: without
-        # this, Ctrl-C in any later stage of the run would go to a finished trainer and be lost.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
     if not storage.exists(ctx.path(SUMMARY_FILE)):
         # Ray Train returns normally after a Ctrl-C abort; the job did not finish. Its checkpoints
         # stay, so the same command resumes it.
         raise KeyboardInterrupt
+
+
+def _fit_interruptibly(trainer) -> None:
+    """``trainer.fit()`` on a daemon thread while the main thread waits, so Ctrl-C raises
+    ``KeyboardInterrupt`` here at once. On the main thread Ray Train installs its own SIGINT
+    handler instead: a "graceful abort" that asks the train controller to stop — and a terminal's
+    Ctrl-C reaches every process of the run, the controller too, so the ask fails and the handler
+    calls ``sys.exit`` (exit 1, no message, after ~20 s); it also never restores the previous
+    handler. Leaving the process ends the trainer's actors with it; its checkpoints stay, so the
+    same command resumes the job."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 — handed to the waiting thread, never printed here
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
 
 
 def _worker_cpus(cfg) -> float:

@@ -111,13 +111,40 @@ def block_rows(todo: int, checkpoint_rows: int, engine: EngineConfig) -> int:
     return max(1, min(checkpoint_rows, max(per_actor, engine.batch_size)))
 
 
+class _Saving:
+    """Ray Data actor UDF around a stage's worker (``inner``): runs it on a block and writes the
+    raw rows itself, at once and whole (``stage.write_whole``), before taking the next block. So a
+    killed run loses only the blocks its actors were working on — never finished blocks queued
+    behind a separate write step. Returns one row per block: how many raw rows it saved."""
+
+    inner: type
+
+    def __init__(self, raw_dir: tuple, worker_kwargs: dict):
+        self.fs, self.dir = raw_dir
+        self.fs.create_dir(self.dir, recursive=True)
+        self.worker = self.inner(**worker_kwargs)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import uuid
+
+        out = self.worker(table)
+        stage.write_whole(out, self.fs, f"{self.dir}/{uuid.uuid4().hex}.parquet")
+        return pa.table({"saved": [out.num_rows]})
+
+
+def _saving(worker_cls: type) -> type:
+    """``_Saving`` around ``worker_cls``, named after it (Ray names the actors and the progress bar so)."""
+    return type(worker_cls.__name__, (_Saving,), {"inner": worker_cls, "__module__": __name__})
+
+
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
                         engine: EngineConfig, worker_kwargs: dict, total: int, checkpoint_rows: int,
                         check: bool = True) -> int:
     """Append raw rows for every input row not yet in ``<stage>/_raw``; returns rows sent.
-    Input is cut into blocks of ``checkpoint_rows``; each becomes one raw file, the unit of
-    work an interrupted run keeps. ``check``: load-check the model on the driver first (off
-    when an ``engine_factory`` builds the engines)."""
+    Input is cut into blocks of at most ``checkpoint_rows``; each becomes one raw file, written by
+    the actor that made it as soon as it is done — the unit of work an interrupted run keeps.
+    ``check``: load-check the model on the driver first (off when an ``engine_factory`` builds
+    the engines)."""
     done = stage.done_ids(ctx.dir, id_col)
     todo = total - len(done)
     if done:
@@ -131,10 +158,12 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
     if done:
         ds = ds.map_batches(stage.drop_done, batch_format="pyarrow",
                             fn_kwargs={"id_col": id_col, "done": pa.array(sorted(done), pa.string())})
-    ds = ds.repartition(target_num_rows_per_block=block_rows(todo, checkpoint_rows, engine))
+    rows = block_rows(todo, checkpoint_rows, engine)
+    ds = ds.repartition(target_num_rows_per_block=rows)
     worker_kwargs = {**worker_kwargs, "engines_dir": storage.resolve(ctx.path(ENGINES))}
-    ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_format="pyarrow",
-                        **pool_args(engine))
-    raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))
-    ds.write_parquet(raw_path, filesystem=raw_fs)
+    # a whole block per call (the engines cut it into batch_size micro-batches themselves)
+    ds = ds.map_batches(_saving(worker_cls), batch_format="pyarrow", **{**pool_args(engine), "batch_size": rows},
+                        fn_constructor_kwargs={"raw_dir": storage.resolve(ctx.path(stage.RAW)),
+                                               "worker_kwargs": worker_kwargs})
+    ds.materialize()  # runs the pipeline; what it holds is one small row per block
     return todo

@@ -88,16 +88,46 @@ def raw_files(stage_dir: str) -> list[str]:
     return storage.list_files(storage.join(stage_dir, RAW), ".parquet")
 
 
+UNREADABLE = ".unreadable"
+
+
+def set_aside(uri: str) -> None:
+    """Rename a file that cannot be read (cut short by a killed run, corrupted on disk) to
+    ``<name>.unreadable``: no reader lists it again, a person can still look at it, and the
+    stage summary counts it (``unreadable_files``)."""
+    fs, path = storage.resolve(uri)
+    fs.move(path, path + UNREADABLE)
+
+
+def unreadable_files(*uris: str) -> int:
+    return sum(len(storage.list_files(u, UNREADABLE)) for u in uris)
+
+
+def write_whole(table: pa.Table, fs, path: str) -> None:
+    """Write a parquet file that appears whole or not at all: an S3 PUT already does; a local file
+    is written under a temporary name and renamed."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pq.write_table(table, path, filesystem=fs)
+        return
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)
+
+
 def done_ids(stage_dir: str, id_col: str) -> set[str]:
-    """Ids already in readable raw files. A file cut short by a killed run cannot be read:
-    it is deleted, and its rows are simply processed again."""
+    """Ids already in readable raw files. A file that cannot be read is set aside
+    (``set_aside``), and its rows are simply processed again."""
     ids: set[str] = set()
     for uri in raw_files(stage_dir):
         fs, path = storage.resolve(uri)
         try:
             ids.update(pq.read_table(path, columns=[id_col], filesystem=fs)[id_col].to_pylist())
         except (pa.ArrowInvalid, OSError):
-            fs.delete_file(path)
+            set_aside(uri)
     return ids
 
 
@@ -241,6 +271,7 @@ def reconcile_and_mark(ctx: StageContext, input_ids: list[str], fin: Finalized, 
     info = {"stage": ctx.name, "inputs": rec.inputs, "outputs": rec.outputs, "errors": rec.errors,
             "datasets": fin.counts, "errors_by_reason": fin.errors_by_reason, "metrics": fin.metrics,
             "config_hash": ctx.config_hash, "seconds": round(time.time() - started, 2),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "unreadable_files": unreadable_files(ctx.dir),
+            **(extra or {})}
     write_success(ctx.dir, info)
     return info

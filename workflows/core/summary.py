@@ -19,6 +19,9 @@ def stage_lines(info: dict) -> list[str]:
     gen = info.get("metrics", {}).get("_gen_tokens")
     if gen:
         lines.append(f"generated tokens {int(gen)} ({gen / secs:.1f} tokens/s)")
+    if info.get("unreadable_files"):
+        lines.append(f"repaired: {info['unreadable_files']} unreadable file(s) (cut short or corrupted) set aside as "
+                     "*.unreadable; their work was redone")
     if info.get("errors_by_reason"):
         lines.append("errors by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_reason"].items())))
     for e in info.get("engines") or []:

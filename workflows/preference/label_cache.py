@@ -14,6 +14,9 @@ calls ``load()`` at stage start, ``get(key)`` before judging, ``put_many({key: v
 after, and ``flush()`` at the end of each batch. Only successful judgments belong here:
 a value with a non-finite ``p_a`` is rejected (a failure may be transient).
 
+A shard that cannot be read (cut short, corrupted) is renamed ``*.unreadable`` on load and its
+judgments are made again; the stage summary counts it.
+
 Scaling limit: each actor holds the whole cache in memory and reads it once at start
 (~100 bytes per entry plus CoT text), so entries written by other actors during the
 stage are not seen until the next run, and many small shards slow ``load()``; call
@@ -63,7 +66,12 @@ class LabelCache:
             merged: dict[str, dict] = {}
             for shard in self.shards():
                 fs, path = storage.resolve(shard)
-                for row in pq.read_table(path, filesystem=fs, schema=CACHE_SCHEMA).to_pylist():
+                try:
+                    rows = pq.read_table(path, filesystem=fs, schema=CACHE_SCHEMA).to_pylist()
+                except (pa.ArrowInvalid, OSError):  # cut short or corrupted: its judgments are made again
+                    _set_aside(shard)
+                    continue
+                for row in rows:
                     merged[row["key"]] = {f: row[f] for f in _FIELDS}
             self._loaded = merged
         return self._loaded
@@ -113,12 +121,18 @@ class LabelCache:
         return uri
 
 
+def _set_aside(uri: str) -> None:
+    from workflows.core.stage import set_aside
+
+    try:
+        set_aside(uri)
+    except OSError:  # another actor set it aside first
+        pass
+
+
 def _write(table: pa.Table, uri: str) -> None:
+    from workflows.core.stage import write_whole
+
     fs, path = storage.resolve(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
-    if storage.is_remote(uri):  # an S3 PUT appears whole or not at all
-        pq.write_table(table, path, filesystem=fs)
-        return
-    tmp = path + f".{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, path)
+    write_whole(table, fs, path)

@@ -356,6 +356,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
         "cache_hits": int(m.get("_cache_hits", 0)), "cache_misses": int(m.get("_cache_misses", 0)),
         "engine_calls": {"sampling": int(m.get("_policy_calls", 0)), "judging": int(m.get("_judge_calls", 0))},
         "judgments": int(m.get("_judgments", 0)), "cache_uri": cache_location(cfg, ctx),
+        "unreadable_files": stage.unreadable_files(ctx.dir, *filter(None, [cache_location(cfg, ctx)])),
         "phases": {made.phase: made.figures,
                    "judging": {"pairs": n_pairs, "labeled": rec.outputs, "errors": n_pair_errors,
                                "seconds": round(judged - judging_started, 2),

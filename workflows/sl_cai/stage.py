@@ -60,9 +60,13 @@ class CritiqueRevisionConfig:
     # refusal — becomes the *rejected* side of their revision pair (revision_pairs), teaching where
     # the line is. They must also be in revise_sources (when that is set).
     keep_initial_sources: list[str] = field(default_factory=list)
+    engine_factory: str | None = None  # "module:callable" building the engines (tests, benchmarks)
 
     def validate(self, where: str) -> None:
         from workflows.core.errors import ConfigError
+        from workflows.core.safety import check_engine_factory
+
+        check_engine_factory(self.engine_factory, where)
 
         if self.rounds < 1:
             raise ConfigError(f"{where}.rounds", f"got {self.rounds}", "use 1 or more rounds")
@@ -164,7 +168,7 @@ class CritiqueReviseWorker:
 
     def __init__(self, cfg: dict, constitution: Constitution, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(CritiqueRevisionConfig, cfg)
-        self.engine = engine_pool.start_engine(self.cfg.engine, engines_dir)
+        self.engine = engine_pool.start_engine(self.cfg.engine, engines_dir, self.cfg.engine_factory)
         self.constitution, self.seed = constitution, seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -206,7 +210,7 @@ def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
     engine_pool.stream_through_pool(
         ctx, input_uri, "prompt_id", CritiqueReviseWorker, cfg.engine,
         dict(cfg=to_dict(cfg), constitution=constitution, seed=ctx.seed), total=len(input_ids),
-        checkpoint_rows=cfg.checkpoint_rows)
+        checkpoint_rows=cfg.checkpoint_rows, check=not cfg.engine_factory)
     fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["sl_cai", "sft"])
     info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"constitution": constitution.name, "rounds": cfg.rounds,
                                      "revise_sources": cfg.revise_sources,
