@@ -198,6 +198,12 @@ def ids(dataset: Path, column: str) -> list[str]:
     return out
 
 
+def ids_in(path: Path, column: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=[column])[column].to_pylist()
+
+
 def audit(fault: str, stage_dir: Path, dataset: str, id_col: str, input_ids: list[str],
           redone: int, finished: bool, note: str = "") -> dict:
     """A table row: ``stage_dir/dataset`` (ids in ``id_col``) and ``stage_dir/errors`` against the inputs."""
@@ -352,35 +358,43 @@ def fault_torn_raw_file(work: Path, model: str, n: int) -> dict:
 
 
 def fault_torn_cache_shard(work: Path, model: str, n: int) -> dict:
-    prompts, _ = prompts_file(work, n)
+    """Fixed pairs (``pairs_from``), so that only the judge's cache decides what is judged again."""
+    _, texts = prompts_file(work, n)
+    pairs = work / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": t, "response_a": f"I can't help with that ({i}).",
+                                         "response_b": f"Sure, here is how ({i})."}) + "\n"
+                             for i, t in enumerate(texts)))
     recipe = f"""name: chaos
 run_dir: {work}/run
 ray: {{num_cpus: 2, progress_bars: false}}
 stages:
-  - stage: prompts
-    path: {prompts}
-{preference_stage(model)}"""
+  - stage: preference
+    pairs_from: {pairs}
+    principles_per_pair: 1
+    checkpoint_rows: 4
+    engine_factory: benchmarks.chaos:counting_engine
+    judges: [{engine(model, concurrency=2, batch_size=2)}]
+"""
     run = CaiRun(work, recipe)
     try:
         run.start()
         first = run.wait(600)
-        before = attempts(run.log, "j")
+        judged = sum(attempts(run.log, "j").values())
         shards = sorted((work / "run" / "label_cache").rglob("*.parquet"))
-        victim = shards[0]
+        victim, kept = shards[0], sum(len(ids_in(f, "key")) for f in shards[1:])
         data = victim.read_bytes()
         victim.write_bytes(data[: len(data) // 2])
         run.log.unlink()
         run.start("--restart-from", "preference")
         rc = run.wait(600)
-        after = attempts(run.log, "j")
+        again = sum(attempts(run.log, "j").values())
         summary = (work / "run" / "preference" / "summary.md").read_text()
         repaired = "repaired: 1 unreadable file" in summary
         pair_ids = ids(work / "run" / "preference" / "pairs", "pair_id")
         return audit("label-cache shard torn, stage redone", work / "run" / "preference" / "_judging", "labels",
-                     "pair_id",
-                     pair_ids, sum(after.values()), first == 0 and rc == 0 and repaired,
-                     f"{len(shards)} shards, 1 torn; judgments: {sum(before.values())} first run, "
-                     f"{sum(after.values())} redone from the torn shard; summary counts it: {repaired}")
+                     "pair_id", pair_ids, again, first == 0 and rc == 0 and repaired and again == judged - kept,
+                     f"{len(shards)} shards, 1 torn; {judged} judgments in the first run, {again} made again "
+                     f"(the torn shard's {judged - kept}); summary counts it: {repaired}")
     finally:
         run.close()
 
@@ -392,6 +406,7 @@ def fault_train_worker(work: Path, model: str, n: int) -> dict:
     num_workers: 1
     micro_batch_size: 1
     max_steps: 24
+    epochs: 3
     checkpoint_every: 4
     max_failures: 2
     eval_fraction: 0.0
@@ -400,9 +415,10 @@ def fault_train_worker(work: Path, model: str, n: int) -> dict:
     stage = work / "run" / "sft"
     try:
         run.start()
-        wait_until(lambda: list(stage.rglob("checkpoint_*")), 600, "the first SFT checkpoint", run, every=0.05)
+        wait_until(lambda: list(stage.glob("_ray/sft/checkpoint_20*/trainer_state.json")), 600,
+                   "the first SFT checkpoint", run, every=0.05)
         wait_until(lambda: run.find("RayTrainWorker"), 60, "the train worker", run)
-        time.sleep(1.0)  # mid-step, past the checkpoint
+        time.sleep(0.5)  # mid-step, past the checkpoint (or writing the next one: the torn one is skipped)
         victims = run.find("RayTrainWorker")
         for v in victims:
             v.send_signal(signal.SIGKILL)
@@ -412,13 +428,14 @@ def fault_train_worker(work: Path, model: str, n: int) -> dict:
         hist = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()] \
             if (stage / "metrics.jsonl").is_file() else []
         steps = [h["step"] for h in hist]
-        printed = [line for line in run.console().splitlines() if line.startswith("[sft] step ")]
-        curve_ok = steps == list(range(1, 25))
-        return {"fault": "train worker killed mid-step (SFT)", "in": 24, "out": len(steps), "errors": 0,
-                "lost": 24 - len(set(steps)), "duplicated": len(steps) - len(set(steps)),
-                "redone": max(0, len(printed) - 24), "finished": rc == 0 and curve_ok and training.get("resumes", 0) >= 1,
+        total = training.get("total_steps", 0)
+        printed = [line for line in run.console().splitlines() if "[sft] step " in line]
+        curve_ok = bool(total) and steps == list(range(1, total + 1))
+        return {"fault": "train worker killed mid-step (SFT)", "in": total, "out": len(steps), "errors": 0,
+                "lost": total - len(set(steps)), "duplicated": len(steps) - len(set(steps)),
+                "redone": max(0, len(printed) - total), "finished": rc == 0 and curve_ok and training.get("resumes", 0) >= 1,
                 "note": f"resumes {training.get('resumes')}, from steps {training.get('resumed_from_steps')}; "
-                        f"loss curve steps 1..24 once each: {curve_ok} (rows here are optimizer steps)"}
+                        f"loss curve steps 1..{total} once each: {curve_ok} (rows here are optimizer steps)"}
     finally:
         run.close()
 

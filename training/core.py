@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import sys
 import tempfile
 import threading
@@ -472,10 +473,61 @@ def _save_checkpoint(engine, state: dict, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _restore(engine, state: dict) -> dict:
+def _complete(fs, d: str, names: set[str], tag: str) -> bool:
+    """A DeepSpeed checkpoint ``tag`` under ``d`` whose files (``names``, relative) are all there and
+    whole: the model states, an optimizer shard for every rank when the optimizer is sharded, and —
+    on a local disk, where a killed writer leaves a file cut short — every ``.pt`` a readable zip
+    archive (torch's format; its directory is written last). An S3 object is whole or absent."""
+    import zipfile
+
+    import pyarrow.fs as pafs
+    import torch.distributed as dist
+
+    files = {n.split("/", 2)[2] for n in names if n.startswith(f"deepspeed/{tag}/")}
+    if not any(f.endswith("model_states.pt") for f in files):
+        return False
+    sharded = any("zero_pp_rank_" in f for f in files)
+    if sharded and not all(any(f"zero_pp_rank_{r}_" in f for f in files) for r in range(dist.get_world_size())):
+        return False
+    if isinstance(fs, pafs.LocalFileSystem):
+        for f in files:
+            if f.endswith(".pt"):
+                try:
+                    zipfile.ZipFile(f"{d}/deepspeed/{tag}/{f}").close()
+                except (zipfile.BadZipFile, OSError):
+                    return False
+    return True
+
+
+def newest_checkpoint(run: dict):
+    """The newest complete checkpoint in the job's storage (``<stage>/_ray/<job>/checkpoint_*``),
+    registered with Ray Train or not: a worker killed right after saving one leaves it on disk,
+    but Ray Train only learns of a checkpoint when its controller next polls that worker — so
+    after such a kill it would restart from an older one, or from step 0. None if there is none."""
+    import pyarrow.fs as pafs
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
+    fs, root = storage.resolve(storage.join(run["stage_dir"], "_ray", run["job"]))
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return None
+    dirs = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(root))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    for d in dirs:
+        names = {posixpath.relpath(i.path, d) for i in fs.get_file_info(pafs.FileSelector(d, recursive=True))
+                 if i.type == pafs.FileType.File}
+        if STATE_FILE not in names or "deepspeed/latest" not in names:
+            continue
+        with fs.open_input_stream(f"{d}/deepspeed/latest") as f:
+            tag = f.read().decode().strip()
+        if _complete(fs, d, names, tag):
+            return ray.train.Checkpoint(path=d, filesystem=fs)
+    return None
+
+
+def _restore(engine, state: dict, run: dict) -> dict:
+    import ray.train
+
+    ckpt = newest_checkpoint(run) or ray.train.get_checkpoint()
     if ckpt is None:
         return state
     with ckpt.as_directory() as d:
@@ -504,7 +556,7 @@ def fit(task: Task, cfg, run: dict) -> None:
         config=deepspeed_config(cfg, run["precision"]),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total)))
     started, lengths = time.time(), [len(x) for x in task.train]
-    state = _restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": []})
+    state = _restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": []}, run)
     marker = storage.join(run["stage_dir"], FAULT_MARKER)
     engine.train()
     while state["step"] < total:

@@ -305,7 +305,7 @@ def train_loop(run: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total)))
     prompts = ray.get(run["prompts"])
     state = core._restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
-                                   "kl_coef": cfg.kl_coef, "examples": []})
+                                   "kl_coef": cfg.kl_coef, "examples": []}, run)
     kl_ctl = AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
     actors = start_actors(cfg, run["actor_cpus"], run["model"]) if rank == 0 else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
