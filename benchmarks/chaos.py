@@ -310,32 +310,46 @@ stages:
         run.close()
 
 
-def _kill_driver_mid_stage(run: CaiRun, stage: Path, min_files: int = 1) -> int:
+def kill_driver_mid_stage(run: CaiRun, stage: Path, min_files: int = 1) -> list[str]:
     """Start, wait for ``min_files`` raw files, SIGKILL the driver alone (as the OOM killer would),
-    then end what it left running; returns how many processes it left behind."""
+    give Ray's own processes 10 s to notice, then end the rest; returns the names of those left."""
+    import psutil
+
     run.start()
     wait_until(lambda: len(raw_files(stage)) >= min_files, 300, f"{min_files} raw file(s)", run)
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait(30)
-    try:  # Ray's own processes notice their driver is gone and exit
-        wait_until(lambda: not run.processes(), 30, "the run's Ray processes to exit")
+    try:
+        wait_until(lambda: not run.processes(), 10, "the run's Ray processes to exit")
     except RuntimeError:
         pass
-    return run.end()
+    names = []
+    for p in run.processes():
+        try:
+            names.append(p.name())
+        except psutil.NoSuchProcess:
+            pass
+    run.end()
+    return sorted(names)
 
 
-def fault_driver_kill(work: Path, model: str, n: int, tear: bool = False) -> dict:
+def tear(path: Path) -> None:
+    """Cut a file in half, as a writer killed mid-write or a bad disk leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def fault_driver_kill(work: Path, model: str, n: int, torn_file: bool = False) -> dict:
     prompts, texts = prompts_file(work, n)
     run = CaiRun(work, sl_cai_recipe(work, model, prompts))
     stage = work / "run" / "critique_revision"
     try:
-        left = _kill_driver_mid_stage(run, stage, min_files=2 if tear else 1)
+        left = kill_driver_mid_stage(run, stage, min_files=2 if torn_file else 1)
         saved = len(ids(stage / "_raw", "prompt_id"))
         torn = ""
-        if tear:
+        if torn_file:
             victim = raw_files(stage)[0]
-            data = victim.read_bytes()
-            victim.write_bytes(data[: len(data) // 2])
+            tear(victim)
             torn = f"; tore {victim.name}"  # its rows were saved once: the rerun must find it unreadable, redo them
         run.start()
         rc = run.wait(600)
@@ -343,18 +357,19 @@ def fault_driver_kill(work: Path, model: str, n: int, tear: bool = False) -> dic
         summary = (stage / "summary.md").read_text() if (stage / "summary.md").is_file() else ""
         repaired = "repaired: 1 unreadable file" in summary
         counts = attempts(run.log, "g", set(texts))
-        name = "raw file torn, then rerun" if tear else "driver killed (SIGKILL), then rerun"
-        note = (f"{saved} rows saved before the kill; {left} Ray processes still ran 30 s after the driver died{torn}; "
-                f"resumed: {'resuming:' in console}" + (f"; summary counts the torn file: {repaired}" if tear else ""))
+        name = "raw file torn, then rerun" if torn_file else "driver killed (SIGKILL), then rerun"
+        note = (f"{saved} rows saved before the kill; still running 10 s after the driver died: {left or 'nothing'}"
+                f"{torn}; resumed: {'resuming:' in console}"
+                + (f"; summary counts the torn file: {repaired}" if torn_file else ""))
         return audit(name, stage, "sl_cai", "prompt_id",
                      ids(work / "run" / "prompts" / "prompts", "prompt_id"), _redone(counts),
-                     rc == 0 and "resuming:" in console and (repaired or not tear), note)
+                     rc == 0 and "resuming:" in console and (repaired or not torn_file), note)
     finally:
         run.close()
 
 
 def fault_torn_raw_file(work: Path, model: str, n: int) -> dict:
-    return fault_driver_kill(work, model, n, tear=True)
+    return fault_driver_kill(work, model, n, torn_file=True)
 
 
 def fault_torn_cache_shard(work: Path, model: str, n: int) -> dict:
@@ -382,8 +397,7 @@ stages:
         judged = sum(attempts(run.log, "j").values())
         shards = sorted((work / "run" / "label_cache").rglob("*.parquet"))
         victim, kept = shards[0], sum(len(ids_in(f, "key")) for f in shards[1:])
-        data = victim.read_bytes()
-        victim.write_bytes(data[: len(data) // 2])
+        tear(victim)
         run.log.unlink()
         run.start("--restart-from", "preference")
         rc = run.wait(600)

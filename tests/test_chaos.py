@@ -1,12 +1,13 @@
 """Chaos cases that fit in CI (the full set with its table: ``python benchmarks/chaos.py``): real
 ``cai run`` processes with a tiny model, a fault injected mid-stage, and the run's outputs audited —
-nothing lost, nothing duplicated, little redone, and the run finished."""
+nothing lost, nothing duplicated, little redone, and the run finished. A killed driver, a torn raw
+file and Ctrl-C are in ``test_stopping.py``."""
 from __future__ import annotations
 
 import pytest
 
 from benchmarks import chaos
-from workflows.core.engine_pool import BLOCKS_PER_ACTOR, block_rows
+from workflows.core.engine_pool import block_rows
 
 pytestmark = pytest.mark.chaos
 ROWS = 16
@@ -28,12 +29,5 @@ def _accounted(row: dict) -> None:
 def test_an_engine_actor_killed_mid_stage(tiny_llama_dir, tmp_path):
     row = chaos.fault_actor_sl_cai(tmp_path, str(tiny_llama_dir), ROWS)
     _accounted(row)
-    # at most the blocks the killed actor held (Ray Data hands an actor a few at a time) are done again
-    assert row["redone"] <= BLOCKS_PER_ACTOR * _block(), row
-
-
-def test_driver_killed_then_rerun_with_a_torn_raw_file(tiny_llama_dir, tmp_path):
-    row = chaos.fault_torn_raw_file(tmp_path, str(tiny_llama_dir), ROWS)
-    _accounted(row)
-    assert "summary counts the torn file: True" in row["note"] and "resumed: True" in row["note"]
-    assert row["redone"] < ROWS, row  # what the killed run saved was not all done again
+    # at most the block the killed actor was working on is done again (actors save each block themselves)
+    assert row["redone"] <= _block(), row
