@@ -231,13 +231,14 @@ def engine(model: str, concurrency: int = 2, batch_size: int = 2) -> str:
             f"torch_threads: 1}}")
 
 
+def head(work: Path) -> str:
+    """A recipe's first lines: its run directory in ``work``, a two-CPU local cluster, no bars."""
+    return f"name: chaos\nrun_dir: {work}/run\nray: {{num_cpus: 2, progress_bars: false}}\nstages:\n"
+
+
 def sl_cai_recipe(work: Path, model: str, prompts: Path, tokens: int = 24, checkpoint_rows: int = 4,
                   extra: str = "") -> str:
-    return f"""name: chaos
-run_dir: {work}/run
-ray: {{num_cpus: 2, progress_bars: false}}
-stages:
-  - stage: prompts
+    return head(work) + f"""  - stage: prompts
     path: {prompts}
   - stage: critique_revision
     rounds: 1
@@ -274,33 +275,29 @@ def fault_actor_sl_cai(work: Path, model: str, n: int) -> dict:
     try:
         run.start()
         stage = work / "run" / "critique_revision"
-        wait_until(lambda: raw_files(stage), 300, "the first raw file", run)
-        victim = wait_until(lambda: run.find("CritiqueReviseWorker"), 60, "an engine actor", run)[0]
-        victim.send_signal(signal.SIGKILL)
+        victim = wait_until(lambda: run.find("CritiqueReviseWorker"), 300, "an engine actor", run)[0]
+        wait_until(lambda: raw_files(stage), 300, "the first raw file", run, every=0.05)
+        victim.send_signal(signal.SIGKILL)  # mid-stage: the first block is saved, the rest are not
         rc = run.wait(600)
         counts = attempts(run.log, "g", set(texts))
         return audit("engine actor killed (SL-CAI)", stage, "sl_cai", "prompt_id",
                      ids(work / "run" / "prompts" / "prompts", "prompt_id"), _redone(counts), rc == 0,
-                     f"actor pid {victim.pid} killed after {len(raw_files(stage))} raw file(s)")
+                     f"actor pid {victim.pid} killed once the first block was saved")
     finally:
         run.close()
 
 
 def fault_actor_judging(work: Path, model: str, n: int) -> dict:
     prompts, _ = prompts_file(work, n)
-    recipe = f"""name: chaos
-run_dir: {work}/run
-ray: {{num_cpus: 2, progress_bars: false}}
-stages:
-  - stage: prompts
+    recipe = head(work) + f"""  - stage: prompts
     path: {prompts}
 {preference_stage(model)}"""
     run = CaiRun(work, recipe)
     try:
         run.start()
         judging = work / "run" / "preference" / "_judging"
-        wait_until(lambda: raw_files(judging), 300, "the first judged block", run)
-        victim = wait_until(lambda: run.find("JudgeWorker"), 60, "a judge actor", run)[0]
+        victim = wait_until(lambda: run.find("JudgeWorker"), 300, "a judge actor", run)[0]
+        wait_until(lambda: raw_files(judging), 300, "the first judged block", run, every=0.05)
         victim.send_signal(signal.SIGKILL)
         rc = run.wait(600)
         pair_ids = ids(work / "run" / "preference" / "pairs", "pair_id")
@@ -379,11 +376,7 @@ def fault_torn_cache_shard(work: Path, model: str, n: int) -> dict:
     pairs.write_text("".join(json.dumps({"prompt": t, "response_a": f"I can't help with that ({i}).",
                                          "response_b": f"Sure, here is how ({i})."}) + "\n"
                              for i, t in enumerate(texts)))
-    recipe = f"""name: chaos
-run_dir: {work}/run
-ray: {{num_cpus: 2, progress_bars: false}}
-stages:
-  - stage: preference
+    recipe = head(work) + f"""  - stage: preference
     pairs_from: {pairs}
     principles_per_pair: 1
     checkpoint_rows: 4
