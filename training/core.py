@@ -8,10 +8,10 @@ the object store, and each worker evaluates its ``rank::world`` slice.
 
 Worker side, a job's train loop tokenizes its shard into a :class:`Task` and calls ``fit``:
 ``deepspeed.initialize`` on the process group Ray Train made (gloo on CPU, NCCL on GPU) →
-restore from ``ray.train.get_checkpoint()`` → optimizer steps (micro-batches × grad_accum) with
+restore from the newest whole checkpoint (``training.checkpoints``) → optimizer steps (micro-batches × grad_accum) with
 metrics all-reduced over ranks → every ``checkpoint_every`` steps each rank writes its DeepSpeed
 shard and calls ``ray.train.report(..., checkpoint=)`` (Ray merges the shards into one
-directory) → final eval → parameters gathered (ZeRO-3: one module at a time) → rank 0 writes a
+directory; ``checkpoints.save``) → final eval → parameters gathered (ZeRO-3: one module at a time) → rank 0 writes a
 Hugging Face directory, ``metrics.jsonl``, ``loss.png`` and ``train_summary.json``.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import posixpath
 import sys
 import tempfile
 import threading
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from training import checkpoints
 from training.config import choose_precision, deepspeed_config, lr_lambda
 from training.data import is_eval, length_grouped_batches, tokenize_rows
 from workflows.core import stage, storage
@@ -42,7 +42,7 @@ from workflows.core.errors import CaiError, DataError
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict
 
-STATE_FILE, SUMMARY_FILE, METRICS_FILE, CURVES_FILE = "trainer_state.json", "train_summary.json", "metrics.jsonl", "loss.png"
+SUMMARY_FILE, METRICS_FILE, CURVES_FILE = "train_summary.json", "metrics.jsonl", "loss.png"
 FAULT_MARKER = "_fault_injected"
 
 
@@ -462,81 +462,6 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _save_checkpoint(engine, state: dict, metrics: dict) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:  # every rank writes its own shard; Ray merges them
-        engine.save_checkpoint(os.path.join(d, "deepspeed"), tag=f"step{state['step']}")
-        if dist.get_rank() == 0:
-            with open(os.path.join(d, STATE_FILE), "w") as f:
-                json.dump(state, f)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def _complete(fs, d: str, names: set[str], tag: str) -> bool:
-    """A DeepSpeed checkpoint ``tag`` under ``d`` whose files (``names``, relative) are all there and
-    whole: the model states, an optimizer shard for every rank when the optimizer is sharded, and —
-    on a local disk, where a killed writer leaves a file cut short — every ``.pt`` a readable zip
-    archive (torch's format; its directory is written last). An S3 object is whole or absent."""
-    import zipfile
-
-    import pyarrow.fs as pafs
-    import torch.distributed as dist
-
-    files = {n.split("/", 2)[2] for n in names if n.startswith(f"deepspeed/{tag}/")}
-    if not any(f.endswith("model_states.pt") for f in files):
-        return False
-    sharded = any("zero_pp_rank_" in f for f in files)
-    if sharded and not all(any(f"zero_pp_rank_{r}_" in f for f in files) for r in range(dist.get_world_size())):
-        return False
-    if isinstance(fs, pafs.LocalFileSystem):
-        for f in files:
-            if f.endswith(".pt"):
-                try:
-                    zipfile.ZipFile(f"{d}/deepspeed/{tag}/{f}").close()
-                except (zipfile.BadZipFile, OSError):
-                    return False
-    return True
-
-
-def newest_checkpoint(run: dict):
-    """The newest complete checkpoint in the job's storage (``<stage>/_ray/<job>/checkpoint_*``),
-    registered with Ray Train or not: a worker killed right after saving one leaves it on disk,
-    but Ray Train only learns of a checkpoint when its controller next polls that worker — so
-    after such a kill it would restart from an older one, or from step 0. None if there is none."""
-    import pyarrow.fs as pafs
-    import ray.train
-
-    fs, root = storage.resolve(storage.join(run["stage_dir"], "_ray", run["job"]))
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return None
-    dirs = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(root))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
-    for d in dirs:
-        names = {posixpath.relpath(i.path, d) for i in fs.get_file_info(pafs.FileSelector(d, recursive=True))
-                 if i.type == pafs.FileType.File}
-        if STATE_FILE not in names or "deepspeed/latest" not in names:
-            continue
-        with fs.open_input_stream(f"{d}/deepspeed/latest") as f:
-            tag = f.read().decode().strip()
-        if _complete(fs, d, names, tag):
-            return ray.train.Checkpoint(path=d, filesystem=fs)
-    return None
-
-
-def _restore(engine, state: dict, run: dict) -> dict:
-    import ray.train
-
-    ckpt = newest_checkpoint(run) or ray.train.get_checkpoint()
-    if ckpt is None:
-        return state
-    with ckpt.as_directory() as d:
-        engine.load_checkpoint(os.path.join(d, "deepspeed"))
-        with open(os.path.join(d, STATE_FILE)) as f:
-            old = json.load(f)
-    return {**old, "resumes": old["resumes"] + 1, "resumed_from": old["resumed_from"] + [old["step"]]}
-
-
 def fit(task: Task, cfg, run: dict) -> None:
     """The shared train loop (see the module docstring); ``run`` is the train-loop config."""
     import deepspeed
@@ -556,7 +481,7 @@ def fit(task: Task, cfg, run: dict) -> None:
         config=deepspeed_config(cfg, run["precision"]),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total)))
     started, lengths = time.time(), [len(x) for x in task.train]
-    state = _restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": []}, run)
+    state = checkpoints.restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": []}, run)
     marker = storage.join(run["stage_dir"], FAULT_MARKER)
     engine.train()
     while state["step"] < total:
@@ -589,7 +514,7 @@ def fit(task: Task, cfg, run: dict) -> None:
                 print(f"[{run['job']}] step {state['step']}/{total} loss {rec['loss']:.4f} lr {lr:.2e}",
                       file=sys.__stdout__, flush=True)
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
-                _save_checkpoint(engine, state, rec)
+                checkpoints.save(engine, state, rec)
     _finish(engine, task, cfg, run, state, total, time.time() - started)
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import core
+from training import checkpoints, core
 from training.config import PPOConfig, deepspeed_config, lr_lambda
 from training.data import pad_right
 from training.losses import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
@@ -304,8 +304,8 @@ def train_loop(run: dict) -> None:
         config=deepspeed_config(cfg, run["precision"]),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total)))
     prompts = ray.get(run["prompts"])
-    state = core._restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
-                                   "kl_coef": cfg.kl_coef, "examples": []}, run)
+    state = checkpoints.restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
+                                         "kl_coef": cfg.kl_coef, "examples": []}, run)
     kl_ctl = AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
     actors = start_actors(cfg, run["actor_cpus"], run["model"]) if rank == 0 else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
@@ -380,7 +380,7 @@ def train_loop(run: dict) -> None:
             print(f"[ppo] iteration {state['step']}/{cfg.iterations} reward {rec['reward']:.4f} score {rec['score']:.4f} "
                   f"kl {rec['kl']:.4f} clipfrac {rec['clipfrac']:.3f}", file=sys.__stdout__, flush=True)
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.iterations:
-            core._save_checkpoint(engine, state, rec)
+            checkpoints.save(engine, state, rec)
     _finish(engine, cfg, run, state, actors, tok, prompts)
 
 
