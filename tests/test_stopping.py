@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from benchmarks import chaos
+from benchmarks import chaos_harness as chaos
 
 ROWS, STEPS = 16, 8
 

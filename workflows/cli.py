@@ -6,6 +6,7 @@ package adds its own commands (``workflows.sl_cai.cli``, ``workflows.preference.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import textwrap
 
@@ -100,14 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_error(exc: BaseException) -> Exception | None:
-    """Our own error, even when Ray wrapped it (RayTaskError.cause, __cause__ chains)."""
+def _causes(exc: BaseException):
+    """``exc`` and what caused it, even where Ray wrapped it (RayTaskError.cause, __cause__ chains)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (CaiError, EngineError)):
-            return exc
+        yield exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+
+
+def _user_error(exc: BaseException) -> Exception | None:
+    """Our own error, or a full disk said in our words; None for anything else."""
+    for e in _causes(exc):
+        if isinstance(e, (CaiError, EngineError)):
+            return e
+    for e in _causes(exc):
+        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e)):
+            where = f" writing {e.filename}" if e.filename else ""
+            return CaiError(f"no space left on the device{where} — free some space (or pass another --run-dir), then "
+                            "run the same command again: finished stages and saved blocks are kept")
     return None
 
 

@@ -1,0 +1,399 @@
+"""The machinery of ``benchmarks/chaos.py``: ``cai run`` in a process session of its own, an engine
+that counts what it is asked (``counting_engine``, the runs' ``engine_factory``), waiting, auditing a
+stage's outputs, the recipes the faults run, and a flaky local S3 server."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+LOG_ENV = "CAI_CHAOS_LOG"
+
+
+# ---------------------------------------------------------------- the counting engine (runs in actors)
+
+def counting_engine(cfg):
+    """``engine_factory``: the configured engine, logging the last user message of every conversation
+    it generates for (``g``) or judges (``j``) to ``$CAI_CHAOS_LOG``, one JSON line each."""
+    from actors import make_engine
+
+    engine = make_engine(cfg)
+    path = os.environ.get(LOG_ENV)
+
+    def log(kind: str, conversations) -> None:
+        if path:
+            lines = "".join(json.dumps({"k": kind, "u": next((m["content"] for m in reversed(c) if m["role"] == "user"),
+                                                             "")}) + "\n" for c in conversations)
+            with open(path, "a", encoding="utf-8") as f:  # O_APPEND: lines of concurrent actors do not mix
+                f.write(lines)
+
+    generate, choice = engine.generate, engine.choice_logprobs
+
+    def counted_generate(conversations, params):
+        log("g", conversations)
+        return generate(conversations, params)
+
+    def counted_choice(conversations, choices):
+        log("j", conversations)
+        return choice(conversations, choices)
+
+    engine.generate, engine.choice_logprobs = counted_generate, counted_choice
+    return engine
+
+
+def attempts(log_path: Path, kind: str, texts: set[str] | None = None) -> collections.Counter:
+    """How many times each conversation (by its last user message) of ``kind`` was sent to an engine."""
+    seen: collections.Counter = collections.Counter()
+    if log_path.is_file():
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec["k"] == kind and (texts is None or rec["u"] in texts):
+                seen[rec["u"]] += 1
+    return seen
+
+
+# ---------------------------------------------------------------- a `cai run` in its own process session
+
+class CaiRun:
+    """``cai run RECIPE`` as a subprocess in a session of its own; its Ray temp dir is its own too."""
+
+    def __init__(self, work: Path, recipe: str):
+        self.work, self.recipe = work, work / "recipe.yaml"
+        self.recipe.write_text(recipe)
+        self.log = work / "engine_calls.jsonl"
+        self.ray_tmp = tempfile.mkdtemp(prefix="cx", dir="/tmp")  # short: Ray's socket paths live under it
+        self.proc: subprocess.Popen | None = None
+        self.sessions: list[int] = []
+        self.outputs: list[Path] = []
+
+    def start(self, *args: str) -> subprocess.Popen:
+        """``cai run RECIPE ARGS``."""
+        return self.launch("run", str(self.recipe), *args)
+
+    def launch(self, *argv: str) -> subprocess.Popen:
+        """``cai ARGV`` in a new process session."""
+        env = {**os.environ, LOG_ENV: str(self.log), "RAY_TMPDIR": self.ray_tmp, "CAI_ALLOW_ENGINE_FACTORY": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+        env.pop("RAY_ADDRESS", None)
+        out = self.work / f"console-{len(self.outputs) + 1}.txt"
+        self.outputs.append(out)
+        self.proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", *argv],
+                                     cwd=ROOT, env=env, stdout=out.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.sessions.append(self.proc.pid)
+        return self.proc
+
+    def console(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.outputs if p.is_file())
+
+    def processes(self):
+        """Every live process of this run's sessions (the driver, its Ray cluster, its workers)."""
+        import psutil
+
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) in self.sessions:
+                    found.append(p)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    def find(self, title: str):
+        """Live processes of this run whose command line (a Ray worker's process title) contains ``title``."""
+        import psutil
+
+        out = []
+        for p in self.processes():
+            try:
+                if title in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.end()
+            raise RuntimeError(f"`cai run` did not finish in {timeout:.0f} s; console:\n{self.console()[-3000:]}")
+
+    def end(self) -> int:
+        """SIGKILL every process left in this run's sessions; returns how many there were."""
+        import psutil
+
+        left = self.processes()
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=15)
+        return len(left)
+
+    def close(self) -> None:
+        self.end()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def wait_until(pred, timeout: float, what: str, run: CaiRun | None = None, every: float = 0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        got = pred()
+        if got:
+            return got
+        if run is not None and run.proc.poll() is not None:
+            raise RuntimeError(f"`cai run` ended (exit {run.proc.returncode}) before {what}:\n{run.console()[-3000:]}")
+        time.sleep(every)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def raw_files(stage_dir: Path) -> list[Path]:
+    return sorted((stage_dir / "_raw").rglob("*.parquet")) if (stage_dir / "_raw").is_dir() else []
+
+
+# ---------------------------------------------------------------- what a stage kept
+
+def ids(dataset: Path, column: str) -> list[str]:
+    """Ids in the readable parquet files under ``dataset`` (a file a killed writer cut short is skipped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out: list[str] = []
+    for f in sorted(dataset.rglob("*.parquet")) if dataset.is_dir() else []:
+        try:
+            out += pq.read_table(f, columns=[column])[column].to_pylist()
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return out
+
+
+def ids_in(path: Path, column: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=[column])[column].to_pylist()
+
+
+def audit(fault: str, stage_dir: Path, dataset: str, id_col: str, input_ids: list[str],
+          redone: int, finished: bool, note: str = "") -> dict:
+    """A table row: ``stage_dir/dataset`` (ids in ``id_col``) and ``stage_dir/errors`` against the inputs."""
+    out, err = ids(stage_dir / dataset, id_col), ids(stage_dir / "errors", "id")
+    kept = collections.Counter(out + err)
+    return {"fault": fault, "in": len(input_ids), "out": len(out), "errors": len(err),
+            "lost": len(set(input_ids) - set(kept)), "duplicated": sum(c - 1 for c in kept.values() if c > 1),
+            "redone": redone, "finished": finished, "note": note}
+
+
+# ---------------------------------------------------------------- recipes
+
+def prompts_file(work: Path, n: int) -> tuple[Path, list[str]]:
+    """``n`` distinct prompts (the shipped red-team set, first ``n``)."""
+    from workflows.prompts.sources import BUILTIN_DIR
+
+    texts = [json.loads(x)["prompt"] for x in (BUILTIN_DIR / "red_team.jsonl").read_text().splitlines()[:n]]
+    path = work / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path, texts
+
+
+def engine(model: str, concurrency: int = 2, batch_size: int = 2) -> str:
+    return (f"{{model: {model}, batch_size: {batch_size}, concurrency: {concurrency}, num_cpus: 0.5, "
+            f"torch_threads: 1}}")
+
+
+def head(work: Path) -> str:
+    """A recipe's first lines: its run directory in ``work``, a two-CPU local cluster, no bars."""
+    return f"name: chaos\nrun_dir: {work}/run\nray: {{num_cpus: 2, progress_bars: false}}\nstages:\n"
+
+
+def sl_cai_recipe(work: Path, model: str, prompts: Path, tokens: int = 24, checkpoint_rows: int = 4,
+                  extra: str = "") -> str:
+    return head(work) + f"""  - stage: prompts
+    path: {prompts}
+  - stage: critique_revision
+    rounds: 1
+    few_shot: 0
+    checkpoint_rows: {checkpoint_rows}
+    sampling: {{max_new_tokens: {tokens}}}
+    engine_factory: benchmarks.chaos_harness:counting_engine
+    engine: {engine(model)}
+{extra}"""
+
+
+def preference_stage(model: str, tokens: int = 8) -> str:
+    return f"""  - stage: preference
+    input: prompts
+    samples_per_prompt: 2
+    principles_per_pair: 1
+    checkpoint_rows: 4
+    sampling: {{max_new_tokens: {tokens}, temperature: 1.0}}
+    engine_factory: benchmarks.chaos_harness:counting_engine
+    policy: {engine(model, concurrency=1, batch_size=4)}
+    judges: [{engine(model, concurrency=2, batch_size=2)}]
+"""
+
+
+def redone(counts: collections.Counter) -> int:
+    return sum(c - 1 for c in counts.values() if c > 1)
+
+
+# ---------------------------------------------------------------- the faults
+
+def kill_driver_mid_stage(run: CaiRun, stage: Path, min_files: int = 1) -> list[str]:
+    """Start, wait for ``min_files`` raw files, SIGKILL the driver alone (as the OOM killer would),
+    give Ray's own processes 10 s to notice, then end the rest; returns the names of those left."""
+    import psutil
+
+    run.start()
+    wait_until(lambda: len(raw_files(stage)) >= min_files, 300, f"{min_files} raw file(s)", run)
+    run.proc.send_signal(signal.SIGKILL)
+    run.proc.wait(30)
+    try:
+        wait_until(lambda: not run.processes(), 10, "the run's Ray processes to exit")
+    except RuntimeError:
+        pass
+    names = []
+    for p in run.processes():
+        try:
+            names.append(p.name())
+        except psutil.NoSuchProcess:
+            pass
+    run.end()
+    return sorted(names)
+
+
+def tear(path: Path) -> None:
+    """Cut a file in half, as a writer killed mid-write or a bad disk leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+class FlakyS3:
+    """A local S3 server (moto) behind a proxy that can answer ``503 SlowDown`` to a share of the
+    requests, hold answers back, or refuse connections (the server "stopped"). Both on 127.0.0.1."""
+
+    def __init__(self, fail_share: float = 0.0, delay_s: float = 0.0, seed: int = 0):
+        import random
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from moto.server import ThreadedMotoServer
+
+        self.fail_share, self.delay_s, self.down = fail_share, delay_s, False
+        self.counts = collections.Counter()
+        rng, lock, owner = random.Random(seed), threading.Lock(), self
+        self.moto_port = free_port()
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port)
+        self.moto.start()
+
+        class Proxy(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    owner.counts["requests"] += 1
+                    fail = owner.down or rng.random() < owner.fail_share
+                if owner.down:  # "stopped": drop the connection without an answer
+                    owner.counts["dropped"] += 1
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fail:
+                    owner.counts["503"] += 1
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                if owner.delay_s:
+                    time.sleep(owner.delay_s)
+                conn = http.client.HTTPConnection("127.0.0.1", owner.moto_port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+        self.proxy.daemon_threads = True
+        threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.proxy.server_address[1]}"
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                    "AWS_REGION": "us-east-1"}
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.moto_port}", region_name="us-east-1",
+                     aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="cai")
+
+    def ids(self, uri: str, column: str) -> list[str]:
+        """Ids in a dataset on the server, read past the proxy."""
+        import pyarrow.parquet as pq
+
+        from workflows.core import storage
+
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update({**self.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.moto_port}"})
+        try:
+            out = []
+            for f in storage.list_files(uri, ".parquet"):
+                fs, path = storage.resolve(f)
+                out += pq.read_table(path, columns=[column], filesystem=fs)[column].to_pylist()
+            return out
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    def close(self) -> None:
+        self.proxy.shutdown()
+        self.proxy.server_close()
+        self.moto.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_model(out: Path) -> str:
+    """A tiny random Llama with the embedded model's tokenizer (what the tests use)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny_llama
+
+    return str(build_tiny_llama(out))
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["fault", "in", "out", "errors", "lost", "duplicated", "redone", "finished"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
