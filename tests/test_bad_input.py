@@ -78,7 +78,7 @@ CASES = [
      ["stages[1].constitution", "nosuch", "default"]),
     # ---- prompt files
     ("prompts-file-missing", {"r.yaml": BASE.replace("p.jsonl", "missing.jsonl")}, RUN,
-     ["stages[0].path", "no such file or directory", "builtin:"]),
+     ["stages[0].path", "missing.jsonl: no such file or directory", "builtin:"]),
     ("prompts-unknown-builtin", {"r.yaml": BASE.replace("{d}/p.jsonl", "builtin:redteam")}, RUN,
      ["stages[0].path", "unknown builtin 'builtin:redteam'", "builtin:red_team"]),
     ("prompts-limit-zero", recipe(head=BASE + "    limit: 0\n"), RUN, ["stages[0].limit", "positive number"]),
@@ -93,7 +93,7 @@ CASES = [
      ["route", "merge", "--from", "{d}/prefs", "--labeled", "{d}/review.csv", "--out", "{d}/merged"],
      ["review.csv: record 1", "human_choice 'maybe'", "1, 2, tie"]),
     ("recipe-human-file-missing", recipe("- stage: preference\n  human: {path: '{d}/h.jsonl', ratio: 0.5}"), RUN,
-     ["stages[1].human.path", "h.jsonl"]),
+     ["stages[1].human.path", "h.jsonl: no such file or directory"]),
     # ---- gold files
     ("gold-file-missing", recipe("- stage: preference\n  gold: '{d}/gold.jsonl'"), RUN,
      ["stages[1].gold", "no such file", "human-labeled pairs"]),

@@ -53,5 +53,6 @@ def test_cli_reports_missing_model_before_starting_actors(tmp_path, ray_local, c
                "--model", str(tmp_path / "no-such-model")])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: model ") and "pass a local directory, a .gguf file, or `embedded`" in err[-1]
+    assert err[-1].startswith("error: command line: stages[1].engine.model: model ") and "no-such-model" in err[-1]
+    assert "pass a local directory, a .gguf file, or `embedded`" in err[-1]
     assert not (tmp_path / "r" / "critique_revision" / "_SUCCESS").exists()

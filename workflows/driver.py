@@ -176,14 +176,33 @@ def check_model_ref(spec: str, at: str, produced: set[str] = frozenset()) -> Non
             raise ConfigError(at, str(e)) from None
 
 
+def _input_files(s: PlannedStage) -> list[tuple[str, str]]:
+    """(field, path) of the local files a stage reads that no earlier stage makes."""
+    files = []
+    if s.kind == "prompts" and ":" not in s.config.path:
+        files.append(("path", s.config.path))
+    if s.kind == "preference" and s.config.human is not None and not storage.is_remote(s.config.human.path):
+        files.append(("human.path", s.config.human.path))
+    return files
+
+
 def preflight(recipe: Recipe, stages: list[PlannedStage], where: str) -> None:
-    """What can be checked before Ray starts, so a typo costs a second, not a cluster start:
-    the run directory's storage scheme, every model a stage names, and its constitution."""
+    """What can be checked before Ray starts, so a typo costs a second, not a cluster start: the
+    run directory's storage scheme, the files stages read, every model a stage names, and its
+    constitution. Relative paths are relative to where `cai run` runs (a job's: its working_dir),
+    so `cai submit` does not check files here."""
+    import os
+
     from workflows.constitution import load_constitution
 
     storage.resolve(recipe.run_dir)
     produced: set[str] = set()
     for i, s in enumerate(stages):
+        for field_path, path in _input_files(s):
+            if not os.path.exists(os.path.expanduser(path)):
+                raise ConfigError(f"{where}: stages[{i}].{field_path}", f"{path}: no such file or directory",
+                                  "check the path (relative paths start where you run cai); prompts may also be "
+                                  "hf:NAME or builtin:red_team|helpful|benign_edgy|all")
         for field_path, spec in _model_refs(to_dict(s.config)):
             check_model_ref(spec, f"{where}: stages[{i}]{field_path}", produced)
         if isinstance(getattr(s.config, "constitution", None), str):

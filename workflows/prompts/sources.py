@@ -70,9 +70,6 @@ class PromptsConfig:
              f"unknown builtin {self.path!r}", f"use one of {builtins}"),
             ("format", scheme in ("builtin", "hf") and self.format not in ("auto", {"builtin": "jsonl"}.get(scheme, "hf")),
              f"{self.format!r} does not fit {scheme}: paths", "leave format: auto"),
-            ("path", scheme == "" and self.path.strip() != "" and not os.path.exists(os.path.expanduser(self.path)),
-             "no such file or directory", "check the path (relative paths start where you run cai), or use "
-             "hf:NAME or " + builtins),
             ("field", not self.field.strip(), "is empty", "name the column that holds the prompt, e.g. field: prompt"),
             ("split", not self.split.strip(), "is empty", "e.g. split: train"),
             ("source", self.source is not None and not self.source.strip(), "is empty",
