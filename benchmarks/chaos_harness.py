@@ -293,6 +293,9 @@ class FlakyS3:
         self.fail_share, self.delay_s, self.down = fail_share, delay_s, False
         self.counts = collections.Counter()
         rng, lock, owner = random.Random(seed), threading.Lock(), self
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
         self.moto_port = free_port()
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port)
         self.moto.start()
@@ -306,7 +309,7 @@ class FlakyS3:
             def _forward(self):
                 import http.client
 
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 with lock:
                     owner.counts["requests"] += 1
                     fail = owner.down or rng.random() < owner.fail_share
@@ -326,7 +329,9 @@ class FlakyS3:
                 if owner.delay_s:
                     time.sleep(owner.delay_s)
                 conn = http.client.HTTPConnection("127.0.0.1", owner.moto_port, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
                 r = conn.getresponse()
                 data = r.read()
                 self.send_response(r.status)
@@ -338,6 +343,20 @@ class FlakyS3:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes:
+                """The request body, also when the client streams it in HTTP chunks."""
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

@@ -115,9 +115,9 @@ def _user_error(exc: BaseException) -> Exception | None:
     for e in _causes(exc):
         if isinstance(e, (CaiError, EngineError)):
             return e
-    for e in _causes(exc):
-        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e)):
-            where = f" writing {e.filename}" if e.filename else ""
+    for e in _causes(exc):  # an actor's OSError reaches the driver as text inside Ray's error
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
             return CaiError(f"no space left on the device{where} — free some space (or pass another --run-dir), then "
                             "run the same command again: finished stages and saved blocks are kept")
     return None
