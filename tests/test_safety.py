@@ -52,7 +52,7 @@ def test_names_that_would_leave_the_run_directory_are_refused(name):
 
 @pytest.mark.parametrize("name", ["sft", "sft_2", "dpo-model", "v1.2", "Run=3"])
 def test_plain_names_pass(name):
-    check_name(name, "where")
+    assert check_name(name, "where") is None  # raises ConfigError for a name it refuses
 
 
 def test_engine_factory_needs_the_users_permission(monkeypatch):
