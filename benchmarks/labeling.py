@@ -40,7 +40,7 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # Ray hands the driver's sys.path to its workers: they import this module too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("CAI_ALLOW_ENGINE_FACTORY", "1")  # this benchmark swaps in its own instant engines
+os.environ.setdefault("CAI_ALLOW_RECIPE_CODE", "1")  # this benchmark swaps in its own instant engines
 
 
 # ---------------------------------------------------------------- (c) an instant engine

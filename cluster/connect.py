@@ -11,7 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Variables the workers need to see the same storage and offline settings as the driver.
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
             "HF_HUB_OFFLINE", "HF_HOME", "CAI_LOG_LEVEL", "CAI_RAY_CACHE", "CAI_RAY_CPU_BF16",
-            "CAI_ALLOW_ENGINE_FACTORY")
+            "CAI_ALLOW_RECIPE_CODE")
 
 
 @dataclass

@@ -16,7 +16,7 @@ os.environ.setdefault("CAI_RAY_CACHE", tempfile.mkdtemp(prefix="cai-ray-test-cac
 # `dtype: auto` picks float32 on every processor in tests, so what they compare does not depend on
 # whether the CI machine's CPU has native bfloat16 (the choice itself is tested with both answers).
 os.environ.setdefault("CAI_RAY_CPU_BF16", "0")
-os.environ.setdefault("CAI_ALLOW_ENGINE_FACTORY", "1")  # scripted engines (fakes.py); refused by default
+os.environ.setdefault("CAI_ALLOW_RECIPE_CODE", "1")  # scripted engines (fakes.py); refused by default
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -95,7 +95,7 @@ def ray_local():
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                               "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],
                                               "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"],
-                                              "CAI_ALLOW_ENGINE_FACTORY": os.environ["CAI_ALLOW_ENGINE_FACTORY"],
+                                              "CAI_ALLOW_RECIPE_CODE": os.environ["CAI_ALLOW_RECIPE_CODE"],
                                               # workers import scripted engines (`engine_factory: fakes:...`)
                                               "PYTHONPATH": os.pathsep.join(
                                                   [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}})

@@ -118,7 +118,7 @@ CASES = [
                                      "openai: {api_key_env: sk-live-4f2a9}}"), RUN,
      ["stages[1].engine.openai.api_key_env", "NAME of an environment variable", "OPENAI_API_KEY"]),
     ("engine-factory-not-allowed", recipe("- stage: preference\n  engine_factory: 'mymod:build'"), RUN,
-     ["stages[1].engine_factory", "CAI_ALLOW_ENGINE_FACTORY=1"]),
+     ["stages[1].engine_factory", "CAI_ALLOW_RECIPE_CODE=1"]),
     ("sampling-temperature-negative", recipe("- stage: critique_revision\n  sampling: {temperature: -1}"), RUN,
      ["stages[1].sampling.temperature", "got -1.0", "positive temperature"]),
     ("sampling-top-p-above-one", recipe("- stage: critique_revision\n  sampling: {top_p: 1.5}"), RUN,
@@ -182,7 +182,7 @@ def test_bad_input_is_one_clear_line(case, files, argv, pieces, tmp_path, capsys
 
     monkeypatch.setattr(cluster.connect, "connect", no_ray)
     monkeypatch.setattr(workflows.driver, "connect", no_ray)
-    monkeypatch.delenv("CAI_ALLOW_ENGINE_FACTORY", raising=False)
+    monkeypatch.delenv("CAI_ALLOW_RECIPE_CODE", raising=False)
     for name, text in files.items():
         (tmp_path / name).write_text(text.replace("{d}", str(tmp_path)))
     _preferences(tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from workflows.core.errors import ConfigError
-from workflows.core.safety import ALLOW_FACTORY_ENV, check_engine_factory, check_name
+from workflows.core.safety import ALLOW_CODE_ENV, check_recipe_code, check_name
 from workflows.core.typed import from_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,20 +55,24 @@ def test_plain_names_pass(name):
     assert check_name(name, "where") is None  # raises ConfigError for a name it refuses
 
 
-def test_engine_factory_needs_the_users_permission(monkeypatch):
+def test_code_named_by_a_recipe_needs_the_users_permission(monkeypatch):
+    from training.config import PPOConfig
     from workflows.evaluate.config import EvaluateConfig
     from workflows.preference.batch import PreferenceConfig
 
-    monkeypatch.delenv(ALLOW_FACTORY_ENV, raising=False)
+    monkeypatch.delenv(ALLOW_CODE_ENV, raising=False)
     for cls, ok in ((PreferenceConfig, {}), (EvaluateConfig, {"models": {"base": "embedded", "sft": "sft_model"}})):
-        with pytest.raises(ConfigError, match=f"engine_factory: 'evil:run' would run code.*{ALLOW_FACTORY_ENV}=1"):
+        with pytest.raises(ConfigError, match=f"engine_factory: 'evil:run' would run code.*{ALLOW_CODE_ENV}=1"):
             from_dict(cls, {**ok, "engine_factory": "evil:run"}, "r.yaml: stages[1]")
         assert from_dict(cls, ok, "r.yaml: stages[1]").engine_factory is None
-    monkeypatch.setenv(ALLOW_FACTORY_ENV, "1")
+    with pytest.raises(ConfigError, match=f"reward_fn: 'evil:reward' would run code.*{ALLOW_CODE_ENV}=1"):
+        from_dict(PPOConfig, {"reward_fn": "evil:reward"}, "r.yaml: stages[1]")
+    monkeypatch.setenv(ALLOW_CODE_ENV, "1")
     assert from_dict(PreferenceConfig, {"engine_factory": "fakes:x"}).engine_factory == "fakes:x"
-    monkeypatch.setenv(ALLOW_FACTORY_ENV, "yes")  # only the documented value turns it on
+    assert from_dict(PPOConfig, {"reward_fn": "fakes:x"}).reward_fn == "fakes:x"
+    monkeypatch.setenv(ALLOW_CODE_ENV, "yes")  # only the documented value turns it on
     with pytest.raises(ConfigError):
-        check_engine_factory("fakes:x", "here")
+        check_recipe_code("fakes:x", "here")
 
 
 def test_local_ray_starts_no_dashboard_and_serve_listens_on_loopback(monkeypatch):

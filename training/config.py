@@ -223,12 +223,13 @@ class PPOConfig(TrainConfig):
              "use 0 or more, below iterations"),
             ("rollout.backend", self.rollout.backend == "openai",
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
-            ("reward_fn", bool(self.reward_fn) and ":" not in str(self.reward_fn), "write module:callable"),
             ("lora", self.lora is not None, "remove it: ppo trains full weights for now"),
         ]
+        from workflows.core.safety import check_recipe_code
         from workflows.core.typed import check_fields
 
         check_fields(self, where, checks)
+        check_recipe_code(self.reward_fn, where, "reward_fn")
 
 
 # ---------------------------------------------------------------- derived settings

@@ -7,7 +7,7 @@ from typing import Literal
 
 from actors import EngineConfig, SamplingParams
 from workflows.core.errors import ConfigError
-from workflows.core.safety import check_engine_factory, check_name
+from workflows.core.safety import check_recipe_code, check_name
 from workflows.core.typed import check_fields
 from workflows.evaluate.verdict import VerdictConfig
 
@@ -98,7 +98,7 @@ class EvaluateConfig:
             ("checkpoint_rows", self.checkpoint_rows < 1, "use 1 or more"),
         ]
         check_fields(self, where, checks)
-        check_engine_factory(self.engine_factory, where)
+        check_recipe_code(self.engine_factory, where)
         names = [s.name for s in self.sets]
         for i, s in enumerate(self.sets):
             if names.count(s.name) > 1:

@@ -21,7 +21,7 @@ from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, sample_principles
 from workflows.core import storage
 from workflows.core.errors import RowError
-from workflows.core.safety import check_engine_factory
+from workflows.core.safety import check_recipe_code
 from workflows.core.typed import check_fields
 from workflows.preference.human import preference_row
 from workflows.preference.judging import (
@@ -140,7 +140,7 @@ class PreferenceConfig:
             ("checkpoint_rows", self.checkpoint_rows < 1, "use 1 or more"),
         ]
         check_fields(self, where, checks)
-        check_engine_factory(self.engine_factory, where)
+        check_recipe_code(self.engine_factory, where)
 
 
 def _missing_file(path: str | None) -> bool:

@@ -64,9 +64,9 @@ class CritiqueRevisionConfig:
 
     def validate(self, where: str) -> None:
         from workflows.core.errors import ConfigError
-        from workflows.core.safety import check_engine_factory
+        from workflows.core.safety import check_recipe_code
 
-        check_engine_factory(self.engine_factory, where)
+        check_recipe_code(self.engine_factory, where)
 
         if self.rounds < 1:
             raise ConfigError(f"{where}.rounds", f"got {self.rounds}", "use 1 or more rounds")
