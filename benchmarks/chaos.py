@@ -14,8 +14,12 @@ Faults (``FAULTS``):
   the rerun: set aside as ``*.unreadable``, counted in the summary, its rows redone.
 - ``torn_cache_shard``: a label-cache shard cut in half, then the preference stage redone: the
   shard is set aside and counted, its judgments made again.
-- ``train_worker``: the Ray Train worker killed (SIGKILL) mid-step in SFT: the job restarts from
-  its last checkpoint (``max_failures``) and the loss curve goes on from there, one record per step.
+- ``train_worker``, ``train_reward``, ``train_dpo``, ``train_ppo``: the Ray Train worker killed
+  (SIGKILL) mid-step in SFT, reward, DPO and PPO: the job restarts from its newest whole checkpoint
+  (``max_failures``) and the loss curve goes on from there, one record per step (PPO: iteration).
+- ``node_removed``: a two-node cluster (``ray start`` twice on this machine), the run directory on a
+  local S3 server, one engine actor per node; the second node killed whole once the first block is
+  saved: the pool finishes on the head, every row once.
 - ``disk_full``: the run directory on a 64 KiB tmpfs (mounted for the fault; needs root) that fills
   up mid SL-CAI: exit 2, one error line, no ``_SUCCESS``; remounted bigger, the same command finishes.
 - ``s3_flaky`` / ``s3_restart``: the run directory on a local S3 server behind a proxy that answers
@@ -50,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.chaos_harness import (  # noqa: E402 — after the path insert
-    CaiRun, FlakyS3, attempts, audit, engine, free_port, head, ids, ids_in, kill_driver_mid_stage,
+    LOG_ENV, ROOT, CaiRun, FlakyS3, attempts, audit, engine, free_port, head, ids, ids_in, kill_driver_mid_stage,
     preference_stage, prompts_file, raw_files, redone, sl_cai_recipe, table, tear, tiny_model, wait_until)
 
 
@@ -162,45 +166,99 @@ def fault_torn_cache_shard(work: Path, model: str, n: int) -> dict:
         run.close()
 
 
-def fault_train_worker(work: Path, model: str, n: int) -> dict:
-    prompts, _ = prompts_file(work, n)
-    recipe = sl_cai_recipe(work, model, prompts, tokens=12, extra=f"""  - stage: sft
-    model: {model}
+def _train_recipe(work: Path, model: str, n: int, job: str) -> str:
+    """A recipe ending in the training job ``job``: a run of 24 optimizer steps (12 PPO iterations),
+    one worker, a checkpoint every 4, two failures allowed."""
+    train = f"""    model: {model}
     num_workers: 1
-    micro_batch_size: 1
-    max_steps: 24
-    epochs: 3
     checkpoint_every: 4
     max_failures: 2
+"""
+    if job == "sft":
+        prompts, _ = prompts_file(work, n)
+        return sl_cai_recipe(work, model, prompts, tokens=12, extra=f"""  - stage: sft
+{train}    micro_batch_size: 1
+    max_steps: 24
+    epochs: 3
     eval_fraction: 0.0
 """)
-    run = CaiRun(work, recipe)
-    stage = work / "run" / "sft"
+    if job == "ppo":  # a programmatic reward: no reward model to train first
+        prompts, _ = prompts_file(work, n)
+        return head(work) + f"""  - stage: prompts
+    path: {prompts}
+  - stage: ppo
+{train}    reward_fn: benchmarks.chaos_harness:short_answer_reward
+    iterations: 12
+    prompts_per_iteration: 2
+    samples_per_prompt: 2
+    max_new_tokens: 6
+    micro_batch_size: 2
+    max_length: 256
+    rollout: {{batch_size: 4, torch_threads: 1}}
+"""
+    pairs = work / "pairs.jsonl"  # fixed pairs, judged once by the tiny judge
+    pairs.write_text("".join(json.dumps({"prompt": t, "response_a": f"I can't help with that ({i}).",
+                                         "response_b": f"Sure, here is how ({i})."}) + "\n"
+                             for i, t in enumerate(prompts_file(work, n)[1])))
+    return head(work) + f"""  - stage: preference
+    pairs_from: {pairs}
+    principles_per_pair: 1
+    judges: [{engine(model, concurrency=1, batch_size=4)}]
+  - stage: {job}
+    input: preferences
+{train}    micro_batch_size: 1
+    max_steps: 24
+    epochs: 3
+    max_length: 128
+    eval_fraction: 0.0
+"""
+
+
+def fault_train_worker(work: Path, model: str, n: int, job: str = "sft") -> dict:
+    """The Ray Train worker SIGKILLed mid-step, past its first checkpoint: the job restarts (within
+    ``max_failures``) from its newest whole checkpoint, and the loss curve goes on from there with one
+    record per step (rows here are optimizer steps, or PPO iterations)."""
+    run = CaiRun(work, _train_recipe(work, model, n, job))
+    stage = work / "run" / job
+    unit = "iteration" if job == "ppo" else "step"
     try:
         run.start()
-        wait_until(lambda: list(stage.glob("_ray/sft/checkpoint_20*/trainer_state.json")), 600,
-                   "the first SFT checkpoint", run, every=0.05)
+        wait_until(lambda: list(stage.glob("_ray/*/checkpoint_20*/trainer_state.json")), 900,
+                   f"the first {job} checkpoint", run, every=0.05)
         wait_until(lambda: run.find("RayTrainWorker"), 60, "the train worker", run)
         time.sleep(0.5)  # mid-step, past the checkpoint (or writing the next one: the torn one is skipped)
-        victims = run.find("RayTrainWorker")
-        for v in victims:
+        for v in run.find("RayTrainWorker"):
             v.send_signal(signal.SIGKILL)
         rc = run.wait(900)
         info = json.loads((stage / "_SUCCESS").read_text()) if (stage / "_SUCCESS").is_file() else {}
         training = info.get("training", {})
         hist = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()] \
             if (stage / "metrics.jsonl").is_file() else []
-        steps = [h["step"] for h in hist]
-        total = training.get("total_steps", 0)
-        printed = [line for line in run.console().splitlines() if "[sft] step " in line]
+        steps = [h[unit] for h in hist]
+        total = training.get("iterations" if job == "ppo" else "total_steps", 0)
+        printed = [line for line in run.console().splitlines() if f"[{job}] {unit} " in line]
         curve_ok = bool(total) and steps == list(range(1, total + 1))
-        return {"fault": "train worker killed mid-step (SFT)", "in": total, "out": len(steps), "errors": 0,
-                "lost": total - len(set(steps)), "duplicated": len(steps) - len(set(steps)),
-                "redone": max(0, len(printed) - total), "finished": rc == 0 and curve_ok and training.get("resumes", 0) >= 1,
-                "note": f"resumes {training.get('resumes')}, from steps {training.get('resumed_from_steps')}; "
-                        f"loss curve steps 1..{total} once each: {curve_ok} (rows here are optimizer steps)"}
+        resumed = training.get(f"resumed_from_{unit}s")
+        return {"fault": f"train worker killed mid-{unit} ({job.upper()})", "in": total, "out": len(steps),
+                "errors": 0, "lost": total - len(set(steps)), "duplicated": len(steps) - len(set(steps)),
+                "redone": max(0, len(printed) - total),
+                "finished": rc == 0 and curve_ok and training.get("resumes", 0) >= 1,
+                "note": f"resumes {training.get('resumes')}, from {unit}s {resumed}; loss curve {unit}s 1..{total} "
+                        f"once each: {curve_ok} (rows here are {unit}s); exit {rc}"}
     finally:
         run.close()
+
+
+def fault_train_reward(work: Path, model: str, n: int) -> dict:
+    return fault_train_worker(work, model, n, "reward")
+
+
+def fault_train_dpo(work: Path, model: str, n: int) -> dict:
+    return fault_train_worker(work, model, n, "dpo")
+
+
+def fault_train_ppo(work: Path, model: str, n: int) -> dict:
+    return fault_train_worker(work, model, n, "ppo")
 
 
 def fault_disk_full(work: Path, model: str, n: int) -> dict:
@@ -289,6 +347,53 @@ def fault_s3_restart(work: Path, model: str, n: int) -> dict:
         s3.close()
 
 
+def fault_node_removed(work: Path, model: str, n: int) -> dict:
+    """A two-node cluster on this machine (``ray start --head`` and one more node, each its own process
+    session), the run directory on a local S3 server, one engine actor per node. Once SL-CAI saved its
+    first block, the second node goes away at once (every process of its session SIGKILLed, as a
+    machine losing power): the pool finishes on the head, every row once."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ray_cluster import LocalCluster
+
+    prompts, texts = prompts_file(work, n)
+    s3 = FlakyS3()
+    log = work / "engine_calls.jsonl"
+    # the nodes' workers get the storage, the call log and the factory switch from the nodes' environment
+    cluster = LocalCluster(num_cpus=2, env={**s3.env, LOG_ENV: str(log), "CAI_ALLOW_RECIPE_CODE": "1",
+                                            "RAY_health_check_period_ms": "1000"})
+    uri = f"s3://cai/runs/{work.name}"
+    try:
+        cluster.add_node(num_cpus=2)
+        recipe = (sl_cai_recipe(work, model, prompts, checkpoint_rows=2)
+                  .replace(f"run_dir: {work}/run", f"run_dir: {uri}")
+                  .replace("ray: {num_cpus: 2, ", f"ray: {{address: '{cluster.gcs}', "))
+        run = CaiRun(work, recipe)
+        os.environ.update(s3.env)
+        try:
+            run.start()
+            raw = f"{uri}/critique_revision/_raw"
+            wait_until(lambda: s3.files(raw), 300, "the first saved block", run, every=0.05)
+            saved = len(s3.files(raw))
+            killed = cluster.remove_node(1)
+            rc = run.wait(900)
+        finally:
+            for k in s3.env:
+                os.environ.pop(k, None)
+            run.close()
+        out = s3.ids(f"{uri}/critique_revision/sl_cai", "prompt_id")
+        err = s3.ids(f"{uri}/critique_revision/errors", "id")
+        kept = collections.Counter(out + err)
+        input_ids = s3.ids(f"{uri}/prompts/prompts", "prompt_id")
+        return {"fault": "worker node removed mid-stage (S3 run dir)", "in": len(input_ids), "out": len(out),
+                "errors": len(err), "lost": len(set(input_ids) - set(kept)),
+                "duplicated": sum(c - 1 for c in kept.values() if c > 1),
+                "redone": redone(attempts(log, "g", set(texts))), "finished": rc == 0,
+                "note": f"{saved} block(s) saved when the second node's {killed} processes were killed; exit {rc}"}
+    finally:
+        cluster.stop()
+        s3.close()
+
+
 def _ask(url: str, i: int, timeout: float = 120) -> bool:
     """One chat completion; True if answered."""
     import urllib.request
@@ -366,7 +471,8 @@ def fault_serve_replica(work: Path, model: str, n: int, clients: int = 4) -> dic
 FAULTS = {"actor_sl_cai": fault_actor_sl_cai, "actor_judging": fault_actor_judging,
           "driver_kill": fault_driver_kill, "torn_raw_file": fault_torn_raw_file,
           "torn_cache_shard": fault_torn_cache_shard, "train_worker": fault_train_worker,
-          "disk_full": fault_disk_full, "s3_flaky": fault_s3_flaky, "s3_restart": fault_s3_restart,
+          "train_reward": fault_train_reward, "train_dpo": fault_train_dpo, "train_ppo": fault_train_ppo,
+          "node_removed": fault_node_removed, "disk_full": fault_disk_full, "s3_flaky": fault_s3_flaky, "s3_restart": fault_s3_restart,
           "serve_replica": fault_serve_replica}
 
 

@@ -4,6 +4,7 @@ stage's outputs, the recipes the faults run, and a flaky local S3 server."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -51,6 +52,11 @@ def counting_engine(cfg):
     return engine
 
 
+def short_answer_reward(messages, text: str, token_ids) -> float:
+    """PPO's programmatic reward in the chaos runs (``reward_fn``): shorter answers score higher."""
+    return 1.0 - min(1.0, len(token_ids) / 8)
+
+
 def attempts(log_path: Path, kind: str, texts: set[str] | None = None) -> collections.Counter:
     """How many times each conversation (by its last user message) of ``kind`` was sent to an engine."""
     seen: collections.Counter = collections.Counter()
@@ -82,7 +88,7 @@ class CaiRun:
 
     def launch(self, *argv: str) -> subprocess.Popen:
         """``cai ARGV`` in a new process session."""
-        env = {**os.environ, LOG_ENV: str(self.log), "RAY_TMPDIR": self.ray_tmp, "CAI_ALLOW_ENGINE_FACTORY": "1",
+        env = {**os.environ, LOG_ENV: str(self.log), "RAY_TMPDIR": self.ray_tmp, "CAI_ALLOW_RECIPE_CODE": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
         env.pop("RAY_ADDRESS", None)
@@ -373,23 +379,36 @@ class FlakyS3:
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.moto_port}", region_name="us-east-1",
                      aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="cai")
 
+    @contextlib.contextmanager
+    def _direct(self):
+        """This process's storage calls go to the server itself, past the proxy."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update({**self.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.moto_port}"})
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    def files(self, uri: str) -> list[str]:
+        """Parquet files under ``uri`` on the server."""
+        from workflows.core import storage
+
+        with self._direct():
+            return storage.list_files(uri, ".parquet")
+
     def ids(self, uri: str, column: str) -> list[str]:
-        """Ids in a dataset on the server, read past the proxy."""
+        """Ids in a dataset on the server."""
         import pyarrow.parquet as pq
 
         from workflows.core import storage
 
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update({**self.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.moto_port}"})
-        try:
+        with self._direct():
             out = []
             for f in storage.list_files(uri, ".parquet"):
                 fs, path = storage.resolve(f)
                 out += pq.read_table(path, columns=[column], filesystem=fs)[column].to_pylist()
             return out
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
     def close(self) -> None:
         self.proxy.shutdown()

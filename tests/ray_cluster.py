@@ -91,9 +91,12 @@ class LocalCluster:
         self.stop()
         raise RuntimeError(f"the dashboard at {self.dashboard} did not come up")
 
-    def processes(self) -> list[psutil.Process]:
-        """Every process this cluster started: those in its `ray start` sessions or naming one of its
-        temp dirs, and their descendants."""
+    def processes(self, node: int | None = None) -> list[psutil.Process]:
+        """Every process this cluster started (or node ``node`` of it, 0 the head, in the order they
+        were added): those in its `ray start` sessions or naming one of its temp dirs, and their
+        descendants."""
+        sessions = self.sessions if node is None else [self.sessions[node]]
+        temps = self.temp_dirs if node is None else [self.temp_dirs[node]]
         found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
@@ -101,7 +104,7 @@ class LocalCluster:
                 sid = os.getsid(p.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
                 continue
-            if sid in self.sessions or any(t in line for t in self.temp_dirs):
+            if sid in sessions or any(t in line for t in temps):
                 found[p.pid] = p
                 try:
                     for c in p.children(recursive=True):
@@ -111,6 +114,18 @@ class LocalCluster:
         found.pop(os.getpid(), None)
         return list(found.values())
 
+    def remove_node(self, node: int) -> int:
+        """Take node ``node`` away at once, as a machine that loses power does: SIGKILL its raylet, its
+        object store and every worker on it. Returns how many processes were killed."""
+        procs = self.processes(node)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=15)
+        return len(procs)
+
     def stop(self) -> None:
         procs = self.processes()
         for p in procs:
@@ -118,7 +133,7 @@ class LocalCluster:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for p in alive:
             try:
                 p.kill()

@@ -115,23 +115,49 @@ def test_plain_ray_job_submit_runs_cai_and_skips_ignored_files(cluster, project,
     assert stage.read_success(str(run_dir / "critique_revision"))["outputs"] == 6
 
 
-def test_two_nodes_share_an_engine_pool_with_the_run_on_s3(cluster, project, tiny_llama_dir, s3_env):
+def test_two_nodes_share_an_engine_pool_and_one_is_lost_mid_stage(cluster, project, tiny_llama_dir, s3_env):
+    """An engine actor on each node, the run directory on S3; once the first block is saved, the second
+    node goes away at once (every process of it SIGKILLed). The stage finishes on the head with every
+    row exactly once. Last in this module: it takes a node away from the module's cluster."""
     import ray.util.state as state
 
-    (project / "wide.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 8, concurrency=2, num_cpus=1.0)
-                                       .replace("name: tiny", "name: wide"))
+    (project / "wide.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 24, concurrency=2, num_cpus=1.0)
+                                       .replace("name: tiny", "name: wide")
+                                       .replace("  - stage: critique_revision\n",
+                                                "  - stage: critique_revision\n    checkpoint_rows: 2\n"))
     (project / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Name a color {i}."}) + "\n"
-                                                            for i in range(24)))
+                                                            for i in range(N_WIDE)))
     run_dir = "s3://cai/runs/wide"
     sub = submit.plan(str(project / "wide.yaml"), run_dir, root=project)
     assert sub.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_env  # the workers find the same S3 server
     job_id, _ = submit.submit(sub, cluster.dashboard)
+    client = submit.client(cluster.dashboard)
+    stage_uri = storage.join(run_dir, "critique_revision")
+
+    def pool() -> list:
+        ray_job = client.get_job_info(job_id).job_id
+        if not ray_job:
+            return []
+        return [a for a in state.list_actors(address=cluster.dashboard, filters=[("job_id", "=", ray_job)],
+                                             detail=True, limit=1000, raise_on_missing_output=False)
+                if "CritiqueRevise" in (a.repr_name or "") + (a.class_name or "") and a.state == "ALIVE"]
+
+    deadline = time.time() + 300
+    while not (len(pool()) == 2 and storage.list_files(storage.join(stage_uri, "_raw"), ".parquet")):
+        assert time.time() < deadline and submit.status(job_id, cluster.dashboard) not in submit.TERMINAL, \
+            client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.1)
+    actors = pool()
+    assert len({a.node_id for a in actors}) == 2, actors  # one engine per node (SPREAD)
+    saved = len(storage.list_files(storage.join(stage_uri, "_raw"), ".parquet"))
+    assert cluster.remove_node(1) > 0
+    assert not storage.exists(storage.join(stage_uri, "_SUCCESS")) and saved < N_WIDE // 2  # mid-stage
     st = _wait(cluster, job_id)
-    assert st == "SUCCEEDED", submit.client(cluster.dashboard).get_job_logs(job_id)[-3000:]
-    done = stage.read_success(storage.join(run_dir, "critique_revision"))
-    assert done["outputs"] + done.get("errors", 0) == 24 and done["outputs"] == 24
-    ray_job = submit.client(cluster.dashboard).get_job_info(job_id).job_id
-    actors = [a for a in state.list_actors(address=cluster.dashboard, filters=[("job_id", "=", ray_job)],
-                                           detail=True, limit=1000, raise_on_missing_output=False)
-              if "CritiqueRevise" in (a.repr_name or "") + (a.class_name or "")]
-    assert len(actors) == 2 and len({a.node_id for a in actors}) == 2, actors
+    assert st == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    done = stage.read_success(stage_uri)
+    assert done["outputs"] == N_WIDE and done.get("errors", 0) == 0, done
+    out = stage.ids_of(storage.join(stage_uri, "sl_cai"), "prompt_id")
+    assert len(out) == len(set(out)) == N_WIDE  # every row once
+
+
+N_WIDE = 16
