@@ -171,8 +171,13 @@ def test_reward_model_zero3_ranks_held_out_pairs(ray_local, tiny_llama_dir, pref
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(held_out) >= 0.9
 
 
-def test_dpo_zero0_learns_and_exports_a_reloadable_model(ray_local, tiny_llama_dir, pref_data, tmp_path):
+def test_dpo_zero0_learns_and_exports_a_reloadable_model(ray_local, tiny_llama_dir, pref_data, tmp_path, monkeypatch):
+    """Also the way of big inputs: read by Ray Data's tasks and split across workers."""
     import signal
+
+    from training import core
+
+    monkeypatch.setattr(core, "IN_MEMORY_INPUT_BYTES", 0)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
