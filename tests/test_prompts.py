@@ -139,7 +139,8 @@ def test_missing_field_detail_names_field_and_columns():
 # ---------------------------------------------------------------- config
 
 @pytest.mark.parametrize("data,field", [
-    ({"limit": 0}, "limit"), ({"limit": -3}, "limit"), ({"max_chars": 0}, "max_chars"),
+    ({"limit": 0}, "limit"), ({"limit": -3}, "limit"), ({"limit_per_file": 0}, "limit_per_file"),
+    ({"max_chars": 0}, "max_chars"),
     ({"path": "builtin:nope"}, "path"), ({"path": ""}, "path"), ({"field": ""}, "field"),
     ({"path": "hf:x/y", "format": "csv"}, "format"), ({"path": "builtin:red_team", "format": "parquet"}, "format"),
     ({"source": " "}, "source"), ({"kind": "chat"}, "kind"), ({"limt": 3}, "limt"),
@@ -336,6 +337,10 @@ def test_ray_limit_is_first_rows_in_order(ray_local, tmp_path):
     write_jsonl(tmp_path / "d" / "2.jsonl", [{"prompt": f"two {i}"} for i in range(3)])
     rows = ray_rows(cfg(path=str(tmp_path / "d"), limit=4))
     assert [r["_loc"] for r in rows] == ["1.jsonl:0", "1.jsonl:1", "1.jsonl:2", "2.jsonl:0"]
+    rows = ray_rows(cfg(path=str(tmp_path / "d"), limit_per_file=2))
+    assert sorted(r["_loc"] for r in rows) == ["1.jsonl:0", "1.jsonl:1", "2.jsonl:0", "2.jsonl:1"]
+    rows = list(iter_prompt_rows(cfg(path="builtin:all", limit_per_file=2)))
+    assert sorted(r["source"] for r in rows) == ["benign_edgy"] * 2 + ["helpful"] * 2 + ["red_team"] * 2
 
 
 def test_ray_whole_input_errors_are_clear(ray_local, tmp_path):

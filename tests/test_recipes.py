@@ -25,8 +25,7 @@ def shrink(recipe, model_dir: str, run_dir: str):
     for st in recipe.stages:
         kind = st["stage"]
         if kind == "prompts":
-            if st["path"] != "builtin:all":  # builtin:all is read whole: a first-rows cut holds one source
-                st["limit"] = 4
+            st["limit_per_file"] = 4  # builtin:all: 4 rows of each shipped set
         elif kind == "critique_revision":
             st["engine"] = tiny_engine
             st["sampling"]["max_new_tokens"] = 6

@@ -58,6 +58,7 @@ class PromptsConfig:
     split: str = "train"
     source: str | None = None
     limit: int | None = None       # the first N input rows, in file order (bad rows count)
+    limit_per_file: int | None = None  # the first N rows of each file (a small trial of a mixed set)
     max_chars: int = 20000
 
     def validate(self, where: str) -> None:
@@ -76,6 +77,8 @@ class PromptsConfig:
              "remove it (a name is derived from path) or give a name"),
             ("limit", self.limit is not None and self.limit <= 0, f"got {self.limit}",
              "use a positive number of rows, or null for all rows"),
+            ("limit_per_file", self.limit_per_file is not None and self.limit_per_file <= 0,
+             f"got {self.limit_per_file}", "use a positive number of rows per file, or null for all rows"),
             ("max_chars", self.max_chars <= 0, f"got {self.max_chars}", "use a positive number of characters"),
         ]
         for name, failed, problem, fix in checks:
@@ -295,6 +298,8 @@ def _iter_rows(units: list[_Unit], cfg: PromptsConfig, budget: int | None) -> It
             for i, rec in enumerate(_records(u, cfg), start=u.start):
                 if budget is not None and n >= budget:
                     return
+                if cfg.limit_per_file is not None and i - u.start >= cfg.limit_per_file:
+                    break
                 yield _output_row(rec, cfg, f"{u.name}:{i}", u.source)
                 n += 1
         except (OSError, ValueError, csv.Error, pa.ArrowException) as e:
@@ -343,7 +348,8 @@ def _read_blocks(units: list[_Unit], cfg: PromptsConfig) -> Iterator[pa.Table]:
 
 def _datasource(units: list[_Unit], cfg: PromptsConfig):
     """A Ray Datasource: one read task per file (or HF row range); with ``limit``, one
-    task over all units in order, so "the first N rows" is deterministic."""
+    task over all units in order, so "the first N rows" is deterministic; with ``limit_per_file``,
+    one task per file (an HF dataset is not split into row ranges)."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -352,7 +358,8 @@ def _datasource(units: list[_Unit], cfg: PromptsConfig):
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            groups = [units] if cfg.limit else [[p] for u in units for p in _split(u, parallelism)]
+            groups = [units] if cfg.limit else [[u] for u in units] if cfg.limit_per_file else \
+                [[p] for u in units for p in _split(u, parallelism)]
             return [ReadTask(functools.partial(_read_blocks, g, cfg),
                              BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                            input_files=[u.path for u in g if u.path]),
