@@ -39,7 +39,7 @@ def shrink(recipe, model_dir: str, run_dir: str):
             st["judges"] = [tiny_engine]
             st["sampling"]["max_new_tokens"] = 6
         elif kind == "ppo":
-            st.update(iterations=2, prompts_per_iteration=2, max_new_tokens=4, max_length=256,
+            st.update(iterations=2, prompts_per_iteration=2, max_new_tokens=4, max_length=256, num_workers=1,
                       rollout={"batch_size": 4, "max_model_len": 1024})
         elif kind == "evaluate":
             st["models"] = {k: model_dir if v == "embedded" else v for k, v in st["models"].items()}
@@ -48,7 +48,7 @@ def shrink(recipe, model_dir: str, run_dir: str):
         else:  # training jobs: the recipe's own model wiring, a few steps
             if st["model"] == "embedded":
                 st["model"] = model_dir
-            st.update(max_steps=2, max_length=256, eval_fraction=0.0)
+            st.update(max_steps=2, max_length=256, eval_fraction=0.0, num_workers=1)  # 2 workers: training tests
     return recipe
 
 
