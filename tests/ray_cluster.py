@@ -118,25 +118,20 @@ class LocalCluster:
         """Take node ``node`` away at once, as a machine that loses power does: SIGKILL its raylet, its
         object store and every worker on it. Returns how many processes were killed."""
         procs = self.processes(node)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=15)
+        signal_all(procs, signal.SIGKILL, 15)
         return len(procs)
 
     def stop(self) -> None:
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        alive = signal_all(self.processes(), signal.SIGTERM, 5)
+        signal_all(alive, signal.SIGKILL, 10)
+
+
+def signal_all(procs: list[psutil.Process], sig: int, wait_s: float) -> list[psutil.Process]:
+    """Send ``sig`` to each of ``procs`` (ids this caller found itself), wait up to ``wait_s`` seconds;
+    returns those still alive."""
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    return psutil.wait_procs(procs, timeout=wait_s)[1]
