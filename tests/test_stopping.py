@@ -52,7 +52,12 @@ def test_killed_then_interrupted_run_finishes_with_nothing_lost(tiny_llama_dir, 
         assert "interrupted — run the same command again to resume" in second
         assert "Traceback" not in second, second[-3000:]
         assert not (sft / "_SUCCESS").exists()
-        assert run.end() == 0  # nothing of the run outlived it
+        try:  # Ray's processes go down with the driver: give them a few seconds to exit
+            chaos.wait_until(lambda: not run.processes(), 20, "the run's processes to exit")
+        except RuntimeError:
+            pass
+        left = [" ".join(p.cmdline()[:3]) for p in run.processes()]
+        assert run.end() == 0, left  # nothing of the run outlived it
 
         run.start()
         assert run.wait(600) == 0, run.console()[-3000:]
