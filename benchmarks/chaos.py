@@ -71,7 +71,7 @@ def fault_actor_sl_cai(work: Path, model: str, n: int) -> dict:
         counts = attempts(run.log, "g", set(texts))
         return audit("engine actor killed (SL-CAI)", stage, "sl_cai", "prompt_id",
                      ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts), rc == 0,
-                     f"actor pid {victim.pid} killed once the first block was saved")
+                     f"actor pid {victim.pid} killed once the first block was saved" + run.failure(rc))
     finally:
         run.close()
 
@@ -91,7 +91,7 @@ def fault_actor_judging(work: Path, model: str, n: int) -> dict:
         rc = run.wait(600)
         pair_ids = ids(work / "run" / "preference" / "pairs", "pair_id")
         return audit("engine actor killed (judging)", judging, "labels", "pair_id",
-                     pair_ids, redone(attempts(run.log, "j")), rc == 0, f"judge actor pid {victim.pid} killed")
+                     pair_ids, redone(attempts(run.log, "j")), rc == 0, f"judge actor pid {victim.pid} killed" + run.failure(rc))
     finally:
         run.close()
 

@@ -103,6 +103,13 @@ class CaiRun:
     def console(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.outputs if p.is_file())
 
+    def failure(self, rc: int, lines: int = 15) -> str:
+        """Nothing for exit 0; otherwise the exit code and the console's last lines (for a table row's note)."""
+        if rc == 0:
+            return ""
+        tail = "\n".join(self.console().rstrip().splitlines()[-lines:])
+        return f"; exit {rc}, the console ends:\n{tail}"
+
     def processes(self):
         """Every live process of this run's sessions (the driver, its Ray cluster, its workers)."""
         import psutil

@@ -89,8 +89,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from cluster.connect import LOCAL_SYSTEM_CONFIG
+        from cluster.connect import LOCAL_SYSTEM_CONFIG, use_data_defaults, use_local_defaults
 
+        use_local_defaults()
+        use_data_defaults()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                               "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],

@@ -62,9 +62,10 @@ def _drop_eval(table: pa.Table, id_col: str, fraction: float, seed: int) -> pa.T
     return table.filter(pa.array([not is_eval(i, fraction, seed) for i in table[id_col].to_pylist()], pa.bool_()))
 
 
-# Inputs up to this size are read once by the driver and handed to Ray Data from memory: a
-# dataset read by Ray's read tasks first starts worker processes for them, which took 10–20 s of
-# a small job's minute on a 2-core machine. Bigger inputs are read by Ray Data across the cluster.
+# Inputs up to this size are read once by the driver and reach the workers as one object in
+# Ray's object store; each worker takes its own slice. A Ray Dataset — read tasks, a split
+# coordinator, a dataset manager — first starts worker processes for them, which took 10–20 s
+# of a small job's minute on a 2-core machine. Bigger inputs are read by Ray Data across the cluster.
 IN_MEMORY_INPUT_BYTES = 256 << 20
 
 
@@ -76,31 +77,38 @@ def input_bytes(fs, path: str) -> int:
                if f.type == pafs.FileType.File)
 
 
+def _read_error(uri: str, id_col: str, e: Exception) -> DataError:
+    return DataError(f"{uri}: cannot read the id column {id_col!r} ({e}) — point `input` at a parquet "
+                     f"dataset with a {id_col!r} column (the output of an earlier stage)")
+
+
 def input_datasets(uri: str, id_col: str, eval_fraction: float, seed: int) -> tuple:
-    """``(train Ray Dataset, held-out rows as a pyarrow table or None, row counts, in memory?)``.
-    An input in memory reaches every worker whole, and each takes its own slice of it
-    (``load_items``): splitting it across workers would start a coordinator actor, seconds more."""
+    """``(train rows, held-out rows as a pyarrow table or None, row counts)``. The train rows are
+    a pyarrow table for an input up to ``IN_MEMORY_INPUT_BYTES`` (every worker gets it whole and
+    takes its own slice, ``load_items``), else a Ray Dataset that Ray Train splits across workers."""
     import ray
 
-    try:
-        ids = stage.ids_of(uri, id_col)
-    except (pa.ArrowInvalid, KeyError, OSError) as e:
-        raise DataError(f"{uri}: cannot read the id column {id_col!r} ({e}) — point `input` at a parquet "
-                        f"dataset with a {id_col!r} column (the output of an earlier stage)") from e
-    eval_ids = [i for i in ids if is_eval(i, eval_fraction, seed)]
-    rows = {"input": len(ids), "train": len(ids) - len(eval_ids), "eval": len(eval_ids)}
     fs, path = storage.resolve(uri)
-    if input_bytes(fs, path) <= IN_MEMORY_INPUT_BYTES:
-        table = pq.read_table(path, filesystem=fs)
-        held = pa.array([is_eval(i, eval_fraction, seed) for i in table[id_col].to_pylist()], pa.bool_())
-        train = ray.data.from_arrow(table.filter(pc.invert(held)))
-        return train, (table.filter(held) if eval_ids else None), rows, True
+    try:
+        if input_bytes(fs, path) <= IN_MEMORY_INPUT_BYTES:
+            table = pq.read_table(path, filesystem=fs)
+            ids = table.column(id_col).to_pylist()
+        else:
+            table, ids = None, stage.ids_of(uri, id_col)
+    except (pa.ArrowInvalid, KeyError, OSError) as e:
+        raise _read_error(uri, id_col, e) from e
+    held = [is_eval(i, eval_fraction, seed) for i in ids]
+    rows = {"input": len(ids), "train": len(ids) - sum(held), "eval": sum(held)}
+    if table is not None:
+        mask = pa.array(held, pa.bool_())
+        return table.filter(pc.invert(mask)), (table.filter(mask) if any(held) else None), rows
     train, held_out = ray.data.read_parquet(path, filesystem=fs), None
-    if eval_ids:
+    if any(held):
         train = train.map_batches(_drop_eval, batch_format="pyarrow",
                                   fn_kwargs=dict(id_col=id_col, fraction=eval_fraction, seed=seed))
+        eval_ids = [i for i, h in zip(ids, held) if h]
         held_out = pq.read_table(path, filesystem=fs, filters=pc.field(id_col).isin(eval_ids))
-    return train, held_out, rows, False
+    return train, held_out, rows
 
 
 def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext, id_col: str) -> dict:
@@ -111,23 +119,25 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
 
     started = time.time()
     seed = ctx.seed if cfg.seed is None else cfg.seed
-    train, held_out, rows, whole = input_datasets(resolve_ref(cfg.input, ctx), id_col, cfg.eval_fraction, seed)
+    train, held_out, rows = input_datasets(resolve_ref(cfg.input, ctx), id_col, cfg.eval_fraction, seed)
     need = cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum
     if rows["train"] < need:
         raise DataError(f"stage {ctx.name}: {rows['train']} training rows, but one optimizer step needs "
                         f"num_workers × micro_batch_size × grad_accum = {need} — add data or lower those")
-    with warnings.catch_warnings():  # Ray's own default sets a field it has deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # the same rows reach the same worker in the same order after a restart
-    train.context.enable_progress_bars = False  # per-worker bars garble the driver's log; fit prints steps
     model = prepare_start_model(resolve_ref(cfg.model, ctx))
-    fit_trainer(loop, cfg, ctx, job, {"seed": seed, "model": model,
-                                      "eval_rows": ray.put(held_out) if held_out is not None else None,
-                                      "id_col": id_col, "whole_input": whole},
-                datasets={"train": train},
-                dataset_config=DataConfig(datasets_to_split=[] if whole else ["train"], execution_options={"train": ingest},
-                                          enable_shard_locality=False))
+    loop_config = {"seed": seed, "model": model, "id_col": id_col,
+                   "eval_rows": ray.put(held_out) if held_out is not None else None}
+    if isinstance(train, pa.Table):
+        fit_trainer(loop, cfg, ctx, job, {**loop_config, "train_rows": ray.put(train)})
+    else:
+        with warnings.catch_warnings():  # Ray's own default sets a field it has deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ingest = DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # the same rows reach the same worker in the same order after a restart
+        train.context.enable_progress_bars = False  # per-worker bars garble the driver's log; fit prints steps
+        fit_trainer(loop, cfg, ctx, job, {**loop_config, "train_rows": None}, datasets={"train": train},
+                    dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest},
+                                              enable_shard_locality=False))
     summary = storage.read_json(ctx.path(SUMMARY_FILE))
     summary["rows"] = {**rows, **summary["rows"]}
     summary["rows"]["unused_by_split"] = rows["train"] - summary["rows"]["train_shards"]  # Ray's equal split
@@ -321,12 +331,14 @@ def load_items(tokenize: Callable, tok, cfg, run: dict) -> tuple[list, list, dic
     import ray
     import ray.train
 
-    rows = []
-    for table in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024):
-        rows += table.to_pylist()
-    rows.sort(key=lambda r: str(r[run["id_col"]]))
-    if run["whole_input"]:  # every worker got all rows: each takes its own slice
+    if run["train_rows"] is not None:  # every worker got all rows: each takes its own slice
+        rows = sorted(ray.get(run["train_rows"]).to_pylist(), key=lambda r: str(r[run["id_col"]]))
         rows = rows[dist.get_rank()::dist.get_world_size()]
+    else:  # this worker's split of a Ray Dataset
+        rows = []
+        for table in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024):
+            rows += table.to_pylist()
+        rows.sort(key=lambda r: str(r[run["id_col"]]))
     train, counts = tokenize_rows(tokenize, tok, rows, cfg.max_length)
     held_out = ray.get(run["eval_rows"]).to_pylist() if run["eval_rows"] is not None else []
     evals, eval_counts = tokenize_rows(tokenize, tok, held_out, cfg.max_length)
