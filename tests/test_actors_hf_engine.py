@@ -15,7 +15,6 @@ from actors.hf_engine import TransformersEngine
 from actors.models import (
     EMBEDDED_GGUF,
     ModelSource,
-    _load_model,
     _load_tokenizer,
     load_causal_lm,
     load_tokenizer,
@@ -241,8 +240,34 @@ def test_tied_tiny_model_loads_and_pads_left(tiny_llama_dir):
 
 
 # ------------------------------------------------------------------------------ the real model
+# GGUF tensor names → the Hugging Face Llama parameter names (``{}``: the layer); attn_q and
+# attn_k are stored permuted for llama.cpp's rotary layout, so they are compared by shape only.
+_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+               "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+               "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+               "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+               "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+               "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+               "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+               "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+               "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight"}
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return _GGUF_NAMES[".".join(["blk", "{}", *parts[2:]])].format(parts[1])
+    return _GGUF_NAMES[gguf_name]
+
+
 @pytest.mark.slow
 def test_embedded_gguf_is_dequantized_once_into_the_cache():
+    """The cached copy holds exactly the GGUF file's weights, dequantized by the gguf library
+    itself (not by the loader under test), and is made once."""
+    import gguf
+    import numpy as np
+
     src = resolve_model("embedded")
     plain = plain_source(src)  # the test run's own cache (conftest): converts, or reuses this run's copy
     root = Path(plain.path)
@@ -250,9 +275,19 @@ def test_embedded_gguf_is_dequantized_once_into_the_cache():
     assert "quantization_config" not in (root / "config.json").read_text()
     stamp = (root / "model.safetensors").stat().st_mtime_ns
     assert plain_source(src) == plain and (root / "model.safetensors").stat().st_mtime_ns == stamp  # not redone
-    cached, direct = load_causal_lm("embedded"), _load_model(src, torch.float32, torch.device("cpu"))
-    a, b = cached.state_dict(), direct.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cached = load_causal_lm("embedded").state_dict()
+    tensors = gguf.GGUFReader(Path(src.path) / src.gguf_file).tensors
+    assert {t.tensor_type.name for t in tensors} >= {"Q4_1", "Q8_0"}  # quantized: dequantization is tested
+    compared = 0
+    for t in tensors:
+        name = _hf_name(t.name)
+        weight = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        assert weight.numel() == cached[name].numel(), name
+        if ".attn_q." not in t.name and ".attn_k." not in t.name:
+            assert torch.equal(weight.reshape(cached[name].shape), cached[name]), name
+            compared += 1
+    assert compared > 0.7 * len(tensors) and all(k in {_hf_name(t.name) for t in tensors} or k == "lm_head.weight"
+                                                 for k in cached)
     conv = [{"role": "user", "content": "Name a color."}]
     tok, gguf_tok = load_tokenizer("embedded"), _load_tokenizer(src)
     assert tok.apply_chat_template(conv, add_generation_prompt=True) == gguf_tok.apply_chat_template(
@@ -280,17 +315,29 @@ def test_plain_save_writes_the_model_on_any_distributed_rank(tiny_llama_dir, mon
     assert saved.config.use_cache and saved.generation_config.use_cache  # saved ready for inference
 
 
-def test_a_broken_cache_copy_is_converted_again(monkeypatch, tmp_path):
+def test_a_broken_cache_copy_is_converted_again(monkeypatch, tmp_path, tiny_llama_dir):
+    """A copy with its marker but no model is replaced by a whole one. The dequantization itself is
+    the test above's: here the GGUF loader hands back the tiny model, so the conversion takes a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors import models
     from actors.models import converted_dir
 
     monkeypatch.setenv("CAI_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_load_model", lambda src, dtype, dev: AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, dtype=dtype))
+    monkeypatch.setattr(models, "_load_tokenizer", lambda src: AutoTokenizer.from_pretrained(tiny_llama_dir))
     src = resolve_model("embedded")
     broken = converted_dir(src)
     broken.mkdir(parents=True)
     (broken / "_CONVERTED").write_text("marker without a model\n")
     plain = plain_source(src)
     assert Path(plain.path) == broken and (broken / "config.json").is_file()
-    assert load_causal_lm("embedded").config.model_type == "llama"
+    assert (broken / "_CONVERTED").read_text().strip().endswith(src.gguf_file)  # the new copy's marker
+    assert [p.name for p in broken.parent.iterdir()] == [broken.name]  # the broken copy is gone, no temp left
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    loaded = load_causal_lm("embedded").state_dict()
+    assert loaded.keys() == tiny.keys() and all(torch.equal(loaded[k], tiny[k]) for k in tiny)
 
 
 def test_model_cache_off_or_unwritable_falls_back_to_the_gguf_file(monkeypatch, tmp_path):

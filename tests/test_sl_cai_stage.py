@@ -85,7 +85,7 @@ def test_sft_output_loads_as_trl_conversational_dataset(finished_run):
 
     d, _, _ = finished_run
     ds = datasets.load_dataset("parquet", data_files=str(d / "run" / "critique_revision" / "sft" / "*.parquet"),
-                               split="train")
+                               split="train", cache_dir=str(d / "hf-datasets"))  # not the machine's shared cache
     assert ds.column_names == ["prompt_id", "messages"] and len(ds) == 10
     assert set(ds[0]["messages"][0]) == {"role", "content"}
 
