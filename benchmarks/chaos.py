@@ -8,6 +8,8 @@ checked for rows lost, rows duplicated and work redone. Prints one table row per
 Faults (``FAULTS``):
 - ``actor_sl_cai`` / ``actor_judging``: one engine actor killed (SIGKILL) mid-stage, in SL-CAI and
   in preference judging: Ray restarts it and retries its block; finalize keeps one copy per id.
+- ``actor_starting``: as ``actor_sl_cai``, and first another engine actor killed while it still
+  loads (an OOM kill at load, a node lost as the pool starts): Ray starts it again.
 - ``driver_kill``: the driver killed (SIGKILL) mid-stage, its Ray processes ended, then the same
   command run again: finished stages skipped, the interrupted one redoes at most its in-flight blocks.
 - ``torn_raw_file``: as ``driver_kill``, and one raw file the killed run left is cut in half before
@@ -55,25 +57,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.chaos_harness import (  # noqa: E402 — after the path insert
     LOG_ENV, ROOT, CaiRun, FlakyS3, attempts, audit, engine, free_port, head, ids, ids_in, kill_driver_mid_stage,
-    preference_stage, prompts_file, raw_files, redone, sl_cai_recipe, table, tear, tiny_model, wait_until)
+    preference_stage, prompts_file, raw_files, redone, sl_cai_recipe, started_engines, table, tear, tiny_model,
+    wait_until)
 
 
-def fault_actor_sl_cai(work: Path, model: str, n: int) -> dict:
+def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False) -> dict:
+    """One engine actor killed once the first block is saved; with ``starting``, first another one
+    killed the moment its process appears, while it still loads."""
     prompts, texts = prompts_file(work, n)
     run = CaiRun(work, sl_cai_recipe(work, model, prompts))
     try:
         run.start()
         stage = work / "run" / "critique_revision"
-        victim = wait_until(lambda: run.find("CritiqueReviseWorker"), 300, "an engine actor", run)[0]
+        note, spared = "", set()
+        if starting:
+            first = wait_until(lambda: run.find("CritiqueReviseWorker"), 300, "an engine actor", run, every=0.02)[0]
+            first.send_signal(signal.SIGKILL)
+            spared.add(first.pid)
+            note = (f"actor pid {first.pid} killed while starting (engine loaded: "
+                    f"{first.pid in started_engines(run.log)}); ")
+        victim = wait_until(lambda: [p for p in run.find("CritiqueReviseWorker") if p.pid not in spared], 300,
+                            "an engine actor", run)[0]
         wait_until(lambda: raw_files(stage), 300, "the first raw file", run, every=0.05)
         victim.send_signal(signal.SIGKILL)  # mid-stage: the first block is saved, the rest are not
         rc = run.wait(600)
         counts = attempts(run.log, "g", set(texts))
-        return audit("engine actor killed (SL-CAI)", stage, "sl_cai", "prompt_id",
-                     ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts), rc == 0,
-                     f"actor pid {victim.pid} killed once the first block was saved" + run.failure(rc))
+        return audit("engine actor killed (SL-CAI)" + (", another while starting" if starting else ""), stage,
+                     "sl_cai", "prompt_id", ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts),
+                     rc == 0, note + f"actor pid {victim.pid} killed once the first block was saved" + run.failure(rc))
     finally:
         run.close()
+
+
+def fault_actor_starting(work: Path, model: str, n: int) -> dict:
+    return fault_actor_sl_cai(work, model, n, starting=True)
 
 
 def fault_actor_judging(work: Path, model: str, n: int) -> dict:
@@ -468,7 +485,8 @@ def fault_serve_replica(work: Path, model: str, n: int, clients: int = 4) -> dic
         run.close()
 
 
-FAULTS = {"actor_sl_cai": fault_actor_sl_cai, "actor_judging": fault_actor_judging,
+FAULTS = {"actor_sl_cai": fault_actor_sl_cai, "actor_starting": fault_actor_starting,
+          "actor_judging": fault_actor_judging,
           "driver_kill": fault_driver_kill, "torn_raw_file": fault_torn_raw_file,
           "torn_cache_shard": fault_torn_cache_shard, "train_worker": fault_train_worker,
           "train_reward": fault_train_reward, "train_dpo": fault_train_dpo, "train_ppo": fault_train_ppo,

@@ -38,6 +38,9 @@ def counting_engine(cfg):
             with open(path, "a", encoding="utf-8") as f:  # O_APPEND: lines of concurrent actors do not mix
                 f.write(lines)
 
+    if path:  # this engine is loaded: its actor is past starting (see ``started_engines``)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"k": "ready", "u": "", "pid": os.getpid()}) + "\n")
     generate, choice = engine.generate, engine.choice_logprobs
 
     def counted_generate(conversations, params):
@@ -50,6 +53,14 @@ def counting_engine(cfg):
 
     engine.generate, engine.choice_logprobs = counted_generate, counted_choice
     return engine
+
+
+def started_engines(log_path: Path) -> set[int]:
+    """Process ids of the engines that finished loading (``counting_engine``'s ``ready`` lines)."""
+    if not log_path.is_file():
+        return set()
+    return {rec["pid"] for rec in map(json.loads, log_path.read_text(encoding="utf-8").splitlines())
+            if rec["k"] == "ready"}
 
 
 def short_answer_reward(messages, text: str, token_ids) -> float:

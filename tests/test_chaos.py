@@ -26,8 +26,11 @@ def _accounted(row: dict) -> None:
     assert row["out"] + row["errors"] == row["in"] == ROWS, row
 
 
-def test_an_engine_actor_killed_mid_stage(tiny_llama_dir, tmp_path):
-    row = chaos.fault_actor_sl_cai(tmp_path, str(tiny_llama_dir), ROWS)
+def test_engine_actors_killed_starting_and_mid_stage(tiny_llama_dir, tmp_path):
+    """One engine actor killed while it loads, another once the first block is saved: the stage
+    finishes (Ray Data starts a replacement for the first, Ray restarts the second)."""
+    row = chaos.fault_actor_sl_cai(tmp_path, str(tiny_llama_dir), ROWS, starting=True)
     _accounted(row)
+    assert "killed while starting (engine loaded: False)" in row["note"], row["note"]
     # at most the block the killed actor was working on is done again (actors save each block themselves)
     assert row["redone"] <= _block(), row

@@ -24,3 +24,28 @@ def test_every_kind_of_loss_is_caught(outputs, errors, attr, ids):
 def test_check_raises_with_explanation():
     with pytest.raises(ReconcileError, match=r"stage s: 2 inputs, 1 outputs, 0 errors; 1 missing \(e.g. b\)"):
         check("s", ["a", "b"], ["a"], [])
+
+
+@pytest.mark.parametrize("on_duplicate", ["drop", "error"])
+def test_finalize_keeps_one_copy_of_a_block_saved_twice(tmp_path, on_duplicate):
+    """An actor killed after saving its block but before Ray heard back: the block is done again and
+    saved a second time, so one raw file holds nothing but ids already seen."""
+    import pyarrow as pa
+
+    from workflows.core import stage
+
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("_error", pa.string()), ("_detail", pa.string())])
+    raw = tmp_path / "s" / stage.RAW
+    raw.mkdir(parents=True)
+    block = pa.table({"id": ["a", "b"], "text": ["x", "y"], "_error": [None, None], "_detail": [None, None]},
+                     schema=schema)
+    pa.parquet.write_table(block, raw / "1.parquet")
+    pa.parquet.write_table(block, raw / "2.parquet")  # the same block again
+    pa.parquet.write_table(pa.table({"id": ["c"], "text": [""], "_error": ["empty"], "_detail": ["no text"]},
+                                    schema=schema), raw / "3.parquet")
+    fin = stage.finalize(str(tmp_path / "s"), "s", "id", stage.select_route("out", schema), ["out"],
+                         on_duplicate=on_duplicate)
+    assert sorted(fin.output_ids) == ["a", "b"]
+    errors = sorted(fin.error_ids)
+    assert errors == (["c"] if on_duplicate == "drop" else ["a@?", "b@?", "c"])
+    assert pa.parquet.read_table(tmp_path / "s" / "out").num_rows == 2

@@ -221,14 +221,14 @@ def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: I
                     seen.add(rid)
                     keep.append(i)
             if on_duplicate == "error" and dup_rows:
-                dups = table.take(dup_rows)
+                dups = table.take(pa.array(dup_rows, pa.int64()))
                 locs = dups["_loc"].to_pylist() if "_loc" in dups.column_names else ["?"] * len(dup_rows)
                 dup_ids = [f"{rid}@{loc}" for rid, loc in zip(dups[id_col].to_pylist(), locs)]
                 _write_errors(writers["errors"], stage, dup_ids, ["duplicate"] * len(dup_ids),
                               [f"same content as {rid}" for rid in dups[id_col].to_pylist()])
                 err_ids += dup_ids
                 reasons["duplicate"] = reasons.get("duplicate", 0) + len(dup_ids)
-            table = table.take(keep)
+            table = table.take(pa.array(keep, pa.int64()))  # typed: an empty list would be null-typed
             bad = pc.is_valid(table["_error"])
             good, errs = table.filter(pc.invert(bad)), table.filter(bad)
             for col in table.column_names:
