@@ -175,9 +175,9 @@ def test_dpo_zero0_learns_and_exports_a_reloadable_model(ray_local, tiny_llama_d
     """Also the way of big inputs: read by Ray Data's tasks and split across workers."""
     import signal
 
-    from training import core
+    from training import inputs
 
-    monkeypatch.setattr(core, "IN_MEMORY_INPUT_BYTES", 0)
+    monkeypatch.setattr(inputs, "IN_MEMORY_INPUT_BYTES", 0)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

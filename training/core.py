@@ -1,10 +1,11 @@
 """The machinery every training job shares: Ray Train around DeepSpeed (DESIGN.md §5).
 
 Driver side, ``run_training`` starts a ``TorchTrainer`` (N workers, ``FailureConfig``,
-``CheckpointConfig``, Ray storage in ``<stage>/_ray``). The ``train`` rows arrive as a Ray
-Dataset split across workers (order preserved, so a restarted run sees the same shards); the
-held-out rows (``eval_fraction``, chosen by a hash of the row id) go to every worker through
-the object store, and each worker evaluates its ``rank::world`` slice.
+``CheckpointConfig``, Ray storage in ``<stage>/_ray``). The rows come from ``training.inputs``:
+train rows up to 256 MB reach every worker as one object-store object and each takes its
+``rank::world`` slice of them sorted by id; a bigger input arrives as a Ray Dataset split across
+workers (order preserved, so a restarted run sees the same shards). The held-out rows go to every
+worker through the object store, and each worker evaluates its ``rank::world`` slice.
 
 Worker side, a job's train loop tokenizes its shard into a :class:`Task` and calls ``fit``:
 ``deepspeed.initialize`` on the process group Ray Train made (gloo on CPU, NCCL on GPU) →
@@ -28,15 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from training import checkpoints
+from training import checkpoints, inputs
 from training.config import choose_precision, deepspeed_config, lr_lambda
-from training.data import is_eval, length_grouped_batches, tokenize_rows
+from training.data import length_grouped_batches, tokenize_rows
 from workflows.core import stage, storage
 from workflows.core.errors import CaiError, DataError
 from workflows.core.stage import StageContext
@@ -58,59 +57,6 @@ def resolve_ref(name: str, ctx: StageContext) -> str:
     return ctx.resolve(name)
 
 
-def _drop_eval(table: pa.Table, id_col: str, fraction: float, seed: int) -> pa.Table:
-    return table.filter(pa.array([not is_eval(i, fraction, seed) for i in table[id_col].to_pylist()], pa.bool_()))
-
-
-# Inputs up to this size are read once by the driver and reach the workers as one object in
-# Ray's object store; each worker takes its own slice. A Ray Dataset — read tasks, a split
-# coordinator, a dataset manager — first starts worker processes for them, which took 10–20 s
-# of a small job's minute on a 2-core machine. Bigger inputs are read by Ray Data across the cluster.
-IN_MEMORY_INPUT_BYTES = 256 << 20
-
-
-def input_bytes(fs, path: str) -> int:
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return info.size or 0
-    return sum(f.size or 0 for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-               if f.type == pafs.FileType.File)
-
-
-def _read_error(uri: str, id_col: str, e: Exception) -> DataError:
-    return DataError(f"{uri}: cannot read the id column {id_col!r} ({e}) — point `input` at a parquet "
-                     f"dataset with a {id_col!r} column (the output of an earlier stage)")
-
-
-def input_datasets(uri: str, id_col: str, eval_fraction: float, seed: int) -> tuple:
-    """``(train rows, held-out rows as a pyarrow table or None, row counts)``. The train rows are
-    a pyarrow table for an input up to ``IN_MEMORY_INPUT_BYTES`` (every worker gets it whole and
-    takes its own slice, ``load_items``), else a Ray Dataset that Ray Train splits across workers."""
-    import ray
-
-    fs, path = storage.resolve(uri)
-    try:
-        if input_bytes(fs, path) <= IN_MEMORY_INPUT_BYTES:
-            table = pq.read_table(path, filesystem=fs)
-            ids = table.column(id_col).to_pylist()
-        else:
-            table, ids = None, stage.ids_of(uri, id_col)
-    except (pa.ArrowInvalid, KeyError, OSError) as e:
-        raise _read_error(uri, id_col, e) from e
-    held = [is_eval(i, eval_fraction, seed) for i in ids]
-    rows = {"input": len(ids), "train": len(ids) - sum(held), "eval": sum(held)}
-    if table is not None:
-        mask = pa.array(held, pa.bool_())
-        return table.filter(pc.invert(mask)), (table.filter(mask) if any(held) else None), rows
-    train, held_out = ray.data.read_parquet(path, filesystem=fs), None
-    if any(held):
-        train = train.map_batches(_drop_eval, batch_format="pyarrow",
-                                  fn_kwargs=dict(id_col=id_col, fraction=eval_fraction, seed=seed))
-        eval_ids = [i for i, h in zip(ids, held) if h]
-        held_out = pq.read_table(path, filesystem=fs, filters=pc.field(id_col).isin(eval_ids))
-    return train, held_out, rows
-
-
 def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext, id_col: str) -> dict:
     """Train with ``loop`` on ``cfg.num_workers`` Ray Train workers; returns the summary rank 0
     wrote (``train_summary.json``) with the driver's row counts and wall time added."""
@@ -119,7 +65,7 @@ def run_training(job: str, loop: Callable[[dict], None], cfg, ctx: StageContext,
 
     started = time.time()
     seed = ctx.seed if cfg.seed is None else cfg.seed
-    train, held_out, rows = input_datasets(resolve_ref(cfg.input, ctx), id_col, cfg.eval_fraction, seed)
+    train, held_out, rows = inputs.input_datasets(resolve_ref(cfg.input, ctx), id_col, cfg.eval_fraction, seed)
     need = cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum
     if rows["train"] < need:
         raise DataError(f"stage {ctx.name}: {rows['train']} training rows, but one optimizer step needs "
