@@ -130,9 +130,9 @@ def connect(cfg: RayConfig | None = None) -> None:
     import ray
 
     cfg = cfg or RayConfig()
+    use_data_defaults()  # also for a program that started Ray itself before calling us
     if ray.is_initialized():
         return
-    use_data_defaults()
     args = init_args(cfg)
     if args.get("address") == "local":
         use_local_defaults()

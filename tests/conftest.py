@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from collections import Counter
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,14 +14,65 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Dequantized copies of GGUF models go to a cache of this test run, not the user's home.
-os.environ.setdefault("CAI_RAY_CACHE", tempfile.mkdtemp(prefix="cai-ray-test-cache-"))
+os.environ["RAY_AUTH_MODE"] = "disabled"  # the tests' clusters, and `cai` runs they start (token auth: its own tests)
+# Dequantized copies of GGUF models go to a cache of this test run, not the user's home (one cache for
+# every test process: the first conftest to load, pytest's main process, makes it and removes it).
+if "CAI_RAY_CACHE" not in os.environ:
+    os.environ["CAI_RAY_CACHE"] = _OWN_CACHE = tempfile.mkdtemp(prefix="cai-ray-test-cache-")
+else:
+    _OWN_CACHE = None
 # `dtype: auto` picks float32 on every processor in tests, so what they compare does not depend on
 # whether the CI machine's CPU has native bfloat16 (the choice itself is tested with both answers).
 os.environ.setdefault("CAI_RAY_CPU_BF16", "0")
 os.environ.setdefault("CAI_ALLOW_RECIPE_CODE", "1")  # scripted engines (fakes.py); refused by default
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GIB_PER_TEST_PROCESS = 6  # a test process with its Ray cluster: 4.3 GiB at its peak, measured on 2 cores
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a test process per core, as many as memory holds (each runs its own Ray cluster)."""
+    try:
+        gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        gib = GIB_PER_TEST_PROCESS
+    return max(1, min(os.cpu_count() or 1, int(gib // GIB_PER_TEST_PROCESS)))
+
+
+# ---------------------------------------------------------------- the order of test files
+# Test processes take whole files (`--dist loadfile`) in collection order; the slowest files go first,
+# so the run does not end with one process on a long file while the others sit idle. Their seconds
+# are in durations.json (stale figures only change the order): `python -m pytest --store-durations`.
+DURATIONS = Path(__file__).with_name("durations.json")
+_seconds: Counter = Counter()
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test file's seconds to tests/durations.json (the order files run in)")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], i)
+    items.sort(key=lambda it: (-known.get(it.nodeid.split("::")[0], 0.0), first[it.nodeid.split("::")[0]]))
+
+
+def pytest_runtest_logreport(report) -> None:
+    _seconds[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # a test process: the main one (pytest's own) does what follows, once every test ran
+    if session.config.getoption("store_durations") and _seconds:  # the files that ran; the others keep theirs
+        known = {**(json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}), **_seconds}
+        ordered = sorted(known.items(), key=lambda kv: -kv[1])
+        DURATIONS.write_text(json.dumps({f: round(s, 1) for f, s in ordered}, indent=1) + "\n")
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def embedded_dir() -> Path:
@@ -86,14 +140,19 @@ def restore_torch_threads():
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """This test process's own Ray cluster: ports Ray picks free, its own temp dir (several test
+    processes run side by side), auth off as on a laptop."""
     import ray
 
+    temp = None
     if not ray.is_initialized():
         from cluster.connect import LOCAL_SYSTEM_CONFIG, use_data_defaults, use_local_defaults
 
         use_local_defaults()
         use_data_defaults()
+        temp = tempfile.mkdtemp(prefix="cai-rl-", dir="/tmp")  # short: Ray's socket paths have a length limit
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
+                 _temp_dir=temp,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                               "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],
                                               "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"],
@@ -105,6 +164,8 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+    if temp:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture

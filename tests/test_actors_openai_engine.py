@@ -71,8 +71,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     def _answer(self, req, last: str, attempt: int):
         if self.path != "/v1/chat/completions":
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
-        if "SLOW" in last:
-            time.sleep(0.1)
+        if "SLOW" in last:  # long enough for the client's next requests to arrive on a busy machine
+            time.sleep(0.5)
         if "HANG" in last:
             time.sleep(1.0)
         if "FAIL400" in last:

@@ -121,11 +121,15 @@ def test_plain_ray_job_submit_on_two_nodes_one_lost_mid_stage(cluster, project, 
     sub = submit.plan(str(project / "wide.yaml"), run_dir, root=project)
     assert sub.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == s3_env  # `cai submit` tells the workers of S3
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the plain way: the user does
+    # Ray Data starts the pool's blocks only once both engines are up: on a busy machine the second
+    # node's engine could still be loading when the first had done every block, and no node loss
+    # would then happen mid-stage.
+    env_vars = {**aws, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"}
     job_id = "cai-wide-plain"
     check = "test ! -e secret.txt && test -e wide.yaml && " + submit.entrypoint("wide.yaml", run_dir)
     out = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
                           cluster.dashboard, "--working-dir", ".", "--submission-id", job_id, "--no-wait",
-                          "--runtime-env-json", json.dumps({"env_vars": aws}), "--", "bash", "-c", check],
+                          "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "bash", "-c", check],
                          cwd=project, env=cluster.env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     client = submit.client(cluster.dashboard)
@@ -143,7 +147,7 @@ def test_plain_ray_job_submit_on_two_nodes_one_lost_mid_stage(cluster, project, 
     while not (len(pool()) == 2 and storage.list_files(storage.join(stage_uri, "_raw"), ".parquet")):
         assert time.time() < deadline and submit.status(job_id, cluster.dashboard) not in submit.TERMINAL, \
             client.get_job_logs(job_id)[-3000:]
-        time.sleep(0.1)
+        time.sleep(0.25)
     actors = pool()
     assert len({a.node_id for a in actors}) == 2, actors  # one engine per node (SPREAD)
     saved = len(storage.list_files(storage.join(stage_uri, "_raw"), ".parquet"))

@@ -99,3 +99,15 @@ def test_address_comes_from_flag_then_environment(monkeypatch):
     assert submit.address(None) == "http://head:8265" and submit.address("http://x:1") == "http://x:1"
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # not a dashboard URL
     assert submit.address(None) == submit.DEFAULT_ADDRESS
+
+
+def test_a_program_that_started_ray_itself_gets_the_classic_parquet_reader(ray_local):
+    """``connect()`` in a process already connected (a notebook's own ``ray.init``, then ``run_recipe``)
+    starts nothing, but still reads parquet with the reader ``cai`` chose (``use_data_defaults``)."""
+    ctx = ray_local.data.DataContext.get_current()
+    ctx.use_datasource_v2 = True
+    try:
+        connect.connect()
+        assert ray_local.is_initialized() and ctx.use_datasource_v2 is False
+    finally:
+        ctx.use_datasource_v2 = False

@@ -49,3 +49,30 @@ def test_finalize_keeps_one_copy_of_a_block_saved_twice(tmp_path, on_duplicate):
     errors = sorted(fin.error_ids)
     assert errors == (["c"] if on_duplicate == "drop" else ["a@?", "b@?", "c"])
     assert pa.parquet.read_table(tmp_path / "s" / "out").num_rows == 2
+
+
+def test_finalized_datasets_hold_no_empty_row_group(tmp_path):
+    """A first raw block of nothing but errors (an empty prompt, a duplicate) must not become an empty
+    first row group: Hugging Face ``datasets`` sizes its batches by the first row group and failed on
+    our SFT output with "BatchSize must be greater than 0". A dataset with no rows is one empty file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.core import stage
+
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("_error", pa.string()), ("_detail", pa.string())])
+    raw = tmp_path / "s" / stage.RAW
+    raw.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["e"], "text": [""], "_error": ["empty"], "_detail": ["no text"]}, schema=schema),
+                   raw / "1.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"], "_error": [None, None], "_detail": [None, None]},
+                            schema=schema), raw / "2.parquet")
+    pq.write_table(pa.table({"id": ["f"], "text": [""], "_error": ["empty"], "_detail": ["no text"]}, schema=schema),
+                   raw / "3.parquet")
+    stage.finalize(str(tmp_path / "s"), "s", "id", stage.select_route("out", schema), ["out", "unused"])
+    for name, rows in (("out", [2]), ("errors", [1, 1]), ("unused", [])):
+        files = sorted((tmp_path / "s" / name).glob("*.parquet"))
+        assert len(files) == 1, name
+        meta = pq.ParquetFile(files[0]).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == rows, name
+        assert pq.read_table(tmp_path / "s" / name).num_rows == sum(rows)

@@ -146,29 +146,43 @@ def ids_of(dataset_uri: str, id_col: str) -> list[str]:
 # ---------------------------------------------------------------- finalize
 
 class _RollingWriter:
-    """Parquet part files under one dataset directory, rolling every ROWS_PER_FILE rows."""
+    """Parquet part files under one dataset directory, rolling every ROWS_PER_FILE rows. No file
+    holds an empty row group (readers that size batches by the first row group, like Hugging Face
+    ``datasets``, fail on one); a dataset with no rows at all gets one empty file."""
 
     def __init__(self, uri: str):
-        self.uri, self.part, self.rows, self.total, self.writer = uri, 0, 0, 0, None
+        self.uri, self.part, self.rows, self.total, self.writer, self.schema = uri, 0, 0, 0, None, None
         storage.delete(uri)
 
     def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0 and self.total + self.part > 0:
-            return  # empty tables only matter for an otherwise empty dataset (it still gets a file)
+        if self.schema is None:
+            self.schema = table.schema
+        if table.num_rows == 0:
+            return
         if self.writer is None or self.rows >= ROWS_PER_FILE:
-            self.close()
-            fs, path = storage.resolve(storage.join(self.uri, f"part-{self.part:05d}.parquet"))
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            self.writer, self.rows, self.schema = pq.ParquetWriter(path, table.schema, filesystem=fs), 0, table.schema
-            self.part += 1
+            self._finish_part()
+            path, fs = self._next_part()
+            self.writer, self.rows = pq.ParquetWriter(path, self.schema, filesystem=fs), 0
         self.writer.write_table(table.cast(self.schema))
         self.rows += table.num_rows
         self.total += table.num_rows
 
-    def close(self) -> None:
+    def _next_part(self) -> tuple[str, object]:
+        fs, path = storage.resolve(storage.join(self.uri, f"part-{self.part:05d}.parquet"))
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self.part += 1
+        return path, fs
+
+    def _finish_part(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def close(self) -> None:
+        self._finish_part()
+        if self.part == 0 and self.schema is not None:  # no rows: one file with the schema and no row group
+            path, fs = self._next_part()
+            pq.ParquetWriter(path, self.schema, filesystem=fs).close()
 
 
 Router = Callable[[pa.Table], dict[str, pa.Table]]
