@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False}
 # Ray Train's placement-group cleaner asks the state API (served by the dashboard) once a
 # second whether the train controller lives; without a dashboard every ask logs a warning.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# DeepSpeed's ZeRO-1/2 gathers with a torch call torch now calls deprecated: a FutureWarning in the
+# console of every training job, about code that is not ours and needs no action from the user.
+QUIET_WARNINGS = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
 
 # Ray Train starts a preemption watcher actor (one more worker process) per training job, to
 # follow nodes a cloud provider drains. A local cluster is this one machine: nothing to watch.
@@ -58,6 +62,8 @@ def quiet_worker_logs() -> None:
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     if "RAY_ADDRESS" not in os.environ:
         try:
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

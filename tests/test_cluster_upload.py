@@ -111,3 +111,16 @@ def test_a_program_that_started_ray_itself_gets_the_classic_parquet_reader(ray_l
         assert ray_local.is_initialized() and ctx.use_datasource_v2 is False
     finally:
         ctx.use_datasource_v2 = False
+
+
+def test_worker_setup_hides_deepspeeds_deprecated_torch_call_only(monkeypatch):
+    import warnings
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # the hook leaves an address that is set alone
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        connect.quiet_worker_logs()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                      "`torch.distributed.all_gather_single` instead.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
