@@ -148,10 +148,11 @@ def ids_of(dataset_uri: str, id_col: str) -> list[str]:
 class _RollingWriter:
     """Parquet part files under one dataset directory, rolling every ROWS_PER_FILE rows. No file
     holds an empty row group (readers that size batches by the first row group, like Hugging Face
-    ``datasets``, fail on one); a dataset with no rows at all gets one empty file."""
+    ``datasets``, fail on one); a dataset with no rows at all gets one file with the schema (given,
+    else that of the first table written, else none) and no row group."""
 
-    def __init__(self, uri: str):
-        self.uri, self.part, self.rows, self.total, self.writer, self.schema = uri, 0, 0, 0, None, None
+    def __init__(self, uri: str, schema: pa.Schema | None = None):
+        self.uri, self.part, self.rows, self.total, self.writer, self.schema = uri, 0, 0, 0, None, schema
         storage.delete(uri)
 
     def write(self, table: pa.Table) -> None:
@@ -180,9 +181,9 @@ class _RollingWriter:
 
     def close(self) -> None:
         self._finish_part()
-        if self.part == 0 and self.schema is not None:  # no rows: one file with the schema and no row group
+        if self.part == 0:  # no rows: still a loadable dataset
             path, fs = self._next_part()
-            pq.ParquetWriter(path, self.schema, filesystem=fs).close()
+            pq.ParquetWriter(path, self.schema or pa.schema([]), filesystem=fs).close()
 
 
 Router = Callable[[pa.Table], dict[str, pa.Table]]
@@ -219,7 +220,8 @@ def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: I
     """Stream the raw rows once: keep the first copy of each id (``on_duplicate="error"``
     instead turns later copies into ``duplicate`` errors with id ``<id>@<_loc>``), route good
     rows through ``route`` into the named datasets, and bad rows into ``errors``."""
-    writers = {name: _RollingWriter(storage.join(stage_dir, name)) for name in [*datasets, "errors"]}
+    schemas = {**getattr(route, "schemas", {}), "errors": ERRORS_SCHEMA}
+    writers = {name: _RollingWriter(storage.join(stage_dir, name), schemas.get(name)) for name in [*datasets, "errors"]}
     seen: set[str] = set()
     out_ids, err_ids, reasons, metrics = [], [], {}, {}
     for uri in tqdm(raw_files(stage_dir), desc=f"{stage}: finalize", unit="file", leave=False):
@@ -257,19 +259,10 @@ def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: I
             out_ids += good[id_col].to_pylist()
             for name, part in route(good).items():
                 writers[name].write(part)
-    for name, w in writers.items():
+    for w in writers.values():
         w.close()
-        if w.total == 0:  # an empty dataset is still a loadable dataset
-            w.write(_empty_table(route, name))
-            w.close()
     counts = {name: w.total for name, w in writers.items()}
     return Finalized(counts, reasons, metrics, err_ids, out_ids)
-
-
-def _empty_table(route: Router, name: str) -> pa.Table:
-    if name == "errors":
-        return ERRORS_SCHEMA.empty_table()
-    return getattr(route, "schemas", {}).get(name, pa.schema([])).empty_table()
 
 
 def _write_errors(writer: _RollingWriter, stage: str, ids, reasons, details) -> None:
