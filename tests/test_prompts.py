@@ -10,11 +10,14 @@ import subprocess
 import sys
 import unicodedata
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from workflows.core.errors import ConfigError, DataError, RowError
 from workflows.core.typed import from_dict
 from workflows.prompts.sources import (
+    BUILTIN_DIR,
     RAW_SCHEMA,
     PromptsConfig,
     iter_prompt_rows,
@@ -166,8 +169,6 @@ def write_jsonl(path, records):
 
 def write_all_formats(tmp_path, texts):
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": t, "n": i} for i, t in enumerate(texts)])
     with open(tmp_path / "p.csv", "w", newline="") as f:
@@ -220,6 +221,24 @@ def test_iter_formats_agree(tmp_path):
         assert [r["prompt_id"] for r in rows] == want, p
         assert [r["_loc"] for r in rows] == [f"{p.name}:{i}" for i in range(len(TEXTS))]
         assert {r["source"] for r in rows} == {p.stem}
+
+
+def test_iter_source_precedence(tmp_path):
+    """``source:`` in the config, else the row's own ``source``, else the file's name — so a
+    user's folder tags rows as ``builtin:all`` does, and a prompts dataset read back keeps its tags."""
+    shipped = [r["source"] for r in iter_prompt_rows(cfg(path=str(BUILTIN_DIR), limit_per_file=3))]
+    assert shipped == [r["source"] for r in iter_prompt_rows(cfg(path="builtin:all", limit_per_file=3))]
+    assert sorted(set(shipped)) == ["benign_edgy", "helpful", "red_team"]
+    rows = [{"prompt": "a", "source": "red_team"}, {"prompt": "b", "source": " "}, {"prompt": "c", "source": None},
+            {"prompt": "d"}, {"prompt": "", "source": "helpful"}]
+    write_jsonl(tmp_path / "mixed.jsonl", rows)
+    got = [(r["source"], r["_error"]) for r in iter_prompt_rows(cfg(path=str(tmp_path / "mixed.jsonl")))]
+    assert got == [("red_team", None), ("mixed", None), ("mixed", None), ("mixed", None), ("helpful", "empty_prompt")]
+    assert {r["source"] for r in iter_prompt_rows(cfg(path=str(tmp_path / "mixed.jsonl"), source="mine"))} == {"mine"}
+    pq.write_table(pa.table({"messages": [user("x"), user("y")], "source": ["helpful", "red_team"]}),
+                   tmp_path / "part-0.parquet")
+    assert [r["source"] for r in iter_prompt_rows(cfg(path=str(tmp_path / "part-0.parquet"), field="messages"))] \
+        == ["helpful", "red_team"]
 
 
 def test_iter_json_array_gzip_and_limit(tmp_path):
@@ -285,8 +304,6 @@ def test_ray_formats_same_ids(ray_local, tmp_path):
 
 def test_ray_messages_columns_agree(ray_local, tmp_path):
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"}] for i in range(3)]
     convs.append([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -319,7 +336,7 @@ def test_ray_directory_and_hf_ranges(ray_local, tmp_path):
     (tmp_path / "dir" / "_SUCCESS").write_text("")
     rows = ray_rows(cfg(path=str(tmp_path / "dir")))
     assert [(r["_loc"], r["messages"][0]["content"], r["source"]) for r in rows] == \
-        [(f"a.jsonl:{i}", f"a{i}", "dir") for i in range(3)] + [(f"sub/b.jsonl:{i}", f"b{i}", "dir") for i in range(2)]
+        [(f"a.jsonl:{i}", f"a{i}", "a") for i in range(3)] + [(f"sub/b.jsonl:{i}", f"b{i}", "sub/b") for i in range(2)]
     n = 2500  # several HF read ranges: indices must stay exact across them
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": [f"p{i}" for i in range(n)]}),
                                "test": datasets.Dataset.from_dict({"prompt": ["t"]})})

@@ -1,6 +1,7 @@
 """Every shipped recipe validates; the demo recipe runs end to end with tiny settings."""
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def test_harmless_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
     sl = pq.read_table(run / "critique_revision" / "sl_cai").to_pylist()
     by_source = {s: [r for r in sl if r["source"] == s] for s in ("red_team", "helpful", "benign_edgy")}
     assert all(by_source.values()) and len(sl) + infos["critique_revision"]["errors"] == infos["prompts"]["outputs"]
+    tags = collections.Counter(pq.read_table(run / "prompts" / "prompts", columns=["source"])["source"].to_pylist())
+    assert sorted(tags) == sorted(by_source) and all(f"{s} {n}" in infos["prompts"]["headline"] for s, n in tags.items())
     assert all(len(r["rounds"]) == 1 for r in by_source["red_team"])
     assert all(not r["rounds"] and r["final_response"] == r["initial_response"]
                for r in by_source["helpful"] + by_source["benign_edgy"])

@@ -8,10 +8,13 @@ Every input row yields exactly one output row (``RAW_SCHEMA``). Good rows have
 ``_error = None``; bad rows keep ``prompt_id = "row:" + _loc``, ``messages = []`` and a
 reason: missing_field, empty_prompt, too_long, bad_messages, bad_hh_transcript, bad_json.
 ``_loc`` is ``"<file>:<row>"``, the 0-based record index in that file (CSV header and
-blank JSONL lines are not records). ``source`` is ``cfg.source`` if set, else the name
-of what ``path`` points at: the file stem, the directory or HF dataset name, or the
-builtin name (``builtin:all`` tags each row with its own file's name). Rows' own
-``source`` columns are ignored. Identical prompts get identical ids (no dedup here).
+blank JSONL lines are not records). ``source`` is ``cfg.source`` if set, else the row's
+own non-empty ``source`` field (so a prompts dataset read back keeps its sources), else
+the name of the file the row came from: its stem (``red_team`` for ``red_team.jsonl``;
+in a directory, its path inside it without the extension, ``sub/part-0``; a directory of
+shards is named as one with ``source:``), the HF dataset's name, or the builtin file's
+name (``builtin:all`` is the shipped directory). Identical prompts get identical ids
+(no dedup here).
 """
 from __future__ import annotations
 
@@ -177,6 +180,8 @@ def _output_row(record: dict | RowError, cfg: PromptsConfig, loc: str, source: s
     try:
         if isinstance(record, RowError):
             raise record
+        own = record.get("source") if cfg.source is None else None
+        source = own.strip() if isinstance(own, str) and own.strip() else source
         msgs = normalize_record(record, cfg)
         return {"prompt_id": prompt_id(msgs), "messages": msgs, "source": source,
                 "_loc": loc, "_error": None, "_detail": None}
@@ -223,6 +228,11 @@ def _hf_unit(cfg: PromptsConfig, name: str, source: str, load) -> _Unit:
     return _Unit(name, cfg.source or source, "hf", hf=ds, stop=len(ds))
 
 
+def _stem(name: str) -> str:
+    """``sub/red_team.jsonl.gz`` → ``sub/red_team``: a file's name as a row ``source``."""
+    return os.path.splitext(name.removesuffix(".gz"))[0]
+
+
 def _plan(cfg: PromptsConfig) -> list[_Unit]:
     """Resolve ``cfg.path`` into ordered units; whole-input problems raise here."""
     path = cfg.path
@@ -243,14 +253,15 @@ def _plan(cfg: PromptsConfig) -> list[_Unit]:
         if fmt is None:
             raise ConfigError("prompts.path", f"can't tell the format of {base}",
                               "use a .jsonl/.json/.csv/.parquet file (optionally .gz), or set prompts.format")
-        return [_Unit(base, cfg.source or base.removesuffix(".gz").rsplit(".", 1)[0], fmt, root, fs)]
+        return [_Unit(base, cfg.source or _stem(base), fmt, root, fs)]
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root))}
     if cfg.format == "hf" or {"dataset_dict.json", "state.json"} & names:
         import datasets
         return [_hf_unit(cfg, base, base, functools.partial(datasets.load_from_disk, path))]
     found = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                    if i.type == pafs.FileType.File and not i.base_name.startswith(("_", ".")))
-    units = [_Unit(os.path.relpath(p, root), cfg.source or base, f, p, fs) for p in found if (f := _fmt_of(p, cfg.format, single=False))]
+    rels = [(p, os.path.relpath(p, root)) for p in found]
+    units = [_Unit(r, cfg.source or _stem(r), f, p, fs) for p, r in rels if (f := _fmt_of(p, cfg.format, single=False))]
     if not units:
         raise ConfigError("prompts.path", f"no {cfg.format if cfg.format != 'auto' else '.jsonl/.json/.csv/.parquet'} "
                           f"files in directory {path}", "point prompts.path at the data files or set prompts.format")
@@ -281,11 +292,13 @@ def _records(u: _Unit, cfg: PromptsConfig) -> Iterator[dict | RowError]:
     elif u.fmt == "parquet":
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(u.fs.open_input_file(u.path))
-        cols = [cfg.field] if cfg.field in pf.schema_arrow.names else None
+        names = pf.schema_arrow.names
+        cols = [c for c in (cfg.field, "source") if c in names] if cfg.field in names else None
         for batch in pf.iter_batches(batch_size=_BLOCK_ROWS, columns=cols):
             yield from batch.to_pylist()
     else:
-        ds = u.hf.select_columns([cfg.field]) if cfg.field in u.hf.column_names else u.hf
+        names = u.hf.column_names
+        ds = u.hf.select_columns([c for c in (cfg.field, "source") if c in names]) if cfg.field in names else u.hf
         for s in range(u.start, u.stop, _BLOCK_ROWS):
             yield from ds.with_format("arrow")[s:min(s + _BLOCK_ROWS, u.stop)].to_pylist()
 

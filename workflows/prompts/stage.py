@@ -3,6 +3,7 @@ dataset; unusable records and duplicate prompts go to ``errors`` with their loca
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +37,9 @@ def run(cfg: PromptsConfig, ctx: StageContext) -> dict:
     if records != len(fin.output_ids) + len(fin.error_ids):
         raise ReconcileError(f"stage {ctx.name}: {records} records read but {len(fin.output_ids)} prompts + "
                              f"{len(fin.error_ids)} errors written")
-    info = stage.reconcile_and_mark(ctx, fin.output_ids + fin.error_ids, fin, started, {"records": records, "source": cfg.path})
+    tags = Counter(stage.ids_of(ctx.path("prompts"), "source")).most_common()
+    headline = "prompts by source: " + (", ".join(f"{k} {n}" for k, n in tags) or "none")
+    info = stage.reconcile_and_mark(ctx, fin.output_ids + fin.error_ids, fin, started,
+                                    {"records": records, "source": cfg.path, "headline": headline})
     summary.write_stage_summary(ctx, info)
     return info
