@@ -37,7 +37,7 @@ def run(cfg: PromptsConfig, ctx: StageContext) -> dict:
     if records != len(fin.output_ids) + len(fin.error_ids):
         raise ReconcileError(f"stage {ctx.name}: {records} records read but {len(fin.output_ids)} prompts + "
                              f"{len(fin.error_ids)} errors written")
-    tags = Counter(stage.ids_of(ctx.path("prompts"), "source")).most_common()
+    tags = sorted(Counter(stage.ids_of(ctx.path("prompts"), "source")).items(), key=lambda kv: (-kv[1], kv[0]))
     headline = "prompts by source: " + (", ".join(f"{k} {n}" for k, n in tags) or "none")
     info = stage.reconcile_and_mark(ctx, fin.output_ids + fin.error_ids, fin, started,
                                     {"records": records, "source": cfg.path, "headline": headline})
