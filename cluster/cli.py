@@ -14,6 +14,10 @@ SUBMIT_EPILOG = textwrap.dedent("""\
 
     The project's files travel with the job (.gitignore honoured; runs/, caches, virtualenvs and
     model weights left out; over 100 MiB is refused before uploading, naming the largest files).
+    Never uploaded, whatever git says: .env*, .aws/, .ssh/, .kube/, .netrc, .git-credentials,
+    .pypirc, .npmrc, *.pem, *.key, *.p12, id_rsa*, id_ed25519*, JSON files with a private_key
+    field, and links that point outside the project; the submission names what it left out.
+    --dry-run shows the whole selection and the job without contacting a cluster.
     The same recipe, files and arguments give the same submission id: a second submit while it runs
     only reports it; after a failure it is submitted again and resumes the run directory.
     Clusters with token authentication: set RAY_AUTH_TOKEN (never put it in a file in the project).
@@ -25,6 +29,9 @@ def _cmd_submit(args) -> int:
     from cluster import submit
 
     sub = submit.plan(args.recipe, args.run_dir, args.restart_from, submit.project_root(args.project))
+    if args.dry_run:
+        print(submit.describe(sub, args.address))
+        return 0
     job_id, new = submit.submit(sub, args.address, force=args.force)
     if args.no_wait:
         print(f"follow it: cai jobs logs {job_id} --follow   stop it: cai jobs stop {job_id}")
@@ -119,6 +126,8 @@ def register(sub) -> None:
     s.add_argument("--project", metavar="DIR", help="the directory uploaded as the job's working_dir "
                                                     "(default: this cai-ray checkout, else the current directory)")
     s.add_argument("--force", action="store_true", help="submit again even if this exact job already succeeded")
+    s.add_argument("--dry-run", action="store_true", help="print the files that would be uploaded (sizes, total, "
+                                                          "what is left out and why) and the job, contact nothing")
     wait = s.add_mutually_exclusive_group()
     wait.add_argument("--follow", action="store_true", help="stream the job's logs until it ends (the default)")
     wait.add_argument("--no-wait", action="store_true", help="print the job id and return at once")

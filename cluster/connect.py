@@ -1,12 +1,17 @@
 """Connecting the driver to Ray: a local single-node cluster, or an existing one."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster import upload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Variables the workers need to see the same storage and offline settings as the driver.
@@ -114,11 +119,28 @@ def init_args(cfg: RayConfig) -> dict:
         kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                       _system_config=LOCAL_SYSTEM_CONFIG)
     else:
-        # Ship the repo so the top-level packages import on every node with no install step.
-        runtime_env["working_dir"] = str(REPO_ROOT)
-        runtime_env["excludes"] = ["runs/", ".git/", "**/__pycache__/", "*.parquet", "*.gguf"]
+        # Ship the project so the top-level packages import on every node with no install step: the
+        # files `cai submit` would upload (never secrets, never links out of the project), staged apart.
+        runtime_env["working_dir"] = staged_project()
         kwargs["address"] = cfg.address
     return {**kwargs, "runtime_env": runtime_env}
+
+
+_STAGED: dict[str, str] = {}
+
+
+def staged_project() -> str:
+    """This checkout's files as ``cai submit`` selects them, copied once per process into a temporary
+    directory (removed at exit): what ``ray.init`` uploads as the working_dir of a remote cluster."""
+    if "dir" not in _STAGED:
+        sel = upload.select(REPO_ROOT)
+        upload.check_size(sel)
+        if sel.left_out:
+            logging.getLogger(__name__).warning(sel.left_out_line())
+        tmp = tempfile.mkdtemp(prefix="cai-project-")
+        atexit.register(shutil.rmtree, tmp, True)
+        _STAGED["dir"] = str(upload.stage(sel, tmp))
+    return _STAGED["dir"]
 
 
 def use_data_defaults() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -195,6 +196,8 @@ def submit(sub: Submission, addr: str | None = None, force: bool = False, log=pr
         return job_id, False
     for note in sub.notes:
         log(f"note: {note}")
+    if sub.selection.left_out:
+        log(f"warning: {sub.selection.left_out_line()}")
     with tempfile.TemporaryDirectory(prefix="cai-upload-") as tmp:
         upload.stage(sub.selection, tmp)
         env = dict(sub.runtime_env, working_dir=tmp)
@@ -203,6 +206,40 @@ def submit(sub: Submission, addr: str | None = None, force: bool = False, log=pr
               submission_id=job_id)
     log(f"submitted {job_id}: {sub.entrypoint}")
     return job_id, True
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe(sub: Submission, addr: str | None = None) -> str:
+    """What ``submit`` would send, for ``--dry-run``: every file with its size, what is left out and
+    why, and the job (id, entrypoint, metadata, environment variables, address). Contacts nothing."""
+    sel = sub.selection
+    width = max((len(rel) for rel in sel.files), default=0)
+    lines = [f"would upload {len(sel.files)} files, {_size(sel.total)} in all, from {sel.root}:"]
+    lines += [f"  {rel:<{width}}  {_size(size):>10}" for rel, size in zip(sel.files, sel.sizes)]
+    if sel.left_out:
+        lines.append(f"left out ({len(sel.left_out)}), never sent:")
+        lines += [f"  {rel}  — {why}" for rel, why in sel.left_out]
+    else:
+        lines.append("left out: nothing that looks like a secret or leaves the project")
+    env = sub.runtime_env.get("env_vars", {})
+    token = ("RAY_AUTH_TOKEN is set: sent as a bearer header, never uploaded" if os.environ.get(TOKEN_ENV)
+             else "RAY_AUTH_TOKEN is not set: no token sent (a cluster with token auth will refuse the job)")
+    lines += ["job (not submitted: --dry-run):",
+              f"  address        {address(addr)}",
+              f"  submission id  {sub.submission_id}",
+              f"  entrypoint     {sub.entrypoint}",
+              f"  metadata       {json.dumps(sub.metadata, sort_keys=True)}",
+              f"  env_vars       {', '.join(f'{k}={v}' for k, v in sorted(env.items())) or '(none)'}",
+              f"  auth           {token}"]
+    lines += [f"note: {n}" for n in sub.notes]
+    return "\n".join(lines)
 
 
 def status(job_id: str, addr: str | None = None) -> str:

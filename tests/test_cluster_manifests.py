@@ -101,3 +101,76 @@ def test_launcher_installs_the_project_dependencies():
     names = {re.split(r"[<>=\[ ]", d)[0] for d in deps} - {"torch", "ray"}  # both in the Ray image
     setup = " ".join(_load(REPO_ROOT / "cluster" / "launcher" / "aws-gpu.yaml")["setup_commands"])
     assert {n for n in names if f'"{n}>=' not in setup} == set()
+
+
+# ---------------------------------------------------------------- the image's build context
+def _dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
+    """The repository's .dockerignore, read with Docker's own rules (moby's patternmatcher): each
+    pattern is cleaned and unanchored from '/', ``**`` spans folders, ``*`` and ``?`` stay inside one,
+    a pattern that matches a folder excludes everything in it, ``!`` re-includes, the last match wins."""
+    rules = []
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pat = line[1:].strip() if negate else line
+        pat = pat.strip("/")
+        rx, i = "", 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                rx, i = rx + "(.*/)?", i + 3
+            elif pat.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            elif pat[i] == "*":
+                rx, i = rx + "[^/]*", i + 1
+            elif pat[i] == "?":
+                rx, i = rx + "[^/]", i + 1
+            else:
+                rx, i = rx + re.escape(pat[i]), i + 1
+        rules.append((negate, re.compile(rx + "$")))
+    return rules
+
+
+def _docker_excludes(rel: str, rules) -> bool:
+    parts = rel.split("/")
+    candidates = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]  # the path and its parent folders
+    excluded = False
+    for negate, rx in rules:
+        if any(rx.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def _sample_name(pattern: str) -> str:
+    return pattern.replace("*", "x")
+
+
+def test_dockerignore_keeps_out_every_secret_cai_submit_keeps_out():
+    from cluster import upload
+
+    rules = _dockerignore_rules()
+    samples = [f"{d}/credentials" for d in upload.SECRET_DIRS] + [_sample_name(p) for p, _ in upload.SECRET_FILES]
+    for sample in samples:  # the same rules at the top and deep inside the context
+        for rel in (sample, f"workflows/data/{sample}"):
+            assert upload.secret_reason(rel) is not None, rel
+            assert _docker_excludes(rel, rules), f".dockerignore lets {rel} into the image"
+    for rel in ("runs/demo/sft/model.safetensors", ".git/config", "workflows/__pycache__/x.pyc", "m.gguf",
+                "gcp/my-service-account.json"):
+        assert _docker_excludes(rel, rules), rel
+
+
+def test_the_image_copies_only_the_job_and_all_of_it_gets_in():
+    import subprocess
+
+    docker = (K8S / "Dockerfile").read_text()
+    sources = [s for ln in docker.splitlines() if ln.startswith("COPY")
+               for s in ln.split()[1:-1] if not s.startswith("--")]  # COPY [--flags] SRC... DEST
+    assert "." not in sources, "COPY . copies the whole context (runs/, secrets, .git) into the image"
+    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    rules = _dockerignore_rules()
+    for pkg in ("workflows", "actors", "training", "cluster", "constitutions"):
+        assert pkg in sources, f"the Dockerfile does not copy {pkg}/, which a job imports"
+    shipped = [f for f in tracked if f.split("/")[0] in sources]
+    assert shipped and [f for f in shipped if _docker_excludes(f, rules)] == []  # nothing the job needs is lost

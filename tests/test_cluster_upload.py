@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +126,86 @@ def test_worker_setup_hides_deepspeeds_deprecated_torch_call_only(monkeypatch):
                       "`torch.distributed.all_gather_single` instead.", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else is deprecated"]
+
+
+SECRETS = {  # a file of each kind that must never leave this machine, and the reason the submission gives
+    ".env": "environment file", ".env.production": "environment file", "app/.env.local": "environment file",
+    ".aws/credentials": "cloud credentials", ".aws/config": "cloud credentials", ".ssh/config": "SSH folder",
+    ".kube/config": "Kubernetes", ".netrc": "credentials file", ".git-credentials": "credentials file",
+    ".pypirc": "package-index", ".npmrc": "package-registry", "certs/server.pem": "key or certificate",
+    "certs/tls.key": "key file", "certs/client.p12": "key store", "id_rsa": "SSH key", "id_rsa.pub": "SSH key",
+    "keys/id_ed25519": "SSH key", "gcp/sa.json": "service-account key",
+}
+
+
+def _secret_project(tmp_path, git: bool):
+    root = _project(tmp_path, git=False)
+    for rel in SECRETS:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("SECRET-CANARY-1234\n")
+    (root / "gcp" / "sa.json").write_text(json.dumps({"type": "service_account", "private_key_id": "x",
+                                                      "private_key": "-----BEGIN PRIVATE KEY-----SECRET-CANARY-1234"}))
+    (root / "gcp" / "settings.json").write_text(json.dumps({"lr": 1e-5}))  # ordinary JSON travels
+    outside = tmp_path / "outside_secret.txt"
+    outside.write_text("SECRET-CANARY-1234\n")
+    (root / "escape.txt").symlink_to(outside)  # a link out of the project: its target's text must not travel
+    (root / "escape_dir").symlink_to(tmp_path)  # a folder link out of the project
+    (root / "shared").mkdir()
+    (root / "shared" / "c.py").write_text("z = 3\n")
+    (root / "shared" / "up").symlink_to("..")  # loops back to the project root
+    (root / "alias.py").symlink_to("pkg/m.py")  # a link inside: followed (its content travels as a file)
+    (root / "pkg_link").symlink_to("shared")  # a folder link inside: followed once
+    if git:
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+        subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)  # tracked, all of them
+    return root
+
+
+@pytest.mark.parametrize("git", [True, False], ids=["git-tracked", "no-git"])
+def test_secrets_and_links_out_of_the_project_are_never_uploaded(tmp_path, git):
+    root = _secret_project(tmp_path, git)
+    sel = upload.select(root)
+    left = dict(sel.left_out)
+    for rel, why in SECRETS.items():
+        assert rel not in sel.files and why in left[rel], rel
+    assert "link to outside the project" in left["escape.txt"] and "outside" in left["escape_dir"]
+    assert "loop" in left["shared/up"] and "pkg_link/up" in left  # not followed a second time
+    assert {"alias.py", "pkg_link/c.py", "shared/c.py", "gcp/settings.json", "pkg/m.py"} <= set(sel.files)
+    staged = upload.stage(sel, tmp_path / "staged")
+    assert _grep_tree(staged, b"SECRET-CANARY") == []
+    assert (staged / "alias.py").read_text() == "y = 2\n" and not (staged / "alias.py").is_symlink()
+    line = sel.left_out_line(shown=100)
+    assert "\n" not in line and ".aws/credentials (cloud credentials folder)" in line and "escape.txt" in line
+
+
+def _grep_tree(root, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_dry_run_prints_the_selection_and_the_job_and_contacts_nothing(tmp_path, monkeypatch):
+    root = _secret_project(tmp_path, git=True)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    out = subprocess.run([sys.executable, "-m", "workflows.cli", "submit", str(root / "recipe.yaml"),
+                          "--project", str(root), "--run-dir", "/shared/runs/t", "--dry-run",
+                          "--address", "http://127.0.0.1:9"],  # nothing listens there: a contact would fail
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    sub = submit.plan(str(root / "recipe.yaml"), "/shared/runs/t", root=root)
+    assert f"would upload {len(sub.selection.files)} files" in text
+    assert "  recipe.yaml" in text and "workflows/a.py" in text
+    for rel in SECRETS:
+        assert f"  {rel}  — " in text  # listed as left out, with its reason
+    assert sub.submission_id in text and sub.entrypoint in text and '"run_dir": "/shared/runs/t"' in text
+    assert "RAY_AUTH_TOKEN is not set" in text and "SECRET-CANARY" not in text and "Traceback" not in out.stderr
+
+
+def test_a_remote_ray_init_ships_the_same_selection(monkeypatch):
+    """``ray.init(address=...)`` from a driver uploads this checkout: the staged selection, not the tree."""
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    args = connect.init_args(connect.RayConfig(address="ray://head:10001"))
+    staged = args["runtime_env"]["working_dir"]
+    files = sorted(p.relative_to(staged).as_posix() for p in Path(staged).rglob("*")
+                   if p.is_file())
+    assert files == list(upload.select(connect.REPO_ROOT).files)
+    assert "excludes" not in args["runtime_env"]
