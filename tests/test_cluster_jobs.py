@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -21,13 +24,33 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def cluster():
+    """Two nodes with token authentication on, as the README's local cluster and the manifests run it;
+    this process holds the token as a user would (``RAY_AUTH_TOKEN``), so `cai submit`/`cai jobs` send it."""
+    token = secrets.token_hex(32)
     # cluster nodes hold their own storage credentials (an instance role on a real cluster); moto takes any
-    c = LocalCluster(num_cpus=2, env={"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"})
+    c = LocalCluster(num_cpus=2, env={"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"},
+                     auth_token=token)
+    saved = os.environ.get(submit.TOKEN_ENV)
+    os.environ[submit.TOKEN_ENV] = token
     try:
         c.add_node(num_cpus=2, resources='{"second_node": 1}')
         yield c
     finally:
         c.stop()
+        if saved is None:
+            os.environ.pop(submit.TOKEN_ENV, None)
+        else:
+            os.environ[submit.TOKEN_ENV] = saved
+
+
+def test_without_the_token_the_cluster_refuses_and_says_how_to_fix_it(cluster, monkeypatch, capsys):
+    monkeypatch.delenv(submit.TOKEN_ENV)
+    assert main(["jobs", "list", "--address", cluster.dashboard]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "token authentication" in err and "RAY_AUTH_TOKEN" in err
+    monkeypatch.setenv(submit.TOKEN_ENV, "not-the-token")
+    assert main(["jobs", "list", "--address", cluster.dashboard]) == 2
+    assert "Invalid authentication token" in capsys.readouterr().err
 
 
 def _recipe(model: str, n: int, tokens: int, concurrency: int = 1, num_cpus: float = 1.0) -> str:
@@ -109,8 +132,6 @@ def test_plain_ray_job_submit_on_two_nodes_one_lost_mid_stage(cluster, project, 
     home) on two nodes, an engine actor on each, the run directory on S3. Once the first block is
     saved, the second node goes away at once (every process of it SIGKILLed): the stage finishes on
     the head with every row exactly once. Last in this module: it takes a node away from its cluster."""
-    import ray.util.state as state
-
     (project / "wide.yaml").write_text(_recipe(str(tiny_llama_dir), 6, 32, concurrency=2, num_cpus=1.0)
                                        .replace("name: tiny", "name: wide")
                                        .replace("  - stage: critique_revision\n",
@@ -135,13 +156,19 @@ def test_plain_ray_job_submit_on_two_nodes_one_lost_mid_stage(cluster, project, 
     client = submit.client(cluster.dashboard)
     stage_uri = storage.join(run_dir, "critique_revision")
 
-    def pool() -> list:
+    def pool() -> list[dict]:
         ray_job = client.get_job_info(job_id).job_id
         if not ray_job:
             return []
-        return [a for a in state.list_actors(address=cluster.dashboard, filters=[("job_id", "=", ray_job)],
-                                             detail=True, limit=1000, raise_on_missing_output=False)
-                if "CritiqueRevise" in (a.repr_name or "") + (a.class_name or "") and a.state == "ALIVE"]
+        # the state API over HTTP with the cluster's token (this process's Ray client runs with auth off)
+        query = urllib.parse.urlencode({"filter_keys": "job_id", "filter_predicates": "=", "filter_values": ray_job,
+                                        "detail": "true", "limit": 1000})
+        req = urllib.request.Request(f"{cluster.dashboard}/api/v0/actors?{query}",
+                                     headers={"Authorization": f"Bearer {os.environ[submit.TOKEN_ENV]}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            actors = json.loads(r.read())["data"]["result"]["result"]
+        return [a for a in actors if "CritiqueRevise" in (a.get("repr_name") or "") + (a.get("class_name") or "")
+                and a.get("state") == "ALIVE"]
 
     deadline = time.time() + 300
     while not (len(pool()) == 2 and storage.list_files(storage.join(stage_uri, "_raw"), ".parquet")):
@@ -149,7 +176,7 @@ def test_plain_ray_job_submit_on_two_nodes_one_lost_mid_stage(cluster, project, 
             client.get_job_logs(job_id)[-3000:]
         time.sleep(0.25)
     actors = pool()
-    assert len({a.node_id for a in actors}) == 2, actors  # one engine per node (SPREAD)
+    assert len({a["node_id"] for a in actors}) == 2, actors  # one engine per node (SPREAD)
     saved = len(storage.list_files(storage.join(stage_uri, "_raw"), ".parquet"))
     assert cluster.remove_node(1) > 0
     assert not storage.exists(storage.join(stage_uri, "_SUCCESS")) and saved < N_WIDE // 2  # mid-stage

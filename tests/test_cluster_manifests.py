@@ -174,3 +174,41 @@ def test_the_image_copies_only_the_job_and_all_of_it_gets_in():
         assert pkg in sources, f"the Dockerfile does not copy {pkg}/, which a job imports"
     shipped = [f for f in tracked if f.split("/")[0] in sources]
     assert shipped and [f for f in shipped if _docker_excludes(f, rules)] == []  # nothing the job needs is lost
+
+
+# ---------------------------------------------------------------- authentication
+def _cluster_spec(doc: dict) -> dict:
+    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
+            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_cluster_has_token_auth_and_an_in_cluster_dashboard(path):
+    """The Jobs API is code execution: token auth on (the token from the Secret the header comments
+    tell how to make), and the head's Service only inside the Kubernetes cluster."""
+    doc = _load(path)
+    spec = _cluster_spec(doc)
+    assert spec["authOptions"] == {"mode": "token", "secretName": "cai-ray-auth"}
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType") == "ClusterIP" and not head.get("enableIngress", False)
+    text = path.read_text()
+    assert "kubectl create secret generic cai-ray-auth --from-literal=auth_token=" in text
+    for group in [head] + spec.get("workerGroupSpecs", []):
+        for c in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", "token") == "token" and "value" not in \
+                {k for e in c.get("env", []) if e["name"] == "RAY_AUTH_TOKEN" for k in e}  # never inline
+    schema = json.loads((K8S / "schema.json").read_text())
+    spec["authOptions"]["mode"] = "tokn"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema)
+
+
+def test_launcher_cluster_has_token_auth_and_a_loopback_dashboard():
+    config = _load(REPO_ROOT / "cluster" / "launcher" / "aws-gpu.yaml")
+    for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert cmd.index("RAY_AUTH_MODE=token") < cmd.index("ray start"), cmd
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # the token, from outside the repo
