@@ -157,6 +157,10 @@ def ray_local():
                                               "CAI_RAY_CACHE": os.environ["CAI_RAY_CACHE"],
                                               "CAI_RAY_CPU_BF16": os.environ["CAI_RAY_CPU_BF16"],
                                               "CAI_ALLOW_RECIPE_CODE": os.environ["CAI_ALLOW_RECIPE_CODE"],
+                                              # the workers' own S3 credentials, as a node's instance role
+                                              # would give them (the local S3 server takes any): the
+                                              # filesystem objects they receive carry none
+                                              "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                                               # workers import scripted engines (`engine_factory: fakes:...`)
                                               "PYTHONPATH": os.pathsep.join(
                                                   [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -51,3 +52,28 @@ def test_sl_cai_run_directory_on_s3(s3_env, tmp_path, tiny_llama_dir, ray_local)
          "engine": {"model": str(tiny_llama_dir), "batch_size": 2, "max_model_len": 768}},
     ]))
     assert again["critique_revision"]["finished_at"] == infos["critique_revision"]["finished_at"]
+
+
+def test_the_pickled_filesystem_carries_no_credentials(s3_env, monkeypatch):
+    """What every actor and worker receives: settings, never keys. Each process finds its own
+    credentials (here the environment), so a session token can refresh on a long run."""
+    import pickle
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIACANARYKEYID00001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-secret-key-0123456789")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "canary-session-token-0123456789")
+    storage.write_text("s3://cai/pickled/x.txt", "hello")
+    fs, path = storage.resolve("s3://cai/pickled/x.txt")
+    blob = pickle.dumps(fs)
+    for secret in ("AKIACANARYKEYID00001", "canary-secret-key", "canary-session-token"):
+        assert secret.encode() not in blob
+    assert s3_env.encode() in blob  # the endpoint (a setting) does travel
+    # another process, with credentials of its own, reads through the unpickled filesystem
+    code = ("import pickle, sys; fs = pickle.loads(sys.stdin.buffer.read()); "
+            f"print(fs.open_input_stream({path!r}).read().decode())")
+    env = {k: v for k, v in os.environ.items() if k != "AWS_SESSION_TOKEN"}
+    env.update(AWS_ACCESS_KEY_ID="worker-own", AWS_SECRET_ACCESS_KEY="worker-own")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, env=env, timeout=120)
+    assert out.stdout.decode().strip() == "hello", out.stderr.decode()[-2000:]

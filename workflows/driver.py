@@ -228,11 +228,20 @@ def result_hash(cfg, seed: int) -> str:
     return stage_mod.config_hash({**data, "_seed": seed})
 
 
+def _started_hash(uri: str, name: str) -> str:
+    """The config hash a half-finished stage was started with (``_config.json``)."""
+    fix = f"rerun with `--restart-from {name}` to redo the stage (and what follows), or use another run_dir"
+    doc = storage.read_json(uri, fix)
+    if not isinstance(doc, dict) or not isinstance(doc.get("config_hash"), str):
+        raise ConfigError(uri, "not a stage's config record (no config_hash)", fix)
+    return doc["config_hash"]
+
+
 def _check_resumable(ctx: StageContext, h: str, info: dict | None) -> bool:
     """True if the stage is already finished with this config. A finished or half-finished
     stage made with another config is an error: mixing results would be silent corruption."""
     started_uri = ctx.path("_config.json")
-    old = info["config_hash"] if info else (storage.read_json(started_uri)["config_hash"]
+    old = info["config_hash"] if info else (_started_hash(started_uri, ctx.name)
                                             if storage.exists(started_uri) else None)
     if old is not None and old != h:
         raise ConfigError(f"stage {ctx.name}", f"{ctx.dir} was made with a different config",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from workflows.core import storage
+from workflows.core.errors import DataError
 from workflows.core.reconcile import check
 
 SUCCESS = "_SUCCESS"
@@ -74,8 +76,18 @@ def config_hash(cfg: dict) -> str:
 
 
 def read_success(stage_dir: str) -> dict | None:
+    """The stage's ``_SUCCESS`` record, or None when the stage has not finished. A torn or garbled
+    marker is a one-line error naming the file and the fix."""
     uri = storage.join(stage_dir, SUCCESS)
-    return storage.read_json(uri) if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    name = os.path.basename(stage_dir.rstrip("/"))
+    fix = (f"delete it and run the same command again (the stage finishes again from the rows it saved), "
+           f"or rerun with --restart-from {name}")
+    info = storage.read_json(uri, fix)
+    if not isinstance(info, dict) or "outputs" not in info or "config_hash" not in info:
+        raise DataError(f"{uri} is not a stage's completion record (no outputs/config_hash): {fix}")
+    return info
 
 
 def write_success(stage_dir: str, info: dict) -> None:

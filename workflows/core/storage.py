@@ -1,20 +1,26 @@
 """Run-directory storage: a local path or ``s3://bucket/prefix``, through pyarrow filesystems (s3fs for S3).
 
 Every read and write of the driver and of Ray Data goes through ``resolve(uri)``, which
-returns a pyarrow ``FileSystem`` plus the path inside it. S3 settings come from the
-standard AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_REGION``, and ``AWS_ENDPOINT_URL`` for S3-compatible servers such as MinIO); the
-filesystem object carries them to Ray workers when it is pickled.
+returns a pyarrow ``FileSystem`` plus the path inside it. The filesystem object travels to every
+Ray actor and worker (pickled), so it carries settings only — the region and ``AWS_ENDPOINT_URL``
+for S3-compatible servers such as MinIO — never credentials: each process resolves those itself
+from the standard AWS chain (environment variables, a profile, the instance role), so temporary
+credentials refresh on long runs and no key sits in a task argument or an object-store copy.
+
+Small files (markers, configs, summaries) are written whole or not at all: locally to a temporary
+file renamed over the target; on S3 a PUT already is. A torn or garbled JSON file is a one-line
+error naming it and the fix (``read_json``).
 """
 from __future__ import annotations
 
 import json
 import os
 import posixpath
+import uuid
 
 import pyarrow.fs as pafs
 
-from workflows.core.errors import ConfigError
+from workflows.core.errors import ConfigError, DataError
 
 
 def is_remote(uri: str) -> bool:
@@ -23,23 +29,26 @@ def is_remote(uri: str) -> bool:
 
 def _s3(uri: str) -> tuple[pafs.FileSystem, str]:
     """s3fs (the fsspec S3 client) behind pyarrow's filesystem interface: it speaks to AWS and
-    to S3-compatible servers alike, and pickles its settings to Ray workers."""
+    to S3-compatible servers alike. Its settings (region, endpoint) pickle to Ray workers; the
+    credentials do not — botocore's default chain finds them in each process."""
     import s3fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs: dict = {"client_kwargs": {"region_name": region} if region else {}}
-    if endpoint:
-        kwargs["endpoint_url"] = endpoint
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        kwargs["token"] = os.environ.get("AWS_SESSION_TOKEN")
+    kwargs = s3_settings()
     path = uri[len("s3://"):].rstrip("/")
     if not path:
         raise ConfigError(uri, "no bucket in the S3 address", "write s3://BUCKET/PREFIX")
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **kwargs)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def s3_settings() -> dict:
+    """The S3 client settings taken from this process's environment: endpoint and region only."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict = {"client_kwargs": {"region_name": region} if region else {}}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    return kwargs
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -69,10 +78,7 @@ def makedirs(uri: str) -> None:
 
 
 def write_text(uri: str, text: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
+    write_bytes(uri, text.encode("utf-8"))
 
 
 def read_text(uri: str) -> str:
@@ -85,15 +91,37 @@ def write_json(uri: str, obj) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(uri: str):
-    return json.loads(read_text(uri))
+def read_json(uri: str, fix: str = "delete it and run the same command again"):
+    """The JSON document at ``uri``; a torn or garbled file is a one-line ``DataError`` naming the file,
+    what is wrong and ``fix``."""
+    text = read_text(uri)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        problem = "is empty" if not text.strip() else f"is not valid JSON ({getattr(e, 'msg', e)}, " \
+                                                     f"line {getattr(e, 'lineno', '?')})"
+        raise DataError(f"{uri} {problem}: the file was cut short or edited — {fix}") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` whole or not at all: locally to a temporary file in the same folder, then renamed
+    over ``uri`` (a reader or a crash never sees half a file); an S3 PUT is whole already."""
     fs, path = resolve(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if is_remote(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def delete(uri: str) -> None:
