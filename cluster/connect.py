@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster import upload
+from cluster import local, upload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Variables the workers need to see the same storage and offline settings as the driver.
@@ -153,8 +153,11 @@ def use_data_defaults() -> None:
     ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
-def connect(cfg: RayConfig | None = None) -> None:
-    """Start or join Ray once per process (``init_args``); a second call is a no-op."""
+def connect(cfg: RayConfig | None = None, run_dir: str | None = None) -> None:
+    """Start or join Ray once per process (``init_args``); a second call is a no-op. A local cluster
+    starts only once a fresh interpreter imports our packages as this one does, gets a temp dir of its
+    own, and — for a run directory — first ends what a killed earlier driver of that run left
+    (``cluster.local``)."""
     import ray
 
     cfg = cfg or RayConfig()
@@ -162,7 +165,17 @@ def connect(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     args = init_args(cfg)
+    temp = None
     if args.get("address") == "local":
         use_local_defaults()
+        problem = local.worker_import_problem()
+        if problem:
+            raise local.LocalClusterError(problem)
+        if run_dir:
+            local.end_leftovers(run_dir)
+        temp = args["_temp_dir"] = local.new_temp_dir()
+        atexit.register(local.forget, run_dir, temp)
     ray.init(**args)
+    if temp and run_dir:
+        local.record(run_dir, temp)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars

@@ -265,8 +265,8 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
     if restart_from is not None and restart_from not in names:
         raise ConfigError("--restart-from", f"no stage named {restart_from!r}", f"stages: {', '.join(names)}")
     preflight(recipe, stages, where)
-    connect(recipe.ray)
     storage.makedirs(recipe.run_dir)
+    connect(recipe.ray, recipe.run_dir)
     storage.write_text(storage.join(recipe.run_dir, "recipe.yaml"), yaml.safe_dump(to_dict(recipe), sort_keys=False))
     if restart_from is not None:
         for s in stages[names.index(restart_from):]:
