@@ -73,6 +73,17 @@ class _RowStreamer:
         pass
 
 
+class _RowStop:
+    """A ``transformers`` stopping criterion: ``should_stop(row)`` (the row's index in the caller's
+    input) ends that row now, as an end of turn would; once every row has ended, decoding stops."""
+
+    def __init__(self, rows: list[int], should_stop):
+        self.rows, self.should_stop = rows, should_stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([bool(self.should_stop(row)) for row in self.rows], device=input_ids.device)
+
+
 class TransformersEngine:
     """``Engine`` on a Hugging Face causal LM. ``name`` is ``transformers:<model label>``."""
 
@@ -194,10 +205,13 @@ class TransformersEngine:
             return results
 
     # ---------------------------------------------------------------- generate
-    def generate(self, conversations, params: SamplingParams, on_tokens=None) -> list[Generation]:
+    def generate(self, conversations, params: SamplingParams, on_tokens=None, should_stop=None) -> list[Generation]:
         """One assistant reply per conversation, in input order (see the module docstring).
         ``on_tokens(row, token_ids)``, when given, is called as decoding goes with each row's newly
-        generated tokens (its input index), for streaming servers."""
+        generated tokens (its input index), for streaming servers. ``should_stop(row)``, when given,
+        is asked at every decoding step (and before each micro-batch): a row it answers true for is
+        ended at once and comes back failed with ``cancelled`` (a server's client that went away);
+        decoding stops as soon as every row of the micro-batch has ended."""
         if params.max_new_tokens < 1:
             raise EngineError(f"sampling.max_new_tokens must be ≥ 1, got {params.max_new_tokens}")
         limit = self.cfg.max_model_len - params.max_new_tokens
@@ -208,15 +222,24 @@ class TransformersEngine:
         if params.seed is not None:  # once per call: micro-batches continue one random stream, so
             torch.manual_seed(params.seed)  # copies of a prompt in different micro-batches differ
         for chunk in self._micro_batches(ok, encoded):
+            if should_stop is not None:
+                chunk = [i for i in chunk if not should_stop(i)]
+                if not chunk:
+                    continue
             results = self._run_chunk(
                 chunk, lambda rows: self._generate_rows([encoded[i] for i in rows], params,
-                                                        _RowStreamer(rows, on_tokens) if on_tokens else None),
+                                                        _RowStreamer(rows, on_tokens) if on_tokens else None,
+                                                        _RowStop(rows, should_stop) if should_stop else None),
                 lambda e: Generation.failed(f"generate_error: {type(e).__name__}: {e}"))
             for i, g in zip(chunk, results):
                 out[i] = g
+        if should_stop is not None:
+            out = [Generation.failed("cancelled") if g is None or (g.error is None and should_stop(i)) else g
+                   for i, g in enumerate(out)]
         return out
 
-    def _generate_rows(self, rows: list[list[int]], params: SamplingParams, streamer=None) -> list[Generation]:
+    def _generate_rows(self, rows: list[list[int]], params: SamplingParams, streamer=None,
+                       stop: _RowStop | None = None) -> list[Generation]:
         ids, mask, cache = self._batch_inputs(rows)
         # use_cache explicitly: a model saved with training's ``use_cache: false`` would otherwise
         # recompute the whole sequence at every new token
@@ -232,6 +255,10 @@ class TransformersEngine:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         if streamer is not None:
             kwargs["streamer"] = streamer
+        if stop is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
         with torch.inference_mode():
             seqs = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = seqs[:, ids.shape[1]:].tolist()

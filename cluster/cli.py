@@ -102,7 +102,8 @@ def _cmd_serve(args) -> int:
     cfg = sc.ServeConfig.from_args({"model": args.model, "model_name": args.model_name, "host": args.host,
                                     "port": args.port, "replicas": args.replicas, "api_key_env": args.api_key_env,
                                     "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
-                                    "engine": engine}, "cai serve")
+                                    "max_body_bytes": args.max_body_bytes, "max_messages": args.max_messages,
+                                    "max_prompt_chars": args.max_prompt_chars, "engine": engine}, "cai serve")
     cfg.key_hash()  # a missing key is a usage error before anything starts
     check_model_ref(cfg.model, "cai serve MODEL")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key_env:
@@ -153,6 +154,12 @@ def register(sub) -> None:
     v.add_argument("--model-name", help="the model id clients send (default: the model directory's name)")
     v.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests generated together")
     v.add_argument("--batch-wait-s", type=float, default=0.1, help="how long a batch waits to fill (default 0.1)")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted, in bytes (default 1048576: 1 MiB); larger is a 413")
+    v.add_argument("--max-messages", type=int, default=256, help="most messages in one request (default 256)")
+    v.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="most characters in one request's messages, checked before tokenizing "
+                        "(default: 32 per token of --max-model-len)")
     v.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     v.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16), float32, ...")
     v.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens")

@@ -105,7 +105,12 @@ def test_serve_listens_on_loopback_only_and_no_log_holds_the_key(server, client)
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
-], ids=["no-messages", "unknown-role", "max-tokens-0", "prompt-too-long"])
+    ({"messages": HELLO, "max_tokens": 4, "stream": True, "stream_options": "x"}, "stream_options"),
+    ({"messages": HELLO, "max_tokens": 4, "seed": 2**64}, "seed"),
+    ({"messages": HELLO, "max_tokens": 4, "stop": "x" * 100_000}, "stop"),
+    ({"messages": HELLO, "max_tokens": 4, "n": 2}, "n"),
+], ids=["no-messages", "unknown-role", "max-tokens-0", "prompt-too-long", "stream-options-a-string", "seed-2**64",
+        "stop-100k-chars", "n-2"])
 def test_bad_requests_are_400_and_the_server_keeps_serving(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", **kwargs)

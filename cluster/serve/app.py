@@ -8,23 +8,38 @@ Each response carries ``x-cai-batch-size``, the number of requests generated tog
 
 The bearer key: ``api_key_sha256`` (``cai serve --api-key-env`` hashes the variable in the driver, so
 the key itself never reaches Ray) or ``api_key_env`` (the replica reads its own environment).
+
+What a request may cost is bounded before its prompt is tokenized: the body (``max_body_bytes``,
+counted as it arrives: 413), its messages and their characters (``max_messages``,
+``max_prompt_chars``: 400); tokens are counted in a thread. Bad input is an OpenAI-style 4xx naming
+the field, never a 5xx. A genuine fault is a 500 that quotes the request id, its traceback in the
+replica's log only. A client that hangs up stops costing: its row of the batch ends at the next
+decoding step (engines that take ``should_stop``), and decoding stops once no row is left.
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures' types at runtime
 import asyncio
 import hashlib
 import hmac
 import inspect
+import logging
 import os
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from actors import EngineConfig, make_engine
 from actors.base import Generation
 from cluster.serve import protocol as oa
 from workflows.core.typed import from_dict
+
+logger = logging.getLogger("ray.serve")  # a replica's log file, next to Serve's own lines for the request
+# Serve's proxy puts a request id on every request (the client's own x-request-id, else a new one) and
+# echoes it on every response: a server error quotes it, and adds the header only where none came in
+REQUEST_ID = "x-request-id"
 
 api = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
 
@@ -33,13 +48,101 @@ def _error(e: oa.RequestError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+class _RequestId(str):
+    """A request's id; ``minted`` when no proxy in front gave one, so no proxy will echo it either."""
+
+    minted = False
+
+    @classmethod
+    def of(cls, headers) -> "_RequestId":
+        given = headers.get(REQUEST_ID)
+        rid = cls(given or uuid.uuid4().hex)
+        rid.minted = not given
+        return rid
+
+
+def _server_error(request_id: _RequestId, code: str = "internal_error") -> JSONResponse:
+    """A genuine fault of ours: the client gets the request id to quote, never the exception; the
+    traceback is in the replica's log under that id."""
+    body = oa.RequestError(f"the server failed on this request (request id {request_id}); the error is in "
+                           "the server's log", None, code, 500, "server_error").body()
+    body["error"]["request_id"] = str(request_id)
+    # one x-request-id header, not two: the proxy that set the id adds it to the response itself
+    return JSONResponse(body, status_code=500, headers={REQUEST_ID: str(request_id)} if request_id.minted else None)
+
+
+class _ErrorBoundary:
+    """ASGI middleware, the app's catch-all: an exception escaping a route is logged with its
+    traceback and request id and answered by a 500 that carries the id (once a response has
+    started, e.g. a stream, it can only be logged)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception:  # noqa: BLE001 — not CancelledError: a client that went away is not a fault
+            rid = _RequestId.of({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]})
+            logger.exception("request %s: %s %s failed", rid, scope.get("method"), scope.get("path"))
+            if not started:
+                await _server_error(rid)(scope, receive, send)
+
+
+api.add_middleware(_ErrorBoundary)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    """Unknown routes and methods keep FastAPI's 404 / 405 (and its Allow header), in OpenAI's shape."""
+    return JSONResponse(oa.RequestError(str(exc.detail), None, None, exc.status_code).body(),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+class _Job:
+    """One request in a batch. ``cancelled`` (its client went away) is read by the engine's thread
+    at every decoding step: the row ends there, and decoding stops once every row has."""
+
+    __slots__ = ("req", "request_id", "finished", "cancelled")
+
+    def __init__(self, req: oa.ChatRequest, request_id: _RequestId):
+        self.req, self.request_id = req, request_id
+        self.finished = self.cancelled = False
+
+
+class _Stream(StreamingResponse):
+    """A stream that calls ``on_close`` however it ends: sent to the last byte, or cut off by the
+    client (Serve cancels the request) before or while the body streams."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 # Ctrl-C should stop a server within seconds: in-flight requests get 5 s, not Serve's default 20
 @serve.deployment(name="ChatModel", max_ongoing_requests=64, graceful_shutdown_timeout_s=5,
                   graceful_shutdown_wait_loop_s=1)
 @serve.ingress(api)
 class ChatModel:
     def __init__(self, engine: dict, model_name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.1,
-                 api_key_sha256: str | None = None, api_key_env: str | None = None):
+                 api_key_sha256: str | None = None, api_key_env: str | None = None,
+                 max_body_bytes: int = oa.DEFAULT_MAX_BODY_BYTES, max_messages: int = oa.DEFAULT_MAX_MESSAGES,
+                 max_prompt_chars: int | None = None):
         self.cfg = from_dict(EngineConfig, engine, "serve engine")
         self.engine = make_engine(self.cfg)
         self.model_name, self.created = model_name, int(time.time())
@@ -49,11 +152,21 @@ class ChatModel:
                 raise RuntimeError(f"api_key_env: the variable {api_key_env} is not set on this replica's node")
             api_key_sha256 = hashlib.sha256(key.encode()).hexdigest()
         self.key_hash = api_key_sha256
-        self.streams_tokens = "on_tokens" in inspect.signature(self.engine.generate).parameters
+        self.max_body_bytes = max_body_bytes
+        self.limits = oa.Limits(max_messages=max_messages, max_prompt_chars=max_prompt_chars)
+        accepts = inspect.signature(self.engine.generate).parameters
+        self.streams_tokens, self.stops_rows = "on_tokens" in accepts, "should_stop" in accepts
         tok = getattr(self.engine, "tokenizer", None)
         self.decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+        # what this replica did: requests answered by the engine, requests whose client left before
+        # their answer, and tokens the engine decoded (every row, every step; streaming engines)
+        self.counters = {"requests": 0, "cancelled": 0, "decoded_tokens": 0}
         self._generate.set_max_batch_size(max_batch_size)
         self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def stats(self) -> dict:
+        """This replica's counters (through a Serve handle: ``handle.stats.remote()``)."""
+        return dict(self.counters)
 
     # ------------------------------------------------------------------ auth
     def _authorized(self, request: Request) -> bool:
@@ -78,113 +191,183 @@ class ChatModel:
     async def chat(self, request: Request):
         if not self._authorized(request):
             return self._unauthorized()
+        rid = _RequestId.of(request.headers)
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(oa.RequestError("the request body is not valid JSON"))
-        try:
-            req = oa.parse_chat(body, self.model_name, self.cfg.max_model_len)
-            prompt_tokens = self._count(req)
+            oa.check_content_type(request.headers.get("content-type"))
+            body = oa.parse_json(await self._body(request))
+            req = oa.parse_chat(body, self.model_name, self.cfg.max_model_len, self.limits)
+            prompt_tokens = await asyncio.to_thread(self._count, req)  # a long prompt must not stall the loop
         except oa.RequestError as e:
             return _error(e)
         cid = oa.completion_id()
-        events = self._generate(req)
+        job = _Job(req, rid)
+        events = self._generate(job)
         if req.stream:
-            return StreamingResponse(self._sse(cid, req, prompt_tokens, events), media_type="text/event-stream")
+            return _Stream(self._sse(cid, job, prompt_tokens, events), lambda: self._close(job),
+                           media_type="text/event-stream")
         final, batch = None, 1
-        async for step in events:
-            for kind, value, size in step:
-                if kind == "done":
-                    final, batch = value, size
-        if final.error and final.error.startswith("prompt_too_long"):  # engines that cannot count up front
-            return _error(oa.RequestError(f"{final.error} — shorten the messages or lower max_tokens", "messages",
-                                          "context_length_exceeded"))
-        if final.error:
-            return _error(oa.RequestError(f"generation failed: {final.error}", None, "generation_failed",
-                                          status=500, kind="server_error"))
+        try:
+            async for step in events:
+                for kind, value, size in step:
+                    if kind == "done":
+                        final, batch = value, size
+        finally:
+            self._close(job)
+        failed = self._failure(final, job)
+        if failed is not None:
+            return failed
         body = oa.completion(cid, self.model_name, final.text, final.finish_reason,
                              final.prompt_tokens or prompt_tokens, final.completion_tokens)
         return JSONResponse(body, headers={"x-cai-batch-size": str(batch)})
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, never more than ``max_body_bytes`` of it read: a declared Content-Length over the
+        limit is refused before reading, and a chunked body is counted as it arrives."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise oa.too_large(self.max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise oa.too_large(self.max_body_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _count(self, req: oa.ChatRequest) -> int:
         count = getattr(self.engine, "count_tokens", None)
         if count is None:
             return 0
-        n = count(list(req.conversation))
+        try:
+            n = count(list(req.conversation))
+        except Exception as e:
+            if any(c.__module__.startswith("jinja2") for c in type(e).__mro__):  # the template's own refusal
+                raise oa.RequestError(f"the model's chat template cannot format these messages: "
+                                      f"{str(e)[:200]}", "messages", "invalid_conversation") from None
+            raise
         oa.check_length(n, req, self.cfg.max_model_len)
         return n
 
-    async def _sse(self, cid: str, req: oa.ChatRequest, prompt_tokens: int, events):
+    def _close(self, job: _Job) -> None:
+        """The request's handler is done with its job: a job without its answer was cancelled."""
+        if not job.finished and not job.cancelled:
+            job.cancelled = True
+            self.counters["cancelled"] += 1
+
+    def _failure(self, g: Generation, job: _Job):
+        """The response for a failed generation (None when it did not fail): 400 for what the client
+        can fix, else a logged 500 with the request id."""
+        if not g.error:
+            return None
+        if g.error.startswith("prompt_too_long"):  # engines that cannot count up front
+            return _error(oa.RequestError(f"{g.error} — shorten the messages or lower max_tokens", "messages",
+                                          "context_length_exceeded"))
+        if g.error.startswith("bad_conversation"):
+            return _error(oa.RequestError("the model's chat template cannot format these messages", "messages",
+                                          "invalid_conversation"))
+        logger.error("request %s: generation failed: %s", job.request_id, g.error)
+        return _server_error(job.request_id, "generation_failed")
+
+    async def _sse(self, cid: str, job: _Job, prompt_tokens: int, events):
+        req = job.req
         deltas = (oa.TextDeltas(self.decode, getattr(self.engine, "stop_ids", ()), req.params.stop)
                   if self.decode else None)
         yield oa.sse(oa.chunk(cid, self.model_name, {"role": "assistant", "content": ""}))
-        async for step in events:
-            for kind, value, _ in step:
-                if kind == "tokens" and deltas is not None:
-                    text = deltas.push(value)
-                    if text:
-                        yield oa.sse(oa.chunk(cid, self.model_name, {"content": text}))
-                elif kind == "done":
-                    g: Generation = value
-                    if g.error:
-                        err = oa.RequestError(f"generation failed: {g.error}", None, "generation_failed", 500,
-                                              "server_error")
-                        yield oa.sse(err.body())
-                        yield oa.sse("[DONE]")
-                        return
-                    rest = deltas.finish(g.text) if deltas is not None else g.text
-                    if rest:
-                        yield oa.sse(oa.chunk(cid, self.model_name, {"content": rest}))
-                    yield oa.sse(oa.chunk(cid, self.model_name, {}, g.finish_reason))
-                    if req.include_usage:
-                        yield oa.sse(oa.chunk(cid, self.model_name, {}, usage_=oa.usage(
-                            g.prompt_tokens or prompt_tokens, g.completion_tokens)))
+        try:
+            async for step in events:
+                for kind, value, _ in step:
+                    if kind == "tokens" and deltas is not None:
+                        text = deltas.push(value)
+                        if text:
+                            yield oa.sse(oa.chunk(cid, self.model_name, {"content": text}))
+                    elif kind == "done":
+                        g: Generation = value
+                        failed = self._failure(g, job)
+                        if failed is not None:
+                            yield oa.sse(failed.body.decode())
+                            yield oa.sse("[DONE]")
+                            return
+                        rest = deltas.finish(g.text) if deltas is not None else g.text
+                        if rest:
+                            yield oa.sse(oa.chunk(cid, self.model_name, {"content": rest}))
+                        yield oa.sse(oa.chunk(cid, self.model_name, {}, g.finish_reason))
+                        if req.include_usage:
+                            yield oa.sse(oa.chunk(cid, self.model_name, {}, usage_=oa.usage(
+                                g.prompt_tokens or prompt_tokens, g.completion_tokens)))
+        except Exception:  # noqa: BLE001 — the status line is sent: the stream says it failed, the log why
+            logger.exception("request %s: streaming failed", job.request_id)
+            yield oa.sse(_server_error(job.request_id).body.decode())
         yield oa.sse("[DONE]")
 
     # ------------------------------------------------------------------ batching
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both set from the config in __init__
-    async def _generate(self, reqs: list[oa.ChatRequest]):
+    async def _generate(self, jobs: list[_Job]):
         """One engine call per sampling setting for the whole batch, in a thread. Yields, per request,
-        the list of its new events: ``("tokens", ids, n)`` while decoding, then ``("done", Generation, n)``."""
+        the list of its new events: ``("tokens", ids, n)`` while decoding, then ``("done", Generation, n)``.
+        A job cancelled before its call is left out of it; one cancelled during it ends its row there
+        (engines that take ``should_stop``), and a call whose rows have all ended stops decoding."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        n = len(reqs)
+        n = len(jobs)
 
         def emit(*event):
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
+        def call(params, idx: list[int]) -> list[Generation]:
+            extra = {}
+            if self.streams_tokens:
+                def on_tokens(row, ids):
+                    self.counters["decoded_tokens"] += len(ids)
+                    job = jobs[idx[row]]
+                    if job.req.stream and not job.cancelled:
+                        emit("tokens", idx[row], ids)
+                extra["on_tokens"] = on_tokens
+            if self.stops_rows:
+                extra["should_stop"] = lambda row: jobs[idx[row]].cancelled
+            try:
+                return self.engine.generate([list(jobs[i].req.conversation) for i in idx], params, **extra)
+            except Exception:  # noqa: BLE001 — the batch's requests get a 500, the server goes on
+                logger.exception("requests %s: the engine failed", ", ".join(jobs[i].request_id for i in idx))
+                return [Generation.failed("engine_error: see the log")] * len(idx)
+
         def run():
             groups: dict = {}
-            for i, r in enumerate(reqs):
-                groups.setdefault(r.params, []).append(i)
+            for i, job in enumerate(jobs):
+                groups.setdefault(job.req.params, []).append(i)
             for params, idx in groups.items():
-                extra = ({"on_tokens": lambda row, ids, idx=idx: emit("tokens", idx[row], ids)}
-                         if self.streams_tokens and any(reqs[i].stream for i in idx) else {})
-                try:
-                    gens = self.engine.generate([list(reqs[i].conversation) for i in idx], params, **extra)
-                except Exception as e:  # noqa: BLE001 — the batch's requests get a 500, the server goes on
-                    gens = [Generation.failed(f"{type(e).__name__}: {e}")] * len(idx)
-                for i, g in zip(idx, gens):
+                live = [i for i in idx if not jobs[i].cancelled]  # clients still there
+                gens = call(params, live) if live else []
+                for i, g in zip(live, gens):
+                    if not g.error and not jobs[i].cancelled:
+                        self.counters["requests"] += 1
                     emit("done", i, g)
+                for i in set(idx) - set(live):
+                    emit("done", i, Generation.failed("cancelled"))
 
         work = loop.run_in_executor(None, run)
         finished: set[int] = set()
-        while len(finished) < n:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            step: list = [[] for _ in range(n)]
-            for kind, i, value in items:
-                step[i].append((kind, value, n))
-            out = []
-            for i in range(n):
-                if i in finished:
-                    out.append(StopIteration)
-                    continue
-                out.append(step[i])
-                if any(kind == "done" for kind, _, _ in step[i]):
-                    finished.add(i)
-            yield out
+        try:
+            while len(finished) < n:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                step: list = [[] for _ in range(n)]
+                for kind, i, value in items:
+                    step[i].append((kind, value, n))
+                out = []
+                for i in range(n):
+                    if i in finished:
+                        out.append(StopIteration)
+                        continue
+                    out.append(step[i])
+                    if any(kind == "done" for kind, _, _ in step[i]):
+                        finished.add(i)
+                        jobs[i].finished = True
+                yield out
+        finally:
+            for job in jobs:  # this batch ends early (its task cancelled): no row goes on decoding
+                if not job.finished:
+                    job.cancelled = True
         await work
 
 

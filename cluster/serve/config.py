@@ -32,6 +32,11 @@ class ServeConfig:
     # small next to the seconds a CPU batch takes (benchmarks/serve.py)
     batch_wait_timeout_s: float = 0.1
     api_key_env: str | None = None
+    # what one request may cost, checked before its prompt is tokenized: a bigger body is a 413, more
+    # messages or characters a 400; max_prompt_chars None is 32 characters per token of engine.max_model_len
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 256
+    max_prompt_chars: int | None = None
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=2048))
 
     def validate(self, where: str) -> None:
@@ -40,6 +45,10 @@ class ServeConfig:
             ("replicas", self.replicas < 1, "at least 1"),
             ("max_batch_size", self.max_batch_size < 1, "at least 1"),
             ("batch_wait_timeout_s", self.batch_wait_timeout_s < 0, "0 or more seconds"),
+            ("max_body_bytes", self.max_body_bytes < 1024, "at least 1024 bytes, e.g. 1048576 (1 MiB)"),
+            ("max_messages", self.max_messages < 1, "at least 1"),
+            ("max_prompt_chars", self.max_prompt_chars is not None and self.max_prompt_chars < 1,
+             "at least 1, or null for 32 characters per token of engine.max_model_len"),
             ("engine.backend", self.engine.backend == "openai",
              "serve a model of ours (transformers or vllm); an OpenAI endpoint is already a server"),
         ])
@@ -81,7 +90,8 @@ class ServeConfig:
         return ChatModel.options(num_replicas=self.replicas, ray_actor_options=opts).bind(
             engine=self.engine_config(), model_name=self.served_name, max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, api_key_sha256=key_hash,
-            api_key_env=None if key_hash else self.api_key_env)
+            api_key_env=None if key_hash else self.api_key_env, max_body_bytes=self.max_body_bytes,
+            max_messages=self.max_messages, max_prompt_chars=self.max_prompt_chars)
 
 
 def start(cfg: ServeConfig) -> str:
