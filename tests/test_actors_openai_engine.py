@@ -2,9 +2,14 @@
 
 The fake model is deterministic and scripted by the last user message:
 ``echo`` → "ECHO: <upper-cased message>"; ``FAIL400`` → 400; ``FLAKY429``/``FLAKY500`` → that
-status on the first attempt, then success; ``ALWAYS503`` → 503 forever; ``SLOW`` → sleeps
-briefly (to observe concurrency); ``HANG`` → sleeps past the client timeout. Logprob requests
-answer with a top-k list chosen by ``prefer A`` / ``prefer B`` / ``only A`` / anything else.
+status on the first attempt, then success; ``ALWAYS503`` → 503 forever; ``SLOW`` → waits at the
+server's :class:`Gate` (to observe concurrency); ``HANG`` → sleeps past the client timeout.
+Logprob requests answer with a top-k list chosen by ``prefer A`` / ``prefer B`` / ``only A`` /
+anything else.
+
+``state["in_flight"]`` counts the requests the server has read in full and not yet begun to
+answer: it goes down *before* the first byte of a response is written, so a client cannot have
+sent its next request on a freed slot while the finished one is still counted.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ TOP_K = {  # last user message contains → top_logprobs of the first assistant 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall on a kept-alive connection
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -63,39 +69,96 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             st["in_flight"] += 1
             st["max_in_flight"] = max(st["max_in_flight"], st["in_flight"])
         try:
-            self._answer(req, last, attempt)
-        finally:
+            reply = self._answer(req, last, attempt)
+        finally:  # before the response: once its bytes leave, the client may send the next request
             with st["lock"]:
                 st["in_flight"] -= 1
+        self._send(*reply)
 
-    def _answer(self, req, last: str, attempt: int):
+    def _answer(self, req, last: str, attempt: int) -> tuple:
+        """``(status, body[, headers])`` for one request."""
         if self.path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
-        if "SLOW" in last:  # long enough for the client's next requests to arrive on a busy machine
-            time.sleep(0.5)
+            return 404, {"error": {"message": f"no route {self.path}"}}
+        gate = self.server.state.get("gate")
+        if "SLOW" in last and gate is not None and not gate.wait():
+            return 400, {"error": {"message": f"gate timed out: {gate}"}}  # 400: the engine does not retry it
         if "HANG" in last:
             time.sleep(1.0)
         if "FAIL400" in last:
-            return self._send(400, {"error": {"message": "bad request: you asked for FAIL400"}})
+            return 400, {"error": {"message": "bad request: you asked for FAIL400"}}
         if "FLAKY429" in last and attempt == 1:
-            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+            return 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}
         if "FLAKY500" in last and attempt == 1:
-            return self._send(500, {"error": {"message": "oops"}})
+            return 500, {"error": {"message": "oops"}}
         if "ALWAYS503" in last:
-            return self._send(503, {"error": {"message": "overloaded"}})
+            return 503, {"error": {"message": "overloaded"}}
         if req.get("logprobs"):
             top = next(v for k, v in TOP_K.items() if k in last)
             content = [{"token": top[0][0], "logprob": top[0][1],
                         "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top][:req["top_logprobs"]]}]
-            return self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": top[0][0]},
-                                                 "logprobs": {"content": content}, "finish_reason": "length"}],
-                                    "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+            return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": top[0][0]},
+                                      "logprobs": {"content": content}, "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
         text = "ECHO: " + last.upper()
         words = text.split()[: req["max_tokens"]]
         prompt_words = sum(len(m["content"].split()) for m in req["messages"])
-        return self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
-                                             "finish_reason": "length" if len(words) < len(text.split()) else "stop"}],
-                                "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(words)}})
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
+                                  "finish_reason": "length" if len(words) < len(text.split()) else "stop"}],
+                     "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(words)}}
+
+
+class Gate:
+    """Where ``SLOW`` requests wait until the server holds ``n`` of them at once *and* every request
+    the engine has started (``engine_started``/``engine_done``, called around ``OpenAIEngine._post``)
+    has arrived; then it stays open. An engine that keeps its limit of ``n`` makes the server hold
+    exactly ``n`` at once, however fast or slow the machine. One that allows fewer never opens the
+    gate: each waiting request answers 400 after ``timeout_s``, failing its row instead of hanging
+    the test. One that allows more opens it only once all the requests it has started are in, so
+    the server counts them all (missed only if a worker starts after the gate opened)."""
+
+    def __init__(self, n: int, timeout_s: float = 60.0):
+        self.n, self.timeout_s = n, timeout_s
+        self.cond = threading.Condition()
+        self.inside = self.engine_outstanding = 0
+        self.opened = False
+
+    def __repr__(self) -> str:
+        return (f"Gate(n={self.n}, inside={self.inside}, engine_outstanding={self.engine_outstanding}, "
+                f"opened={self.opened})")
+
+    def _update(self, inside: int = 0, engine: int = 0) -> None:
+        with self.cond:
+            self.inside += inside
+            self.engine_outstanding += engine
+            if self.inside >= self.n and self.inside == self.engine_outstanding:
+                self.opened = True
+            self.cond.notify_all()
+
+    def engine_started(self) -> None:
+        self._update(engine=+1)
+
+    def engine_done(self) -> None:
+        self._update(engine=-1)
+
+    def wait(self) -> bool:
+        """Server side: True once the gate is open, False after ``timeout_s``."""
+        self._update(inside=+1)
+        with self.cond:
+            return self.cond.wait_for(lambda: self.opened, timeout=self.timeout_s)
+
+    def watch(self, engine: OpenAIEngine) -> OpenAIEngine:
+        """Count ``engine``'s outstanding requests (those it has started and not yet finished)."""
+        post = engine._post
+
+        def counted(payload):
+            self.engine_started()
+            try:
+                return post(payload)
+            finally:
+                self.engine_done()
+
+        engine._post = counted
+        return engine
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -153,15 +216,15 @@ def test_duplicate_rows_get_distinct_seeds_that_do_not_depend_on_the_batch():
     assert row_seeds(None, ["x", "x"]) == [None, None] and row_seeds(6, ["x"]) != row_seeds(5, ["x"])
 
 
-def test_requests_overlap_up_to_max_concurrency(server):
-    eng = _engine(server, max_concurrency=4)
-    gens = eng.generate([_user(f"SLOW {i}") for i in range(8)], SamplingParams(max_new_tokens=8))
-    assert [g.text for g in gens] == [f"ECHO: SLOW {i}" for i in range(8)]
-    assert 1 < server.state["max_in_flight"] <= 4
-
-    server.state["max_in_flight"] = 0
-    _engine(server, max_concurrency=1).generate([_user(f"SLOW {i}") for i in range(3)], SamplingParams())
-    assert server.state["max_in_flight"] == 1
+@pytest.mark.parametrize("max_concurrency, rows", [(4, 8), (1, 3)])
+def test_requests_overlap_up_to_max_concurrency(server, max_concurrency, rows):
+    gate = server.state["gate"] = Gate(max_concurrency)
+    eng = gate.watch(_engine(server, max_concurrency=max_concurrency))
+    gens = eng.generate([_user(f"SLOW {i}") for i in range(rows)], SamplingParams(max_new_tokens=8))
+    assert [g.error for g in gens] == [None] * rows, gate
+    assert [g.text for g in gens] == [f"ECHO: SLOW {i}" for i in range(rows)]
+    assert server.state["max_in_flight"] == max_concurrency, gate
+    assert eng.requests == rows and eng.retries == 0
 
 
 def test_429_and_500_are_retried(server):
