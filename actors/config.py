@@ -24,7 +24,9 @@ def raise_first(problems: list[Problem], where: str, obj) -> None:
 
 @dataclass
 class OpenAIOptions:
-    """Any OpenAI-compatible endpoint (a hosted judge, our own Ray Serve app, ...)."""
+    """Any OpenAI-compatible endpoint (a hosted judge, our own Ray Serve app, ...). Plain ``http://``
+    is accepted for a loopback host only (127.0.0.0/8, ::1, ``localhost``): anywhere else the bearer
+    key and the prompts would cross the network unencrypted, unless ``allow_insecure_http`` says so."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
@@ -33,11 +35,48 @@ class OpenAIOptions:
     backoff_s: float = 0.5  # first retry delay; doubles each retry, with jitter
     timeout_s: float = 120.0
     top_logprobs: int = 20  # how many alternatives to ask for in choice_logprobs
+    allow_insecure_http: bool = False  # true: http:// to a non-loopback host (key and prompts in clear text)
+
+    @staticmethod
+    def is_loopback(host: str | None) -> bool:
+        """``localhost``, an address in 127.0.0.0/8, or ::1 (also written ::ffff:127.x.y.z)."""
+        import ipaddress
+
+        name = str(host or "").strip("[]").rstrip(".").lower()
+        if name == "localhost":
+            return True
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+    def url_parts(self) -> tuple[str, str] | None:
+        """``(scheme, host)`` of ``base_url``, or None when it is not an absolute http(s) URL."""
+        from urllib.parse import urlsplit
+
+        url = str(self.base_url)
+        if not url.startswith(("http://", "https://")):
+            return None
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 — raises ValueError on a port that is not a number
+        except ValueError:
+            return None
+        return (parts.scheme, parts.hostname) if parts.hostname else None
+
+    def insecure_http(self) -> bool:
+        """True for a plain ``http://`` base_url to a host that is not loopback."""
+        parts = self.url_parts()
+        return parts is not None and parts[0] == "http" and not self.is_loopback(parts[1])
 
     def problems(self) -> list[Problem]:
         return [
-            ("base_url", not str(self.base_url).startswith(("http://", "https://")),
-             "use an http(s) URL, e.g. http://127.0.0.1:8000/v1"),
+            ("base_url", self.url_parts() is None, "use an http(s) URL, e.g. http://127.0.0.1:8000/v1"),
+            ("base_url", self.insecure_http() and not self.allow_insecure_http,
+             "plain http:// is for loopback hosts only (127.0.0.1, ::1, localhost), elsewhere the API key "
+             "would cross the network unencrypted: use https://, or set allow_insecure_http: true"),
             ("max_concurrency", self.max_concurrency < 1, "use 1 or more"),
             ("max_retries", self.max_retries < 0, "use 0 or more"),
             ("backoff_s", self.backoff_s < 0, "use 0 or more seconds"),

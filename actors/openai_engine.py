@@ -1,17 +1,25 @@
-"""The OpenAI-compatible HTTP backend of the engine protocol (DESIGN.md §3).
+"""The OpenAI-compatible HTTP backend of the engine protocol.
 
 Talks to ``POST {cfg.openai.base_url}/chat/completions`` of any OpenAI-compatible server
-(a hosted judge, ``vllm serve``, our own Ray Serve app) with the standard library only:
-``urllib.request`` plus a thread pool of ``cfg.openai.max_concurrency`` workers, one
-request per row, results in input order.
+(a hosted judge, ``vllm serve``, our own Ray Serve app) through one ``urllib3`` connection pool
+per engine, kept across calls, plus a thread pool of ``cfg.openai.max_concurrency`` workers:
+one request per row, results in input order, at most ``max_concurrency`` requests and open
+connections at a time (kept alive and reused, not one new connection per request).
 
 - **API key**: read at request time from the environment variable *named* by
   ``cfg.openai.api_key_env`` and sent as ``Authorization: Bearer ...``; it is never stored
   on the engine, logged, or accepted from config.
+- **Where it goes**: only to ``base_url``'s own scheme, host and port. Redirects are not
+  followed (a 3xx fails its row as ``http_3xx``), so neither the key nor the prompt is ever
+  sent to another host. Plain ``http://`` is refused at creation unless the host is loopback
+  (127.0.0.0/8, ::1, ``localhost``) or ``allow_insecure_http: true``. A proxy named by the
+  environment (``HTTPS_PROXY``/``HTTP_PROXY``, minus ``NO_PROXY``, as urllib reads them) is
+  used, except for loopback hosts, which a proxy cannot reach.
 - **Retries**: connection errors, timeouts, HTTP 429 and 5xx are retried up to
   ``max_retries`` times, waiting ``backoff_s * 2**attempt`` plus up to 25 % jitter, or the
   server's ``Retry-After`` when it sends one; every wait is capped at 30 s. Any other 4xx
-  fails its row at once. A row that still fails becomes ``Generation.failed("<code>: <detail>")``
+  (and any 3xx) fails its row at once. ``timeout_s`` bounds the connect and each wait for
+  data. A row that still fails becomes ``Generation.failed("<code>: <detail>")``
   (codes: ``http_<status>``, ``timeout``, ``connection_error``, ``bad_response``,
   ``bad_conversation``) — never an exception for the batch.
 - **Seeds**: with ``params.seed`` set, each row is sent its own seed derived from
@@ -31,12 +39,14 @@ import os
 import random
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import urllib3
+
 from actors.base import EngineError, Generation, SamplingParams
-from actors.config import ENV_NAME, EngineConfig
+from actors.config import ENV_NAME, EngineConfig, OpenAIOptions
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +123,41 @@ def _short(raw: bytes | str, limit: int = 200) -> str:
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
+def _where(url: str) -> str:
+    """``scheme://host:port/path`` of a URL, without user info, query or fragment (for messages)."""
+    try:
+        p = urllib.parse.urlsplit(url)
+        host = f"[{p.hostname}]" if p.hostname and ":" in p.hostname else p.hostname
+        return _short(f"{p.scheme}://{host}{f':{p.port}' if p.port else ''}{p.path}", 120)
+    except ValueError:
+        return "an unparseable URL"
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY`` / ``HTTP_PROXY`` minus
+    ``NO_PROXY``, read as urllib reads them), or None. Loopback hosts never use one."""
+    p = urllib.parse.urlsplit(url)
+    if OpenAIOptions.is_loopback(p.hostname):
+        return None
+    proxy = urllib.request.getproxies().get(p.scheme)
+    if not proxy or urllib.request.proxy_bypass(p.netloc.rpartition("@")[2]):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def connection_pool(url: str, size: int, timeout_s: float) -> urllib3.PoolManager:
+    """A pool of at most ``size`` kept-alive connections for ``url``'s host (through the
+    environment's proxy, if any). It never retries or follows redirects by itself."""
+    kw = {"num_pools": 1, "maxsize": size, "block": True, "retries": False,
+          "timeout": urllib3.Timeout(connect=timeout_s, read=timeout_s)}
+    proxy = environment_proxy(url)
+    if proxy is None:
+        return urllib3.PoolManager(**kw)
+    auth = urllib.parse.unquote(urllib3.util.parse_url(proxy).auth or "")
+    headers = urllib3.make_headers(proxy_basic_auth=auth) if auth else None
+    return urllib3.ProxyManager(proxy, proxy_headers=headers, **kw)
+
+
 class _RowFailed(Exception):
     """One row failed for good; ``str(exc)`` is ``"<code>: <detail>"``."""
 
@@ -137,6 +182,11 @@ class OpenAIEngine:
         self.requests = 0
         self.retries = 0
         self._lock = threading.Lock()
+        self._http = connection_pool(self.url, o.max_concurrency, o.timeout_s)
+
+    def close(self) -> None:
+        """Close the pooled connections (a later request opens new ones)."""
+        self._http.clear()
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(name={self.name!r}, url={self.url!r}, key_from=${self.opts.api_key_env})"
@@ -164,26 +214,29 @@ class OpenAIEngine:
             retry_after = None
             self._count("requests")
             try:
-                req = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
-                with urllib.request.urlopen(req, timeout=self.opts.timeout_s) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise _RowFailed(f"bad_response: not JSON: {_short(raw)}") from None
-            except urllib.error.HTTPError as e:
-                try:
-                    detail = _short(e.read())
-                except Exception:  # noqa: BLE001 — the body is only for the message
-                    detail = str(e.reason)
-                last = f"http_{e.code}: {detail}"
-                if e.code != 429 and e.code < 500:
-                    raise _RowFailed(last) from None
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, bad status lines
-                reason = getattr(e, "reason", e)
-                code = "timeout" if isinstance(reason, TimeoutError) else "connection_error"
-                last = f"{code}: {type(reason).__name__}: {reason}"
+                resp = self._http.urlopen("POST", self.url, body=body, headers=self._headers(), redirect=False,
+                                          retries=False, preload_content=True, pool_timeout=self.opts.timeout_s)
+            except urllib3.exceptions.NewConnectionError as e:  # refused, unresolvable (a ConnectTimeoutError too)
+                last = f"connection_error: {type(e).__name__}: {e}"
+            except urllib3.exceptions.TimeoutError as e:  # connect or read timeout
+                last = f"timeout: {type(e).__name__}: {e}"
+            except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as e:  # resets, TLS, proxy
+                last = f"connection_error: {type(e).__name__}: {e}"
+            else:
+                if 200 <= resp.status < 300:
+                    try:
+                        return json.loads(resp.data)
+                    except ValueError:
+                        raise _RowFailed(f"bad_response: not JSON: {_short(resp.data)}") from None
+                if 300 <= resp.status < 400:  # never followed: the key and the prompt stay with base_url's host
+                    to = resp.headers.get("Location")
+                    to = _where(urllib.parse.urljoin(self.url, to)) if to else "nowhere (no Location)"
+                    raise _RowFailed(f"http_{resp.status}: redirect to {to} not followed — "
+                                     "set engine.openai.base_url to the final URL")
+                last = f"http_{resp.status}: {_short(resp.data)}"
+                if resp.status != 429 and resp.status < 500:
+                    raise _RowFailed(last)
+                retry_after = resp.headers.get("Retry-After")
             if attempt < self.opts.max_retries:
                 self._count("retries")
                 time.sleep(retry_delay(attempt, self.opts.backoff_s, retry_after))

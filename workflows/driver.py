@@ -74,6 +74,7 @@ STAGES: dict[str, StageSpec] = {
 }
 # Fields that size the pool but do not change results: changing them still resumes a run.
 _RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
+_TRANSPORT_FIELDS = ("allow_insecure_http",)
 # Training settings that change how a job runs, not what it learns.
 _RUNTIME_FIELDS = ("cpus_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every", "fail_at_step",
                    "collective_timeout_s", "checkpoint_rows")
@@ -217,6 +218,8 @@ def _without_resources(data):
     """Drop pool-sizing fields of every engine config, wherever it sits (engine, policy, judges[i])."""
     if isinstance(data, dict):
         is_engine = "backend" in data and "model" in data
+        if is_engine and isinstance(data.get("openai"), dict):  # a transport setting, not a result's
+            data = {**data, "openai": {k: v for k, v in data["openai"].items() if k not in _TRANSPORT_FIELDS}}
         return {k: _without_resources(v) for k, v in data.items() if not (is_engine and k in _RESOURCE_FIELDS)}
     if isinstance(data, list):
         return [_without_resources(v) for v in data]
