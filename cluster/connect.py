@@ -174,7 +174,7 @@ def connect(cfg: RayConfig | None = None, run_dir: str | None = None) -> None:
         if run_dir:
             local.end_leftovers(run_dir)
         temp = args["_temp_dir"] = local.new_temp_dir()
-        atexit.register(local.forget, run_dir, temp)
+        atexit.register(local.forget, run_dir)
     ray.init(**args)
     if temp and run_dir:
         local.record(run_dir, temp)

@@ -5,7 +5,7 @@
   workers forever); ``worker_import_problem`` finds that before Ray starts;
 - **leftovers**: each local cluster gets a temp dir of its own, recorded in the run directory
   (``_local_ray.json``). When a driver was killed (SIGKILL, out of memory) some of its Ray processes
-  outlive it; the next ``cai run`` on that run directory ends them — only processes that name that
+  outlive it; the next ``cai run`` on that run directory ends them (the temp dir and its logs stay) — only processes that name that
   temp dir on their command line or hold a file open in it, and their children: never another Ray.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -147,8 +146,7 @@ def end_leftovers(run_dir: str, log=print) -> None:
             except psutil.Error:
                 pass
         log(f"ended {len(procs)} process(es) of this run's earlier local Ray cluster, left by a driver that "
-            f"was killed (pid {pid}, temp dir {temp})")
-    shutil.rmtree(temp, ignore_errors=True)
+            f"was killed (pid {pid}; its logs stay in {temp})")
     storage.delete(uri)
 
 
@@ -159,8 +157,9 @@ def record(run_dir: str, temp_dir: str) -> None:
                                                        "driver_created": me.create_time(), "temp_dir": temp_dir})
 
 
-def forget(run_dir: str | None, temp_dir: str) -> None:
-    """At exit: Ray shut down, the record gone, and the cluster's temp dir removed."""
+def forget(run_dir: str | None) -> None:
+    """At exit: Ray shut down and the run's record gone. The cluster's temp dir stays, with its logs,
+    as Ray's own session directories do."""
     import ray
 
     try:
@@ -168,12 +167,11 @@ def forget(run_dir: str | None, temp_dir: str) -> None:
             ray.shutdown()
     except Exception:  # noqa: BLE001 — best effort at exit
         pass
+    if run_dir is None:
+        return
     try:
-        if run_dir is None:
-            raise LookupError
         uri = storage.join(run_dir, RECORD)
-        if storage.exists(uri) and json.loads(storage.read_text(uri)).get("temp_dir") == temp_dir:
+        if storage.exists(uri) and json.loads(storage.read_text(uri)).get("driver_pid") == os.getpid():
             storage.delete(uri)
-    except Exception:  # noqa: BLE001 — best effort at exit (no run dir, storage gone, shutting down)
+    except Exception:  # noqa: BLE001 — best effort at exit (storage gone, interpreter shutting down)
         pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
