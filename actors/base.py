@@ -1,4 +1,4 @@
-"""The engine protocol every backend implements (DESIGN.md §3).
+"""The engine protocol every backend implements (docs/engines.md).
 
 A stage never knows which backend it runs on: it builds chat conversations
 (lists of ``{"role", "content"}`` dicts), calls ``generate`` or

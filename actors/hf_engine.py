@@ -1,4 +1,4 @@
-"""The transformers backend of the engine protocol: CPU here, GPU elsewhere (DESIGN.md §3).
+"""The transformers backend of the engine protocol: CPU here, GPU elsewhere (docs/engines.md).
 
 Batches are chat-templated, sorted by length into micro-batches of at most
 ``cfg.batch_size`` rows (less padding waste), LEFT padded, and run through

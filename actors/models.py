@@ -1,4 +1,4 @@
-"""Where a model comes from, and loading it with transformers (DESIGN.md §3).
+"""Where a model comes from, and loading it with transformers (docs/engines.md).
 
 A model spec is one string:
 

@@ -1,4 +1,4 @@
-"""Which number format a model runs in: the one place that decides (DESIGN.md §3, §5).
+"""Which number format a model runs in: the one place that decides (docs/engines.md, docs/training.md).
 
 ``auto`` means bfloat16 on a CUDA GPU that supports it (float16 on older GPUs), and on a CPU
 bfloat16 only where the processor computes it natively (AVX512-BF16 or AMX), float32 otherwise.

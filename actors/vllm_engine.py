@@ -1,4 +1,4 @@
-"""The vLLM backend of the engine protocol (GPU only; DESIGN.md §3).
+"""The vLLM backend of the engine protocol (GPU only; docs/engines.md).
 
 Built on vLLM's offline API: one ``vllm.LLM`` per actor (prefix caching and tensor
 parallelism from ``cfg.vllm``), prompts chat-templated and tokenized here with the engine's

@@ -1,4 +1,4 @@
-"""Training jobs on Ray Train + DeepSpeed (DESIGN.md §5).
+"""Training jobs on Ray Train + DeepSpeed (docs/training.md).
 
 * ``sft``: supervised fine-tuning on the ``sft`` dataset, loss on assistant tokens only;
 * ``reward``: a reward model (causal-LM backbone + scalar head, Bradley–Terry loss, soft labels);

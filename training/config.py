@@ -1,4 +1,4 @@
-"""Typed configs of the training jobs (DESIGN.md §5), validated by ``workflows.core.typed.from_dict``.
+"""Typed configs of the training jobs (docs/training.md), validated by ``workflows.core.typed.from_dict``.
 
 ``TrainConfig`` holds what every job shares (model, DeepSpeed/ZeRO, optimisation, data,
 checkpoints, Ray resources); ``SFTConfig``, ``RewardConfig`` and ``DPOConfig`` add their own

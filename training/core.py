@@ -1,4 +1,4 @@
-"""The machinery every training job shares: Ray Train around DeepSpeed (DESIGN.md §5).
+"""The machinery every training job shares: Ray Train around DeepSpeed (docs/training.md).
 
 Driver side, ``run_training`` starts a ``TorchTrainer`` (N workers, ``FailureConfig``,
 ``CheckpointConfig``, Ray storage in ``<stage>/_ray``). The rows come from ``training.inputs``:

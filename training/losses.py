@@ -1,4 +1,4 @@
-"""Pure loss functions of the training jobs (DESIGN.md §5): no Ray, no DeepSpeed, no models.
+"""Pure loss functions of the training jobs (docs/training.md): no Ray, no DeepSpeed, no models.
 
 Conventions: ``logits`` are ``[B, T, V]``, ``labels``/``mask`` are ``[B, T]``; a label equal to
 ``IGNORE_INDEX`` (prompt or padding) contributes nothing. Log-probabilities are computed in

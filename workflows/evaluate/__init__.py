@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md §6): did a run make the model more harmless without making it evasive?
+"""Evaluation (docs/evaluation.md): did a run make the model more harmless without making it evasive?
 
 The ``evaluate`` stage (``stage.py``, ``cai eval``) answers held-out prompt sets (``data/``) with
 every model, scores the answers (``refusal``, ``judge``, ``model_scores``), compares each model
