@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import chaos
-from workflows.core.engine_pool import block_rows
+from actors.pool import block_rows
 
 pytestmark = pytest.mark.chaos
 ROWS = 16

@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, load_constitution
-from workflows.core import engine_pool, stage, storage, summary
+from actors import pool
+from workflows.core import stage, storage, summary
 from workflows.core.reconcile import check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
@@ -63,7 +64,7 @@ class AnswerWorker:
     """Ray Data actor-pool UDF: one model's engine per actor, ``answer_batch`` per batch."""
 
     def __init__(self, engine: dict, sampling: dict, k: int, factory: str | None, engines_dir: tuple | None = None):
-        self.engine = engine_pool.start_engine(from_dict(EngineConfig, engine), engines_dir, factory)
+        self.engine = pool.start_engine(from_dict(EngineConfig, engine), engines_dir, factory)
         self.sampling, self.k = from_dict(SamplingParams, sampling), k
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -76,7 +77,7 @@ class EvalJudgeWorker:
 
     def __init__(self, engine: dict, factory: str | None, constitution: Constitution, m: int, seed: int,
                  engines_dir: tuple | None = None):
-        self.engine = engine_pool.start_engine(from_dict(EngineConfig, engine), engines_dir, factory)
+        self.engine = pool.start_engine(from_dict(EngineConfig, engine), engines_dir, factory)
         self.constitution, self.m, self.seed = constitution, m, seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -131,7 +132,7 @@ def answer_all(cfg: EvaluateConfig, ctx: StageContext, models: dict[str, str], p
         actx = StageContext(ctx.path(ANSWERS), name, ctx.seed)
         engine = replace(cfg.engine, model=model)
         print(f"[{ctx.name}] answering {len(eval_ids)} prompts × {cfg.samples_per_prompt} with {name} ({model})")
-        engine_pool.stream_through_pool(actx, prompts_uri, "eval_id", AnswerWorker, engine,
+        pool.stream_through_pool(actx, prompts_uri, "eval_id", AnswerWorker, engine,
                                         dict(engine=to_dict(engine), sampling=to_dict(cfg.sampling),
                                              k=cfg.samples_per_prompt, factory=cfg.engine_factory),
                                         total=len(eval_ids), checkpoint_rows=cfg.checkpoint_rows,
@@ -171,7 +172,7 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
     if not stage.done_ids(jctx.dir, "id"):
         stage.write_rows(input_uri, [{k: r[k] for k in JUDGE_INPUT_SCHEMA.names} for r in records], JUDGE_INPUT_SCHEMA)
     print(f"[{ctx.name}] judging {len(records)} answers with {cfg.judge.backend}:{cfg.judge.model}")
-    engine_pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
+    pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
                                     dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
                                          constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
                                     total=len(records), checkpoint_rows=cfg.checkpoint_rows,
@@ -270,7 +271,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
             "models": models, "base": cfg.base,
             "target": cfg.target_name, "greedy": cfg.sampling.greedy, "verdict": target["label"], "verdict_reasons": target["reasons"],
             "headline": f"verdict: {target['label']} ({cfg.target_name} against {cfg.base}) — " + "; ".join(target["reasons"]),
-            "engines": engine_pool.engines_used(*[storage.join(ctx.path(ANSWERS), m) for m in models],
+            "engines": pool.engines_used(*[storage.join(ctx.path(ANSWERS), m) for m in models],
                                                 ctx.path(JUDGING)),
             "report": "report.md"}
     report.write_all(ctx, info, metrics_json, scoring.examples(records, cfg.base), records)

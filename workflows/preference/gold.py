@@ -31,7 +31,8 @@ import time
 
 import pyarrow.parquet as pq
 
-from workflows.core import engine_pool, stage, storage
+from actors import pool
+from workflows.core import stage, storage
 from workflows.core.errors import ConfigError
 from workflows.core.reconcile import check
 from workflows.core.stage import StageContext
@@ -138,7 +139,7 @@ def judge_gold(cfg, ctx: StageContext, constitution) -> dict:
     gold_rows, skipped = load_gold(cfg.gold, ctx.name)
     pairs = [labeled_pair_row(g) for g in gold_rows]
     stage.write_rows(gctx.path("pairs"), pairs, pref.PAIRS_SCHEMA)
-    engine_pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", pref.JudgeWorker,
+    pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", pref.JudgeWorker,
                                     pref.judge_pool(cfg.judges), pref.judge_kwargs(cfg, ctx, constitution),
                                     total=len(pairs), checkpoint_rows=cfg.checkpoint_rows,
                                     check=not cfg.engine_factory)

@@ -1,7 +1,7 @@
 """RL-CAI preference labeling: prompts → K samples → pairs → AI labels (+ human data) → ``preferences``.
 
 Two phases, each a pure per-batch program over any ``Engine`` (unit-tested with fakes), run
-in a Ray Data actor pool by ``engine_pool.stream_through_pool`` (resumable raw rows):
+in a Ray Data actor pool by ``pool.stream_through_pool`` (resumable raw rows):
 
 (a) sampling, ``sample_pairs``: K responses per prompt from the policy (one ``generate``
     call per batch), pairs chosen by ``judging.select_pairs`` → ``pairs`` (pair_id,
@@ -63,7 +63,8 @@ import pyarrow.parquet as pq
 
 from actors import EngineConfig
 from workflows.constitution import Constitution, load_constitution
-from workflows.core import engine_pool, stage, storage
+from actors import pool
+from workflows.core import stage, storage
 from workflows.core.reconcile import ReconcileError, Reconciliation, check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
@@ -100,7 +101,7 @@ class SampleWorker:
 
     def __init__(self, cfg: dict, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(PreferenceConfig, cfg)
-        self.engine = engine_pool.start_engine(self.cfg.policy, engines_dir, self.cfg.engine_factory)
+        self.engine = pool.start_engine(self.cfg.policy, engines_dir, self.cfg.engine_factory)
         self.seed = seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -135,7 +136,7 @@ class LazyEngine:
     def __init__(self, cfg: EngineConfig, factory: str | None, engines_dir: tuple | None = None):
         self.cfg, self.factory, self.engines_dir = cfg, factory, engines_dir
         # a factory's engine names itself, so it is built now
-        self._engine = engine_pool.start_engine(cfg, engines_dir, factory) if factory else None
+        self._engine = pool.start_engine(cfg, engines_dir, factory) if factory else None
         if self._engine is not None:
             self.name = self._engine.name
         elif cfg.backend == "openai":
@@ -147,7 +148,7 @@ class LazyEngine:
 
     def _get(self):
         if self._engine is None:
-            self._engine = engine_pool.start_engine(self.cfg, self.engines_dir, self.factory)
+            self._engine = pool.start_engine(self.cfg, self.engines_dir, self.factory)
         return self._engine
 
     def generate(self, conversations, params):
@@ -256,7 +257,7 @@ def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     started = time.time()
     prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     prompt_ids = stage.ids_of(prompts_uri, "prompt_id")
-    engine_pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
+    pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
                                     dict(cfg=worker_config(cfg), seed=ctx.seed), total=len(prompt_ids),
                                     checkpoint_rows=cfg.checkpoint_rows,
                                     check=not cfg.engine_factory)
@@ -306,7 +307,7 @@ def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution,
           pair_ids: list[str]) -> tuple[StageContext, stage.Finalized, Reconciliation]:
     """Phase (b): every pair judged in ``<stage>/_judging``, reconciled against ``pair_ids``."""
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
-    engine_pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
+    pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
                                     judge_kwargs(cfg, ctx, constitution), total=len(pair_ids),
                                     checkpoint_rows=cfg.checkpoint_rows,
                                     check=not cfg.engine_factory)
@@ -364,7 +365,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
         "mix": out["mix"], "labels": out["stats"].summary(), "constitution": constitution.name,
         "policy": None if cfg.pairs_from else f"{cfg.policy.backend}:{cfg.policy.model}",
         "pairs_from": cfg.pairs_from, "judges": [judge_id(j) for j in cfg.judges],
-        "engines": engine_pool.engines_used(ctx.dir, jctx.dir, *([ctx.path(gold.GOLD)] if gold_info else [])),
+        "engines": pool.engines_used(ctx.dir, jctx.dir, *([ctx.path(gold.GOLD)] if gold_info else [])),
         "principles_per_pair": cfg.principles_per_pair, "both_orders": cfg.both_orders, "cot": cfg.cot,
         "gold": gold_info, "dataset_agreement": dataset_agreement(jctx.path(LABELS), made.dataset_labels),
         "report": "report.md"}

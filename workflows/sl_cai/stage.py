@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from actors import EngineConfig, SamplingParams
 from workflows.constitution import Constitution, load_constitution, sample_principles
-from workflows.core import engine_pool, stage, summary
+from actors import pool
+from workflows.core import stage, summary
 from workflows.core.stage import MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.sl_cai import templates
@@ -168,7 +169,7 @@ class CritiqueReviseWorker:
 
     def __init__(self, cfg: dict, constitution: Constitution, seed: int, engines_dir: tuple | None = None):
         self.cfg = from_dict(CritiqueRevisionConfig, cfg)
-        self.engine = engine_pool.start_engine(self.cfg.engine, engines_dir, self.cfg.engine_factory)
+        self.engine = pool.start_engine(self.cfg.engine, engines_dir, self.cfg.engine_factory)
         self.constitution, self.seed = constitution, seed
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -207,7 +208,7 @@ def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
     input_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     input_ids = stage.ids_of(input_uri, "prompt_id")
     _check_sources(cfg, input_uri, ctx.name)
-    engine_pool.stream_through_pool(
+    pool.stream_through_pool(
         ctx, input_uri, "prompt_id", CritiqueReviseWorker, cfg.engine,
         dict(cfg=to_dict(cfg), constitution=constitution, seed=ctx.seed), total=len(input_ids),
         checkpoint_rows=cfg.checkpoint_rows, check=not cfg.engine_factory)
@@ -216,6 +217,6 @@ def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
                                      "revise_sources": cfg.revise_sources,
                                      "keep_initial_sources": cfg.keep_initial_sources,
                                      "engine": f"{cfg.engine.backend}:{cfg.engine.model}",
-                                     "engines": engine_pool.engines_used(ctx.dir)})
+                                     "engines": pool.engines_used(ctx.dir)})
     summary.write_stage_summary(ctx, info, examples=summary.before_after_examples(ctx.path("sl_cai")))
     return info

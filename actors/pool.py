@@ -1,5 +1,5 @@
-"""Streaming a dataset through an engine actor pool (Ray Data ``map_batches`` with a
-callable class), skipping rows an interrupted earlier run already finished."""
+"""The Ray side of the engines: streaming a dataset through a pool of engine actors (Ray Data
+``map_batches`` with a callable class), skipping rows an interrupted earlier run already finished."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +14,7 @@ import ray
 
 from actors import EngineConfig, make_engine
 from actors.base import describe
+from actors.models import prepare_model, resolve_model
 from workflows.core import stage, storage
 from workflows.core.stage import StageContext
 
@@ -91,7 +92,6 @@ def pool_args(engine: EngineConfig) -> dict:
 
 def check_engine(engine: EngineConfig) -> None:
     """Fail on the driver, in one clear line, before a pool of actors fails one by one."""
-    from actors.models import prepare_model, resolve_model
 
     if engine.backend == "transformers":
         prepare_model(engine.model)

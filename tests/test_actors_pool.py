@@ -1,5 +1,5 @@
 from actors import EngineConfig
-from workflows.core.engine_pool import fit_cpus
+from actors.pool import fit_cpus
 
 
 def test_pool_leaves_a_cpu_for_reading_and_writing():
@@ -20,7 +20,7 @@ def test_stages_command_lists_every_setting(capsys):
 
 def test_blocks_give_every_actor_several_but_stay_within_checkpoint_rows_and_one_batch():
     from actors import EngineConfig
-    from workflows.core.engine_pool import BLOCKS_PER_ACTOR, block_rows
+    from actors.pool import BLOCKS_PER_ACTOR, block_rows
 
     two = EngineConfig(concurrency=2, batch_size=8)
     assert block_rows(505, 256, two) == 64  # 8 blocks: a slow one no longer idles the other actor
