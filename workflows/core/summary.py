@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from workflows.core import storage
 
 
-def _clip(text: str | None, n: int = 400) -> str:
+def clip(text: str | None, n: int = 400) -> str:
     text = (text or "").strip().replace("\n", " ")
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -49,11 +49,11 @@ def examples_md(examples: list[dict]) -> list[str]:
     out = []
     for ex in examples:
         prompt = next((m["content"] for m in reversed(ex["messages"]) if m["role"] == "user"), "")
-        out += [f"### {ex['prompt_id']}", f"- **prompt**: {_clip(prompt)}",
-                f"- **before**: {_clip(ex['initial_response'])}"]
+        out += [f"### {ex['prompt_id']}", f"- **prompt**: {clip(prompt)}",
+                f"- **before**: {clip(ex['initial_response'])}"]
         for i, r in enumerate(ex.get("rounds") or [], 1):
-            out += [f"- **round {i} principle** `{r['principle_id']}` — critique: {_clip(r['critique'], 300)}"]
-        out += [f"- **after**: {_clip(ex['final_response'])}", ""]
+            out += [f"- **round {i} principle** `{r['principle_id']}` — critique: {clip(r['critique'], 300)}"]
+        out += [f"- **after**: {clip(ex['final_response'])}", ""]
     return out
 
 
