@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
+from workflows.core.errors import ConfigError
+from workflows.driver import Recipe, run_recipe
+
 
 def _cmd_train(args) -> int:
-    import yaml
-
-    from workflows.core.errors import ConfigError
-    from workflows.driver import Recipe, run_recipe
-
     try:
         body = yaml.safe_load(open(args.config, encoding="utf-8")) or {}
     except OSError as e:
