@@ -34,7 +34,7 @@ def world_of_two(monkeypatch):
 
 
 def _newest(tmp_path):
-    ckpt = checkpoints.newest_checkpoint({"stage_dir": str(tmp_path), "job": "sft"})
+    ckpt = checkpoints.newest_checkpoint(str(tmp_path), "sft")
     return None if ckpt is None else ckpt.path.rsplit("/", 1)[1]
 
 

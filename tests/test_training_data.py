@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.config import DPOConfig, RewardConfig, SFTConfig, choose_precision, deepspeed_config, lr_lambda
+from training.config import DPOConfig, RewardConfig, SFTConfig
 from training.data import (
     Example,
     Pair,
@@ -21,6 +21,7 @@ from training.data import (
     tokenize_sft,
 )
 from training.losses import IGNORE_INDEX
+from training.worker import choose_precision, deepspeed_config, lr_lambda
 from workflows.core.errors import ConfigError, RowError
 from workflows.core.typed import from_dict
 

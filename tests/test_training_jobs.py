@@ -231,7 +231,7 @@ def test_unusable_input_fails_before_training(ray_local, tiny_llama_dir, pref_da
 
 
 def test_workers_leave_a_cpu_for_the_data_read(ray_local):
-    from training.core import _worker_cpus
+    from training.runner import worker_cpus
 
-    assert _worker_cpus(from_dict(SFTConfig, {"num_workers": 2, "cpus_per_worker": 1.0})) == pytest.approx(0.5)
-    assert _worker_cpus(from_dict(SFTConfig, {"num_workers": 1, "cpus_per_worker": 1.0})) == 1.0
+    assert worker_cpus(from_dict(SFTConfig, {"num_workers": 2, "cpus_per_worker": 1.0})) == pytest.approx(0.5)
+    assert worker_cpus(from_dict(SFTConfig, {"num_workers": 1, "cpus_per_worker": 1.0})) == 1.0

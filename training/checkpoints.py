@@ -51,15 +51,15 @@ def _complete(fs, d: str, names: set[str], tag: str) -> bool:
     return True
 
 
-def newest_checkpoint(run: dict):
-    """The newest complete checkpoint in the job's storage (``<stage>/_ray/<job>/checkpoint_*``),
+def newest_checkpoint(stage_dir: str, job: str):
+    """The newest complete checkpoint in the job's storage (``<stage_dir>/_ray/<job>/checkpoint_*``),
     registered with Ray Train or not: a worker killed right after saving one leaves it on disk,
     but Ray Train only learns of a checkpoint when its controller next polls that worker — so
     after such a kill it would restart from an older one, or from step 0. None if there is none."""
     import pyarrow.fs as pafs
     import ray.train
 
-    fs, root = storage.resolve(storage.join(run["stage_dir"], "_ray", run["job"]))
+    fs, root = storage.resolve(storage.join(stage_dir, "_ray", job))
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return None
     dirs = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(root))
@@ -76,10 +76,12 @@ def newest_checkpoint(run: dict):
     return None
 
 
-def restore(engine, state: dict, run: dict) -> dict:
+def restore(engine, state: dict, stage_dir: str, job: str) -> dict:
+    """``state`` as the newest checkpoint left it (weights and optimizer loaded into ``engine``,
+    ``resumes`` counted), or ``state`` itself where there is none."""
     import ray.train
 
-    ckpt = newest_checkpoint(run) or ray.train.get_checkpoint()
+    ckpt = newest_checkpoint(stage_dir, job) or ray.train.get_checkpoint()
     if ckpt is None:
         return state
     with ckpt.as_directory() as d:

@@ -1,8 +1,9 @@
 """Typed configs of the training jobs (docs/training.md), validated by ``workflows.core.typed.from_dict``.
 
 ``TrainConfig`` holds what every job shares (model, DeepSpeed/ZeRO, optimisation, data,
-checkpoints, Ray resources); ``SFTConfig``, ``RewardConfig`` and ``DPOConfig`` add their own
-fields. In a recipe they are flat stage entries::
+checkpoints, Ray resources); ``SFTConfig``, ``RewardConfig``, ``DPOConfig`` and ``PPOConfig`` add
+their own fields. What a worker derives from them (precision, DeepSpeed's config, the lr
+schedule) is in ``training.worker``. In a recipe they are flat stage entries::
 
     - stage: dpo
       model: sft_model          # an earlier stage's model, a directory, a .gguf, or `embedded`
@@ -13,13 +14,13 @@ fields. In a recipe they are flat stage entries::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from actors.config import EngineConfig
 from workflows.core.errors import ConfigError
-from workflows.core.safety import check_name
+from workflows.core.safety import check_name, check_recipe_code
+from workflows.core.typed import check_fields
 
 
 @dataclass
@@ -225,54 +226,5 @@ class PPOConfig(TrainConfig):
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
             ("lora", self.lora is not None, "remove it: ppo trains full weights for now"),
         ]
-        from workflows.core.safety import check_recipe_code
-        from workflows.core.typed import check_fields
-
         check_fields(self, where, checks)
         check_recipe_code(self.reward_fn, where, "reward_fn")
-
-
-# ---------------------------------------------------------------- derived settings
-
-def choose_precision(cfg, native_bf16: bool | None = None, cuda_bf16: bool | None = None):
-    """The training precision as a :class:`~actors.precision.DtypeChoice`, by the engines' rule:
-    ``auto`` → bf16 on GPUs that have it; on CPU workers bf16 only where the processor computes it
-    natively, fp32 otherwise (a GPU without bf16 trains in fp32). Runs on the workers, whose
-    processors decide; ``native_bf16``/``cuda_bf16`` fake either answer in tests."""
-    import torch
-
-    from actors.precision import DtypeChoice, choose_dtype
-
-    device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
-    requested = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[cfg.precision]
-    choice = choose_dtype(requested, device, native_bf16=native_bf16, cuda_bf16=cuda_bf16,
-                          setting="training precision")
-    if choice.dtype == torch.float16:  # DeepSpeed fp16 needs loss scaling we do not configure
-        return DtypeChoice(torch.float32, "auto: CUDA GPU without bfloat16, so float32")
-    return choice
-
-
-def deepspeed_config(cfg, precision: str) -> dict:
-    """DeepSpeed's config dict. The optimizer is torch's AdamW (``torch_adam``): nothing to
-    compile, and it runs on CPU and GPU alike."""
-    ds = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-          "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": precision == "bf16"},
-          "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                    "weight_decay": cfg.weight_decay, "torch_adam": True}},
-          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
-    if cfg.max_grad_norm > 0:
-        ds["gradient_clipping"] = cfg.max_grad_norm
-    return ds
-
-
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the base lr for optimizer step ``s`` (0-based): linear warmup to 1 over
-    ``warmup`` steps, then cosine/linear decay towards 0 at ``total`` (or constant)."""
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress if schedule == "linear" else 1.0
-    return f

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from training import core
+from actors.models import load_causal_lm, load_tokenizer
+from training import core, runner
 from training.config import DPOConfig
 from training.data import collate_pairs, tokenize_preference
 from training.losses import dpo_loss, sequence_logprobs
+from training.worker import JobSpec, load_items, setup_worker
 from workflows.core.stage import StageContext
 
 
@@ -73,29 +75,26 @@ def _probe(engine, batch):
     return pc.tolist() + pr.tolist()
 
 
-def train_loop(run: dict) -> None:
-    from actors.models import load_causal_lm, load_tokenizer
-
-    cfg = core.config_of(DPOConfig, run)
-    core.setup_worker(cfg, run)
-    tok = load_tokenizer(run["model"])
-    train, evals, counts = core.load_items(tokenize_preference, tok, cfg, run)
-    model = core.load_lm(run["model"], cfg)
+def train_loop(spec: JobSpec) -> None:
+    """Ray Train worker entry: tokenize this worker's pairs, the reference's log-probs, then ``core.fit``."""
+    cfg: DPOConfig = spec.cfg
+    ws = setup_worker(spec)
+    tok = load_tokenizer(spec.model)
+    train, evals, counts = load_items(tokenize_preference, tok, spec)
+    model = core.load_lm(spec.model, cfg)
     collate = lambda xs: collate_pairs(xs, tok.pad_token_id)  # noqa: E731
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.gpus_per_worker else torch.device("cpu")
-    dtype = torch.bfloat16 if run["precision"] == "bf16" else torch.float32
     ref_model = None
     if cfg.reference == "precompute":
-        precompute_reference(model, train + evals, collate, cfg.micro_batch_size, device, dtype)
+        precompute_reference(model, train + evals, collate, cfg.micro_batch_size, ws.device, ws.dtype)
     else:
-        ref_model = load_causal_lm(run["model"], dtype=dtype, device=device).eval().requires_grad_(False)
+        ref_model = load_causal_lm(spec.model, dtype=ws.dtype, device=ws.device).eval().requires_grad_(False)
     step = _make_step(cfg, ref_model)
     task = core.Task(model=model, train=train, eval=evals, collate=collate, step=step, evaluate=_make_eval(step),
                      summarize=_summarize, probe=_probe,
                      export=lambda sd, d, module, extra: core.save_lm(sd, d, module, cfg, tok), counts=counts)
-    core.fit(task, cfg, run)
+    core.fit(task, spec, ws)
 
 
 def run(cfg: DPOConfig, ctx: StageContext) -> dict:
     """The ``dpo`` stage: train, then write ``_SUCCESS`` (rows, steps, loss, reward accuracy, ...)."""
-    return core.finish_stage(ctx, core.run_training("dpo", train_loop, cfg, ctx, id_col="pair_id"))
+    return runner.run_job("dpo", train_loop, cfg, ctx, runner.supervised("pair_id"), runner.rows_report)

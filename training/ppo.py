@@ -30,25 +30,46 @@ too). The exported directory is the policy alone, a Hugging Face causal LM.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from training import checkpoints, core
-from training.config import PPOConfig, deepspeed_config, lr_lambda
+from actors import EngineConfig, SamplingParams, make_engine
+from actors.base import check_policy_version
+from actors.models import chat_prompt_ids, load_causal_lm, load_tokenizer
+from training import checkpoints, core, runner
+from training.config import PPOConfig
 from training.data import pad_right
 from training.losses import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
+from training.reward import check_reward_dir, load_reward_model, score
 from training.rl import AdaptiveKL, end_penalty, entropy, explained_variance, rloo_advantages, sequence_rewards, token_logprobs
+from training.worker import (CURVES_FILE, FAULT_MARKER, METRICS_FILE, JobSpec, WorkerSettings, all_reduce,
+                             deepspeed_config, lr_lambda, setup_worker)
 from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
 from workflows.core.stage import StageContext
+from workflows.core.summary import clip
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """PPO's own inputs on every worker (``JobSpec.inputs``): the prompt rows (an object-store
+    reference), the reward model directory (None with ``reward_fn``) and rank 0's CPUs per
+    rollout actor."""
+
+    prompts: Any
+    reward_dir: str | None
+    actor_cpus: float
 
 
 class PolicyWithValue(nn.Module):
@@ -84,11 +105,8 @@ def value_head(hidden: int, reward_dir: str | None) -> nn.Linear:
 class RolloutActor:
     """A Ray actor holding one engine: generates, takes new weights bucket by bucket, loads them."""
 
-    def __init__(self, engine_cfg: dict):
-        from actors import EngineConfig, make_engine
-        from workflows.core.typed import from_dict
-
-        self.engine, self.pending = make_engine(from_dict(EngineConfig, engine_cfg)), {}
+    def __init__(self, engine_cfg: EngineConfig):
+        self.engine, self.pending = make_engine(engine_cfg), {}
 
     def generate(self, conversations, params):
         return self.engine.generate(conversations, params)
@@ -106,14 +124,10 @@ class RolloutActor:
 def start_actors(cfg: PPOConfig, cpus: float, model: str) -> list:
     """``rollout.concurrency`` engine actors holding the starting policy ``model`` (``rollout.model``
     is ignored: rollouts always come from the policy being trained)."""
-    import dataclasses
-
     import ray
 
-    from workflows.core.typed import to_dict
-
     remote = ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=cfg.rollout.num_gpus)
-    engine = to_dict(dataclasses.replace(cfg.rollout, model=model))
+    engine = dataclasses.replace(cfg.rollout, model=model)
     return [remote.remote(engine) for _ in range(cfg.rollout.concurrency)]
 
 
@@ -122,8 +136,6 @@ def rollout(actors: list, convs: list[list[dict]], params, version: int, group: 
     consecutive conversations (a prompt's samples) per actor, so each actor's random stream gives
     a prompt's samples distinct draws; all must carry ``version``."""
     import ray
-
-    from actors.base import check_policy_version
 
     k = -(-len(convs) // group // len(actors)) * group
     refs = [a.generate.remote(convs[i * k:(i + 1) * k], params) for i, a in enumerate(actors) if convs[i * k:(i + 1) * k]]
@@ -163,8 +175,6 @@ def push_weights(actors: list, state_dict: dict, version: int, bucket_mb: float 
 def build_batch(tok, samples: list[dict], device) -> dict:
     """Prompt + response token ids, right-padded; masks over the shifted positions (position t
     predicts token t+1): ``resp_mask`` marks response tokens."""
-    from actors.models import chat_prompt_ids
-
     seqs, resp = [], []
     for s in samples:
         p = chat_prompt_ids(tok, s["messages"])
@@ -209,8 +219,6 @@ def _scores(samples: list[dict], cfg: PPOConfig, rm, rm_tok) -> torch.Tensor:
         fn = load_reward_fn(cfg.reward_fn)
         raw = [float(fn(s["messages"], s["text"], s["token_ids"])) for s in samples]
     else:
-        from training.reward import score
-
         raw = score(rm, rm_tok, [list(s["messages"]) + [{"role": "assistant", "content": s["text"]}] for s in samples],
                     batch_size=cfg.micro_batch_size)
     return torch.tensor(raw, dtype=torch.float32)
@@ -262,55 +270,50 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def _sync(engine, cfg: PPOConfig, run: dict, actors: list, version: int) -> float:
+def _sync(engine, cfg: PPOConfig, ws: WorkerSettings, actors: list, version: int) -> float:
     t0 = time.time()
-    sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
-    if dist.get_rank() == 0:
+    sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=ws.precision == "bf16")
+    if ws.rank == 0:
         push_weights(actors, {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}, version,
                      cfg.sync_bucket_mb)
     dist.barrier()
     return time.time() - t0
 
 
-def train_loop(run: dict) -> None:
+def train_loop(spec: JobSpec) -> None:
+    """Ray Train worker entry: the iterations of the module docstring, then ``_finish``."""
     import deepspeed
     import ray
 
-    from actors import SamplingParams
-    from actors.models import load_causal_lm, load_tokenizer
-
-    cfg = core.config_of(PPOConfig, run)
-    core.setup_worker(cfg, run)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.gpus_per_worker else torch.device("cpu")
-    dtype = torch.bfloat16 if run["precision"] == "bf16" else torch.float32
-    tok = load_tokenizer(run["model"])
-    lm = core.load_lm(run["model"], cfg)
+    cfg: PPOConfig = spec.cfg
+    given: PromptInputs = spec.inputs
+    ws = setup_worker(spec)
+    rank, world, device, dtype = ws.rank, ws.world_size, ws.device, ws.dtype
+    tok = load_tokenizer(spec.model)
+    lm = core.load_lm(spec.model, cfg)
     for m in lm.modules():  # old and new log-probs must come from the same function (as in TRL)
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-    model = PolicyWithValue(lm, value_head(lm.config.hidden_size, run["reward_dir"]))
-    ref = load_causal_lm(run["model"], dtype=dtype, device=device).eval().requires_grad_(False)
+    model = PolicyWithValue(lm, value_head(lm.config.hidden_size, given.reward_dir))
+    ref = load_causal_lm(spec.model, dtype=dtype, device=device).eval().requires_grad_(False)
     rm = rm_tok = None
     if not cfg.reward_fn:
-        from training.reward import load_reward_model
-
-        rm, rm_tok = load_reward_model(run["reward_dir"], dtype=dtype, device=device).requires_grad_(False), \
-            load_tokenizer(run["reward_dir"])
+        rm, rm_tok = load_reward_model(given.reward_dir, dtype=dtype, device=device).requires_grad_(False), \
+            load_tokenizer(given.reward_dir)
     per_rank = cfg.prompts_per_iteration // world * cfg.samples_per_prompt
     total = cfg.iterations * cfg.ppo_epochs * -(-per_rank // cfg.micro_batch_size)  # optimizer steps
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, run["precision"]),
+        config=deepspeed_config(cfg, ws.precision),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total)))
-    prompts = ray.get(run["prompts"])
+    prompts = ray.get(given.prompts)
     state = checkpoints.restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
-                                         "kl_coef": cfg.kl_coef, "examples": []}, run)
+                                         "kl_coef": cfg.kl_coef, "examples": []}, spec.stage_dir, spec.job)
     kl_ctl = AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
-    actors = start_actors(cfg, run["actor_cpus"], run["model"]) if rank == 0 else []
+    actors = start_actors(cfg, given.actor_cpus, spec.model) if rank == 0 else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
-        _sync(engine, cfg, run, actors, state["version"])
-    marker = storage.join(run["stage_dir"], core.FAULT_MARKER)
+        _sync(engine, cfg, ws, actors, state["version"])
+    marker = spec.path(FAULT_MARKER)
     P, n = cfg.prompts_per_iteration, cfg.samples_per_prompt
     while state["step"] < cfg.iterations:
         it = state["step"]
@@ -322,7 +325,7 @@ def train_loop(run: dict) -> None:
         box = [None]
         if rank == 0:
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    seed=run["seed"] * 100_003 + it)
+                                    seed=spec.seed * 100_003 + it)
             gens = rollout(actors, [p["messages"] for p in batch_prompts for _ in range(n)], params, state["version"], n)
             box[0] = [{"prompt_id": p["prompt_id"], "messages": p["messages"], "text": g.text, "error": g.error,
                        "token_ids": g.extra.get("token_ids") or [], "ended": g.finish_reason == "stop"}
@@ -352,15 +355,15 @@ def train_loop(run: dict) -> None:
         stats = _update(engine, cfg, batch, old, warmup=cfg.algorithm == "ppo" and it < cfg.critic_warmup)
         t_train = time.time() - t0 - t_gen - t_score
         state["version"] += 1
-        t_sync = _sync(engine, cfg, run, actors, state["version"])
+        t_sync = _sync(engine, cfg, ws, actors, state["version"])
         seq_kl = kl.sum(-1)
         local = {"reward": total.float().sum().item(), "score": raw.sum().item(), "score_sq": (raw ** 2).sum().item(),
                  "kl": seq_kl.sum().item(), "length": mask.sum().item(), "unfinished": (~ended).sum().item(),
                  "explained_variance": _finite(explained_variance(values, old["returns"], mask))
                  if cfg.algorithm == "ppo" else 0.0, "n": float(len(samples))}
         keys = sorted(local)
-        sums = dict(zip(keys, core._reduce([local[k] for k in keys])))
-        st = dict(zip(sorted(stats), (x / world for x in core._reduce([stats[k] for k in sorted(stats)]))))
+        sums = dict(zip(keys, all_reduce([local[k] for k in keys])))
+        st = dict(zip(sorted(stats), (x / world for x in all_reduce([stats[k] for k in sorted(stats)]))))
         N = sums["n"]
         rec = {"step": it + 1, "iteration": it + 1, "reward": sums["reward"] / N, "score": sums["score"] / N,
                "score_std": max(0.0, sums["score_sq"] / N - (sums["score"] / N) ** 2) ** 0.5,
@@ -381,35 +384,32 @@ def train_loop(run: dict) -> None:
                   f"kl {rec['kl']:.4f} clipfrac {rec['clipfrac']:.3f}", file=sys.__stdout__, flush=True)
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.iterations:
             checkpoints.save(engine, state, rec)
-    _finish(engine, cfg, run, state, actors, tok, prompts)
+    _finish(engine, spec, ws, state, actors, tok, prompts)
 
 
-def _finish(engine, cfg: PPOConfig, run: dict, state: dict, actors: list, tok, prompts: list) -> None:
-    """Last responses for the first iteration's example prompts, then the export and the reports."""
-    import ray.train
-
-    from actors import SamplingParams
-
-    if dist.get_rank() == 0 and state["examples"]:
+def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list, tok, prompts: list) -> None:
+    """Last responses for the first iteration's example prompts, then ``core.finish``: the policy
+    alone exported, and the summary."""
+    cfg: PPOConfig = spec.cfg
+    if ws.rank == 0 and state["examples"]:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                seed=run["seed"] * 100_003)
+                                seed=spec.seed * 100_003)
         convs = [e["messages"] for e in state["examples"]]
         for e, g in zip(state["examples"], rollout(actors, convs, params, state["version"])):
             e["last"] = g.text
-    sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=run["precision"] == "bf16")
-    if dist.get_rank() == 0:
+
+    def export(sd: dict, d: str) -> None:
         policy = {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}
-        hist = state["history"]
-        out = core.write_outputs(run["stage_dir"], cfg.output, lambda d: core.save_lm(policy, d, engine.module.lm, cfg, tok),
-                                 hist, f"ppo ({cfg.algorithm})")
-        storage.write_json(storage.join(run["stage_dir"], core.SUMMARY_FILE), {
-            "job": "ppo", "algorithm": cfg.algorithm, "iterations": state["step"], "world_size": dist.get_world_size(),
-            "zero_stage": cfg.zero_stage, "precision": run["precision"], "precision_reason": run.get("precision_reason", ""),
-            "model_dir": out, "first": hist[0] if hist else None, "last": hist[-1] if hist else None,
-            "examples": state["examples"], "resumes": state["resumes"], "resumed_from_iterations": state["resumed_from"],
-            "prompts": len(prompts), "rollouts": sum(cfg.prompts_per_iteration * cfg.samples_per_prompt for _ in hist)})
-    dist.barrier()
-    ray.train.report({"iteration": state["step"]})
+        core.save_lm(policy, d, engine.module.lm, cfg, tok)
+
+    hist = state["history"]
+    core.finish(engine, spec, ws, hist, export, f"ppo ({cfg.algorithm})",
+                head={"algorithm": cfg.algorithm, "iterations": state["step"]},
+                tail={"first": hist[0] if hist else None, "last": hist[-1] if hist else None,
+                      "examples": state["examples"], "resumes": state["resumes"],
+                      "resumed_from_iterations": state["resumed_from"], "prompts": len(prompts),
+                      "rollouts": sum(cfg.prompts_per_iteration * cfg.samples_per_prompt for _ in hist)},
+                metrics={"iteration": state["step"]})
 
 
 # ---------------------------------------------------------------- driver
@@ -436,8 +436,6 @@ def read_prompts(uri: str) -> list[dict]:
 def fitting_prompts(prompts: list[dict], model: str, cfg: PPOConfig) -> tuple[list[dict], list[str]]:
     """(prompts whose chat-templated tokens leave room for ``max_new_tokens`` in the rollout
     engine's ``max_model_len``, ids of the others)."""
-    from actors.models import chat_prompt_ids, load_tokenizer
-
     limit = (cfg.rollout.backend == "vllm" and cfg.rollout.vllm.max_model_len) or cfg.rollout.max_model_len
     tok, room = load_tokenizer(model), limit - cfg.max_new_tokens
     keep, drop = [], []
@@ -455,13 +453,13 @@ def _actor_cpus(cfg: PPOConfig, worker_cpus: float) -> float:
     return want if cfg.rollout.num_gpus or want * cfg.rollout.concurrency <= free else max(0.01, free / cfg.rollout.concurrency)
 
 
-def run(cfg: PPOConfig, ctx: StageContext) -> dict:
-    """The ``ppo`` stage: RL of ``model`` against ``reward_model`` (or ``reward_fn``) on ``input`` prompts."""
+def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInputs:
+    """The starting model, the prompts that leave room for an answer (at least one iteration's),
+    and the reward model or ``reward_fn``, checked before any worker starts."""
     import ray
 
-    started = time.time()
-    model = core.prepare_start_model(core.resolve_ref(cfg.model, ctx))
-    prompts, too_long = fitting_prompts(read_prompts(core.resolve_ref(cfg.input, ctx)), model, cfg)
+    model = runner.prepare_start_model(runner.resolve_ref(cfg.model, ctx))
+    prompts, too_long = fitting_prompts(read_prompts(runner.resolve_ref(cfg.input, ctx)), model, cfg)
     if too_long:
         print(f"[{ctx.name}] {len(too_long)} prompt(s) leave no room for {cfg.max_new_tokens} new tokens in "
               f"rollout.max_model_len {cfg.rollout.max_model_len} — skipped (in the summary), e.g. {too_long[0]}")
@@ -470,30 +468,23 @@ def run(cfg: PPOConfig, ctx: StageContext) -> dict:
                         f"{cfg.prompts_per_iteration} — add prompts or lower it")
     reward_dir = None
     if not cfg.reward_fn:
-        from training.reward import check_reward_dir
-
-        reward_dir = check_reward_dir(core.resolve_ref(cfg.reward_model, ctx), f"stage {ctx.name}: reward_model")
+        reward_dir = check_reward_dir(runner.resolve_ref(cfg.reward_model, ctx), f"stage {ctx.name}: reward_model")
     else:
         try:
             load_reward_fn(cfg.reward_fn)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"stage {ctx.name}.reward_fn", f"cannot import {cfg.reward_fn!r} ({e})",
                               "write module:callable of an importable module") from None
-    seed = ctx.seed if cfg.seed is None else cfg.seed
-    core.fit_trainer(train_loop, cfg, ctx, "ppo", {
-        "seed": seed, "model": model, "reward_dir": reward_dir, "prompts": ray.put(prompts),
-        "actor_cpus": _actor_cpus(cfg, core._worker_cpus(cfg))})
-    summary = storage.read_json(ctx.path(core.SUMMARY_FILE))
-    summary["seconds"] = round(time.time() - started, 2)
-    summary["prompts_too_long"] = too_long
-    return finish(ctx, summary)
+
+    def complete(summary: dict) -> None:
+        summary["prompts_too_long"] = too_long
+
+    return runner.JobInputs(model, PromptInputs(ray.put(prompts), reward_dir,
+                                                _actor_cpus(cfg, runner.worker_cpus(cfg))), complete=complete)
 
 
-def finish(ctx: StageContext, s: dict) -> dict:
-    """``summary.md`` (first versus last iteration, example responses) and ``_SUCCESS``."""
-    from workflows.core import stage
-    from workflows.core.summary import _clip
-
+def report(ctx: StageContext, s: dict) -> runner.StageReport:
+    """PPO's report: first versus last iteration, where the time went, example responses."""
     first, last = s["first"] or {}, s["last"] or {}
     keys = ("reward", "score", "kl", "response_length", "unfinished", "clipfrac", "approx_kl", "entropy",
             "value_loss", "explained_variance", "kl_coef")
@@ -503,19 +494,18 @@ def finish(ctx: StageContext, s: dict) -> dict:
              "first → last iteration: " + ", ".join(f"{k} {first.get(k, 0):.3f} → {last.get(k, 0):.3f}" for k in keys),
              "time in the last iteration: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
                                                       ("generate_s", "score_s", "train_s", "sync_s")),
-             f"model: `{s['model_dir']}`; curves: `{ctx.path(core.CURVES_FILE)}`; metrics: `{ctx.path(core.METRICS_FILE)}`"]
+             f"model: `{s['model_dir']}`; curves: `{ctx.path(CURVES_FILE)}`; metrics: `{ctx.path(METRICS_FILE)}`"]
     dropped = s.get("prompts_too_long") or []
     if dropped:
         lines.append(f"{len(dropped)} prompt(s) too long for rollout.max_model_len were skipped: {', '.join(dropped[:5])}")
-    ex = [f"- **{_clip(e['prompt'], 200)}**\n  - first: {_clip(e.get('first'), 300)}\n  - last: {_clip(e.get('last'), 300)}"
+    ex = [f"- **{clip(e['prompt'], 200)}**\n  - first: {clip(e.get('first'), 300)}\n  - last: {clip(e.get('last'), 300)}"
           for e in s["examples"]]
-    storage.write_text(ctx.path("summary.md"), "\n".join([f"# Stage `{ctx.name}`", ""] + [f"- {x}" for x in lines]
-                                                         + ["", "## The same prompts, first and last iteration", ""]
-                                                         + ex) + "\n")
-    print(f"\n== {ctx.name} ==\n" + "\n".join(f"  {x}" for x in lines))
-    info = {"stage": ctx.name, "inputs": s["prompts"] + len(dropped), "outputs": s["prompts"], "errors": len(dropped),
-            "errors_by_reason": {"prompt_too_long": len(dropped)} if dropped else {}, "rollouts": s["rollouts"],
-            "datasets": {}, "metrics": {}, "config_hash": ctx.config_hash, "seconds": s["seconds"],
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "model_dir": s["model_dir"], "training": s}
-    stage.write_success(ctx.dir, info)
-    return info
+    return runner.StageReport(
+        counts={"inputs": s["prompts"] + len(dropped), "outputs": s["prompts"], "errors": len(dropped),
+                "errors_by_reason": {"prompt_too_long": len(dropped)} if dropped else {}, "rollouts": s["rollouts"]},
+        lines=lines, common_lines=False, sections=["", "## The same prompts, first and last iteration", ""] + ex)
+
+
+def run(cfg: PPOConfig, ctx: StageContext) -> dict:
+    """The ``ppo`` stage: RL of ``model`` against ``reward_model`` (or ``reward_fn``) on ``input`` prompts."""
+    return runner.run_job("ppo", train_loop, cfg, ctx, read_inputs, report)

@@ -18,10 +18,13 @@ import os
 import torch
 from torch import nn
 
-from training import core
+from actors.models import load_causal_lm, load_tokenizer
+from training import core, runner
 from training.config import RewardConfig
 from training.data import collate_pairs, pad_right, tokenize_preference
 from training.losses import bradley_terry_loss
+from training.worker import JobSpec, load_items, setup_worker
+from workflows.core.errors import ConfigError
 from workflows.core.stage import StageContext
 
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.pt", "reward_head.json"
@@ -54,8 +57,6 @@ def freeze_lm_head(backbone: nn.Module) -> None:
 
 def check_reward_dir(reward_dir: str, where: str = "reward_model") -> str:
     """``reward_dir`` if it holds a reward model this job exported, else one ``ConfigError`` line."""
-    from workflows.core.errors import ConfigError
-
     missing = [f for f in ("config.json", HEAD_WEIGHTS, HEAD_CONFIG) if not os.path.isfile(os.path.join(reward_dir, f))]
     if missing:
         raise ConfigError(f"{where} {reward_dir!r}", f"missing {', '.join(missing)}",
@@ -65,8 +66,6 @@ def check_reward_dir(reward_dir: str, where: str = "reward_model") -> str:
 
 def load_reward_model(path: str, dtype: str | torch.dtype = "auto", device: str = "auto") -> RewardModel:
     """A reward model saved by this job, in eval mode, with its reward statistics attached."""
-    from actors.models import load_causal_lm
-
     with open(os.path.join(path, HEAD_CONFIG)) as f:
         meta = json.load(f)
     backbone = load_causal_lm(path, dtype=dtype, device=device)
@@ -137,14 +136,13 @@ def _make_stats(cfg: RewardConfig):
     return stats
 
 
-def train_loop(run: dict) -> None:
-    from actors.models import load_tokenizer
-
-    cfg = core.config_of(RewardConfig, run)
-    core.setup_worker(cfg, run)
-    tok = load_tokenizer(run["model"])
-    train, evals, counts = core.load_items(tokenize_preference, tok, cfg, run)
-    backbone = core.load_lm(run["model"], cfg)
+def train_loop(spec: JobSpec) -> None:
+    """Ray Train worker entry: tokenize this worker's pairs, then ``core.fit``."""
+    cfg: RewardConfig = spec.cfg
+    ws = setup_worker(spec)
+    tok = load_tokenizer(spec.model)
+    train, evals, counts = load_items(tokenize_preference, tok, spec)
+    backbone = core.load_lm(spec.model, cfg)
     freeze_lm_head(backbone)
     model = RewardModel(backbone)
 
@@ -161,9 +159,9 @@ def train_loop(run: dict) -> None:
                      step=step, evaluate=_make_eval(step), summarize=_summarize,
                      probe=lambda engine, b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).tolist(),
                      export=export, finalize=_make_stats(cfg), counts=counts)
-    core.fit(task, cfg, run)
+    core.fit(task, spec, ws)
 
 
 def run(cfg: RewardConfig, ctx: StageContext) -> dict:
     """The ``reward`` stage: train, then write ``_SUCCESS`` (rows, steps, loss, eval accuracy, ...)."""
-    return core.finish_stage(ctx, core.run_training("reward", train_loop, cfg, ctx, id_col="pair_id"))
+    return runner.run_job("reward", train_loop, cfg, ctx, runner.supervised("pair_id"), runner.rows_report)

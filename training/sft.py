@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from training import core
+from actors.models import load_tokenizer
+from training import core, runner
 from training.config import SFTConfig
 from training.data import collate_sft, tokenize_sft
 from training.losses import IGNORE_INDEX, sequence_logprobs, sft_loss
+from training.worker import JobSpec, load_items, setup_worker
 from workflows.core.stage import StageContext
 
 
@@ -37,21 +39,19 @@ def _probe(engine, batch):
     return sequence_logprobs(_logits(engine, batch), batch["labels"]).tolist()
 
 
-def train_loop(run: dict) -> None:
+def train_loop(spec: JobSpec) -> None:
     """Ray Train worker entry: tokenize this worker's shard, then ``core.fit``."""
-    from actors.models import load_tokenizer
-
-    cfg = core.config_of(SFTConfig, run)
-    core.setup_worker(cfg, run)
-    tok = load_tokenizer(run["model"])
-    train, evals, counts = core.load_items(tokenize_sft, tok, cfg, run)
-    task = core.Task(model=core.load_lm(run["model"], cfg), train=train, eval=evals,
+    cfg: SFTConfig = spec.cfg
+    ws = setup_worker(spec)
+    tok = load_tokenizer(spec.model)
+    train, evals, counts = load_items(tokenize_sft, tok, spec)
+    task = core.Task(model=core.load_lm(spec.model, cfg), train=train, eval=evals,
                      collate=partial(collate_sft, pad_id=tok.pad_token_id), step=_step, evaluate=_evaluate,
                      summarize=_summarize, probe=_probe,
                      export=lambda sd, d, module, extra: core.save_lm(sd, d, module, cfg, tok), counts=counts)
-    core.fit(task, cfg, run)
+    core.fit(task, spec, ws)
 
 
 def run(cfg: SFTConfig, ctx: StageContext) -> dict:
     """The ``sft`` stage: train, then write ``_SUCCESS`` with rows, steps, losses and timings."""
-    return core.finish_stage(ctx, core.run_training("sft", train_loop, cfg, ctx, id_col="prompt_id"))
+    return runner.run_job("sft", train_loop, cfg, ctx, runner.supervised("prompt_id"), runner.rows_report)
