@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from actors.config import raise_first
+
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 Conversation = list  # list[Message]
 
@@ -29,8 +31,6 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self, where: str) -> None:
-        from actors.config import raise_first
-
         raise_first([
             ("max_new_tokens", self.max_new_tokens < 1, "use 1 or more tokens"),
             ("temperature", self.temperature < 0, "use 0 (greedy) or a positive temperature, e.g. 0.7"),

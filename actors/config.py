@@ -5,6 +5,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from workflows.core.errors import ConfigError
+from workflows.core.typed import check_fields
+
 Backend = Literal["transformers", "vllm", "openai"]
 # number formats a config may name (``actors.precision`` maps them to torch dtypes)
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
@@ -17,8 +20,6 @@ Problem = tuple[str, bool, str]  # (field, failed?, how to fix it)
 
 def raise_first(problems: list[Problem], where: str, obj) -> None:
     """``from_dict`` validation: a ``ConfigError`` for the first failed check (``workflows.core.typed``)."""
-    from workflows.core.typed import check_fields
-
     check_fields(obj, where, problems)
 
 
@@ -87,8 +88,6 @@ class OpenAIOptions:
     def validate(self, where: str) -> None:
         # the key's variable name is checked without echoing the value: it may be a key pasted here
         if not ENV_NAME.fullmatch(str(self.api_key_env or "")):
-            from workflows.core.errors import ConfigError
-
             raise ConfigError(f"{where}.api_key_env", "must be the NAME of an environment variable (letters, digits, "
                               "_), never the key itself", "e.g. api_key_env: OPENAI_API_KEY, then export the key")
         raise_first(self.problems(), where, self)

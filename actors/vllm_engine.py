@@ -23,7 +23,10 @@ from pathlib import Path
 
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import EngineConfig
+from actors.hf_engine import END_OF_TURN_TOKENS
+from actors.models import resolve_model
 from actors.openai_engine import conversation_key, row_seeds
+from actors.precision import DtypeChoice
 
 INSTALL_HINT = ("the vllm backend needs a CUDA GPU and `pip install cai-ray[vllm]` (vLLM pins torch "
                 "exactly, e.g. vllm 0.28.0 needs torch 2.13.0) — on a CPU machine set engine.backend: "
@@ -58,8 +61,6 @@ def llm_kwargs(source, cfg: EngineConfig) -> dict:
 def vllm_precision(model_config, requested: str):
     """The dtype vLLM chose (its ``auto`` follows the checkpoint: fp32 checkpoints run in fp16/bf16)."""
     import torch
-
-    from actors.precision import DtypeChoice
 
     dtype = getattr(model_config, "dtype", None)
     if not isinstance(dtype, torch.dtype):
@@ -170,9 +171,6 @@ class VLLMEngine:
             import vllm
         except Exception as e:  # noqa: BLE001 — ImportError, or a broken CUDA/torch install
             raise EngineError(f"{INSTALL_HINT} (import vllm failed: {type(e).__name__}: {e})") from e
-        from actors.hf_engine import END_OF_TURN_TOKENS
-        from actors.models import resolve_model
-
         self.cfg, self._vllm = cfg, vllm
         self.source = resolve_model(cfg.model)
         kwargs = llm_kwargs(self.source, cfg)
