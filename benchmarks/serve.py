@@ -135,7 +135,8 @@ def main() -> None:
     from ray import serve
 
     from cluster.connect import RayConfig, connect
-    from cluster.serve.config import ServeConfig, start
+    from cluster.serve.app import start
+    from cluster.serve.config import ServeConfig
 
     connect(RayConfig(num_cpus=os.cpu_count(), progress_bars=False))
     cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),

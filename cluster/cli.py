@@ -5,6 +5,11 @@ import argparse
 import sys
 import textwrap
 
+from cluster import submit
+from cluster.connect import RayConfig, connect
+from cluster.serve.config import ServeConfig
+from workflows.driver import check_model_ref
+
 SUBMIT_EPILOG = textwrap.dedent("""\
     examples:
       ray start --head --dashboard-host 127.0.0.1          # a local cluster; or any cluster's head
@@ -26,8 +31,6 @@ SUBMIT_EPILOG = textwrap.dedent("""\
 
 
 def _cmd_submit(args) -> int:
-    from cluster import submit
-
     sub = submit.plan(args.recipe, args.run_dir, args.restart_from, submit.project_root(args.project))
     if args.dry_run:
         print(submit.describe(sub, args.address))
@@ -45,12 +48,10 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_jobs(args) -> int:
-    from cluster import submit
-
     url = submit.address(args.address)
     c = submit.client(url)
     if args.action == "list":
-        jobs = submit._call(url, c.list_jobs)
+        jobs = submit.call(url, c.list_jobs)
         for j in sorted(jobs, key=lambda j: j.start_time or 0):
             st = getattr(j.status, "value", j.status)
             print(f"{j.submission_id or j.job_id}\t{st}\t{(j.metadata or {}).get('recipe', '')}\t{j.entrypoint}")
@@ -58,7 +59,7 @@ def _cmd_jobs(args) -> int:
     if not args.id:
         raise submit.SubmitError(f"cai jobs {args.action} needs a job id — `cai jobs list` shows them")
     if args.action == "status":
-        info = submit._call(url, c.get_job_info, args.id)
+        info = submit.call(url, c.get_job_info, args.id)
         st = getattr(info.status, "value", info.status)
         print(f"{args.id}: {st}" + (f" — {info.message}" if info.message else ""))
         return submit.exit_code(st) if st in submit.TERMINAL else 0
@@ -68,9 +69,9 @@ def _cmd_jobs(args) -> int:
                 return submit.exit_code(submit.follow(args.id, url))
             except KeyboardInterrupt:
                 return 130
-        sys.stdout.write(submit._call(url, c.get_job_logs, args.id))
+        sys.stdout.write(submit.call(url, c.get_job_logs, args.id))
         return 0
-    stopped = submit._call(url, c.stop_job, args.id)
+    stopped = submit.call(url, c.stop_job, args.id)
     print(f"{args.id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
@@ -93,13 +94,11 @@ SERVE_EPILOG = textwrap.dedent("""\
 
 
 def _cmd_serve(args) -> int:
-    from cluster.connect import RayConfig, connect
-    from cluster.serve import config as sc
-    from workflows.driver import check_model_ref
+    from cluster.serve import app  # Ray Serve, FastAPI and torch: not for `cai --help`
 
     engine = {"backend": args.backend, "dtype": args.dtype, "max_model_len": args.max_model_len,
               "num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    cfg = sc.ServeConfig.from_args({"model": args.model, "model_name": args.model_name, "host": args.host,
+    cfg = ServeConfig.from_args({"model": args.model, "model_name": args.model_name, "host": args.host,
                                     "port": args.port, "replicas": args.replicas, "api_key_env": args.api_key_env,
                                     "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                                     "max_body_bytes": args.max_body_bytes, "max_messages": args.max_messages,
@@ -110,7 +109,7 @@ def _cmd_serve(args) -> int:
         print(f"warning: serving on {cfg.host} without --api-key-env: anyone who can reach this port can use it",
               file=sys.stderr)
     connect(RayConfig(address=args.address))
-    sc.wait_until_interrupted(sc.start(cfg), cfg.served_name)
+    app.wait_until_interrupted(app.start(cfg), cfg.served_name)
     return 0
 
 

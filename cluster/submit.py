@@ -18,11 +18,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 from cluster import upload
 from cluster.connect import REPO_ROOT, worker_env
 from workflows.core.errors import CaiError
+from workflows.driver import load_recipe
+from workflows.driver import plan as plan_stages
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TOKEN_ENV = "RAY_AUTH_TOKEN"  # Ray's own variable for clusters with token authentication
@@ -80,7 +83,6 @@ def git_revision(root: Path) -> str:
 
 def project_version() -> str:
     try:
-        from importlib.metadata import version
         return version("cai-ray")
     except Exception:  # noqa: BLE001 — running from a source tree that was never installed
         return "source"
@@ -106,8 +108,6 @@ class Submission:
 def plan(recipe_path: str, run_dir: str | None = None, restart_from: str | None = None,
          root: Path | None = None) -> Submission:
     """Validate the recipe, select and measure the upload, and fix the id, entrypoint and metadata."""
-    from workflows.driver import load_recipe, plan as plan_stages
-
     root = root or project_root()
     path = Path(recipe_path).resolve()
     recipe = load_recipe(path)
@@ -156,7 +156,7 @@ def _explain(url: str, e: Exception) -> str:
             "--dashboard-host 127.0.0.1`)? Pass --address http://HEAD:8265 or set RAY_ADDRESS")
 
 
-def _call(url: str, fn, *args, **kwargs):
+def call(url: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RuntimeError as e:  # the SDK raises RuntimeError for HTTP errors, with the server's text
@@ -171,7 +171,7 @@ def _call(url: str, fn, *args, **kwargs):
 def _free_id(c, url: str, base: str, force: bool) -> tuple[str, str | None]:
     """``(id to submit, None)``, or ``(existing id, its status)`` when this exact submission is live or done."""
     known = {j.submission_id: str(j.status.value if hasattr(j.status, "value") else j.status)
-             for j in _call(url, c.list_jobs) if j.submission_id}
+             for j in call(url, c.list_jobs) if j.submission_id}
     status = known.get(base)
     if status is None:
         return base, None
@@ -202,7 +202,7 @@ def submit(sub: Submission, addr: str | None = None, force: bool = False, log=pr
         upload.stage(sub.selection, tmp)
         env = dict(sub.runtime_env, working_dir=tmp)
         log(f"uploading {len(sub.selection.files)} files ({sub.selection.total / 2**20:.1f} MiB) to {url}")
-        _call(url, c.submit_job, entrypoint=sub.entrypoint, runtime_env=env, metadata=sub.metadata,
+        call(url, c.submit_job, entrypoint=sub.entrypoint, runtime_env=env, metadata=sub.metadata,
               submission_id=job_id)
     log(f"submitted {job_id}: {sub.entrypoint}")
     return job_id, True
@@ -244,7 +244,7 @@ def describe(sub: Submission, addr: str | None = None) -> str:
 
 def status(job_id: str, addr: str | None = None) -> str:
     url = address(addr)
-    s = _call(url, client(url).get_job_status, job_id)
+    s = call(url, client(url).get_job_status, job_id)
     return str(s.value if hasattr(s, "value") else s)
 
 
@@ -259,7 +259,7 @@ def follow(job_id: str, addr: str | None = None, out=sys.stdout) -> str:
             out.flush()
 
     try:
-        _call(url, asyncio.run, tail())
+        call(url, asyncio.run, tail())
     except KeyboardInterrupt:
         print(f"\nstopped following; {job_id} goes on on the cluster — `cai jobs stop {job_id}` stops it",
               file=sys.stderr)

@@ -22,7 +22,8 @@ KEY_ENV = "CAI_TEST_SERVE_KEY"
 def server(ray_local, tiny_llama_dir):
     from ray import serve
 
-    from cluster.serve.config import ServeConfig, start
+    from cluster.serve.app import start
+    from cluster.serve.config import ServeConfig
 
     os.environ[KEY_ENV] = "sk-test-canary-3f9a"
     port = free_ports(1)[0]

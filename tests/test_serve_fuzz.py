@@ -28,7 +28,8 @@ CHAT = "/v1/chat/completions"
 def base_url(ray_local, tiny_llama_dir):
     from ray import serve
 
-    from cluster.serve.config import ServeConfig, start
+    from cluster.serve.app import start
+    from cluster.serve.config import ServeConfig
 
     port = free_ports(1)[0]
     cfg = ServeConfig.from_args({"model": str(tiny_llama_dir), "model_name": "tiny", "port": port,

@@ -74,7 +74,8 @@ def server(ray_local, tiny_llama_dir):
     """``cai``'s app at ``/`` and a fault-injecting copy of it at ``/faulty``."""
     from ray import serve
 
-    from cluster.serve.config import ServeConfig, start
+    from cluster.serve.app import start
+    from cluster.serve.config import ServeConfig
 
     port = free_ports(1)[0]
     cfg = ServeConfig.from_args({"model": str(tiny_llama_dir), "model_name": "tiny", "port": port,
@@ -396,8 +397,9 @@ def test_engine_ends_a_row_should_stop_names_and_stops_when_all_have_ended(engin
 def test_limits_are_settings_of_cai_serve(monkeypatch, tiny_llama_dir):
     import argparse
 
-    import cluster.connect
+    import cluster.cli
     from cluster.cli import register
+    from cluster.serve import app
     from cluster.serve import config as sc
     from workflows.core.errors import ConfigError
 
@@ -410,15 +412,15 @@ def test_limits_are_settings_of_cai_serve(monkeypatch, tiny_llama_dir):
         seen["cfg"] = cfg
         return "http://127.0.0.1:1/v1"
 
-    monkeypatch.setattr(cluster.connect, "connect", lambda cfg: None)
-    monkeypatch.setattr(sc, "start", start)
-    monkeypatch.setattr(sc, "wait_until_interrupted", lambda url, name: None)
+    monkeypatch.setattr(cluster.cli, "connect", lambda cfg: None)
+    monkeypatch.setattr(app, "start", start)
+    monkeypatch.setattr(app, "wait_until_interrupted", lambda url, name: None)
     args = sub.choices["serve"].parse_args([str(tiny_llama_dir), "--max-body-bytes", "4096", "--max-messages", "3",
                                             "--max-prompt-chars", "100"])
     assert args.fn(args) == 0
     cfg = seen["cfg"]
     assert (cfg.max_body_bytes, cfg.max_messages, cfg.max_prompt_chars) == (4096, 3, 100)
-    kwargs = cfg.application()._bound_deployment.init_kwargs
+    kwargs = app.application(cfg)._bound_deployment.init_kwargs
     assert (kwargs["max_body_bytes"], kwargs["max_messages"], kwargs["max_prompt_chars"]) == (4096, 3, 100)
     for field, value in [("max_body_bytes", 10), ("max_messages", 0), ("max_prompt_chars", 0)]:
         with pytest.raises(ConfigError, match=field):

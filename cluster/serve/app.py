@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from actors import EngineConfig, make_engine
 from actors.base import Generation
 from cluster.serve import protocol as oa
+from cluster.serve.config import APP_NAME, ServeConfig
 from workflows.core.typed import from_dict
 
 logger = logging.getLogger("ray.serve")  # a replica's log file, next to Serve's own lines for the request
@@ -371,10 +372,38 @@ class ChatModel:
         await work
 
 
+def application(cfg: ServeConfig, key_hash: str | None = None):
+    """The Serve application ``cfg`` describes: ``replicas`` copies of ``ChatModel``."""
+    opts = {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus}
+    return ChatModel.options(num_replicas=cfg.replicas, ray_actor_options=opts).bind(
+        engine=cfg.engine_config(), model_name=cfg.served_name, max_batch_size=cfg.max_batch_size,
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s, api_key_sha256=key_hash,
+        api_key_env=None if key_hash else cfg.api_key_env, max_body_bytes=cfg.max_body_bytes,
+        max_messages=cfg.max_messages, max_prompt_chars=cfg.max_prompt_chars)
+
+
 def build(args: dict):
     """Application builder for ``serve run`` / a Serve config file / a RayService:
     ``args: {model, model_name?, max_batch_size?, batch_wait_timeout_s?, api_key_env?, replicas?, engine: {...}}``."""
-    from cluster.serve.config import ServeConfig
+    return application(ServeConfig.from_args(args))
 
-    cfg = ServeConfig.from_args(args)
-    return cfg.application()
+
+def start(cfg: ServeConfig) -> str:
+    """Deploy on the connected Ray cluster; returns the base URL once every replica is up."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(application(cfg, cfg.key_hash()), name=APP_NAME, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}/v1"
+
+
+def wait_until_interrupted(url: str, name: str) -> None:
+    """Serve until Ctrl-C, then take the application down."""
+    print(f"serving {name!r} at {url} — OpenAI-compatible (GET /models, POST /chat/completions); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping the server", flush=True)
+    finally:
+        serve.shutdown()  # deletes the application, then the controller and proxies

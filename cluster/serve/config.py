@@ -1,10 +1,9 @@
-"""What ``cai serve``, a Serve config file and the recipe's ``serve`` stage share: one typed config,
-the application it builds, and how it is started and stopped."""
+"""What ``cai serve``, a Serve config file and the recipe's ``serve`` stage share: one typed config.
+The application it builds, and how it is started and stopped, live beside the app (``cluster.serve.app``)."""
 from __future__ import annotations
 
 import hashlib
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,38 +81,3 @@ class ServeConfig:
             raise ConfigError("api_key_env", f"the variable {self.api_key_env} is not set or empty",
                               f"export {self.api_key_env}=<key> before starting the server")
         return hashlib.sha256(key.encode()).hexdigest()
-
-    def application(self, key_hash: str | None = None):
-        from cluster.serve.app import ChatModel
-
-        opts = {"num_cpus": self.engine.num_cpus, "num_gpus": self.engine.num_gpus}
-        return ChatModel.options(num_replicas=self.replicas, ray_actor_options=opts).bind(
-            engine=self.engine_config(), model_name=self.served_name, max_batch_size=self.max_batch_size,
-            batch_wait_timeout_s=self.batch_wait_timeout_s, api_key_sha256=key_hash,
-            api_key_env=None if key_hash else self.api_key_env, max_body_bytes=self.max_body_bytes,
-            max_messages=self.max_messages, max_prompt_chars=self.max_prompt_chars)
-
-
-def start(cfg: ServeConfig) -> str:
-    """Deploy on the connected Ray cluster; returns the base URL once every replica is up."""
-    from ray import serve
-
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(cfg.application(cfg.key_hash()), name=APP_NAME, route_prefix="/", blocking=False)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    return f"http://{host}:{cfg.port}/v1"
-
-
-def wait_until_interrupted(url: str, name: str) -> None:
-    """Serve until Ctrl-C, then take the application down."""
-    from ray import serve
-
-    print(f"serving {name!r} at {url} — OpenAI-compatible (GET /models, POST /chat/completions); Ctrl-C stops",
-          flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("\nstopping the server", flush=True)
-    finally:
-        serve.shutdown()  # deletes the application, then the controller and proxies
