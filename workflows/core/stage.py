@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from workflows.core import storage
-from workflows.core.errors import DataError
+from workflows.core.errors import ConfigError, DataError
 from workflows.core.reconcile import check
 
 SUCCESS = "_SUCCESS"
@@ -55,15 +55,11 @@ class StageContext:
     def resolve(self, name: str) -> str:
         """An earlier stage's output called ``name`` (e.g. ``sft_model``), else ``name`` itself (a
         path or model spec); local paths made absolute, since Ray workers run elsewhere."""
-        import os
-
         ref = self.inputs.get(name, name)
         return os.path.abspath(ref) if not storage.is_remote(ref) and os.path.exists(ref) else ref
 
     def input(self, dataset: str) -> str:
         if dataset not in self.inputs:
-            from workflows.core.errors import ConfigError
-
             have = ", ".join(sorted(self.inputs)) or "none"
             raise ConfigError(f"stage {self.name}", f"needs the dataset {dataset!r}, which no earlier stage made "
                               f"(available: {have})", "add the stage that makes it earlier in the recipe, "
