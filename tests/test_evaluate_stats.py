@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from workflows.evaluate.stats import (Interval, bootstrap_mean, length_controlled_win_rate, mcnemar_exact,
-                                      min_detectable_difference, paired_change, wilson)
 from workflows.evaluate.verdict import INCONCLUSIVE, REGRESSED, WORKED, Figures, VerdictConfig, decide
+from workflows.stats import (Interval, bootstrap_mean, length_controlled_win_rate, mcnemar_exact,
+                             min_detectable_difference, paired_change, wilson)
 
 
 def test_wilson_matches_published_values():

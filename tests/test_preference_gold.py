@@ -16,7 +16,7 @@ from actors.base import Generation
 from fakes import option
 from workflows.core.errors import ConfigError
 from workflows.core.typed import from_dict
-from workflows.evaluate.stats import wilson
+from workflows.stats import wilson
 from workflows.preference.batch import PreferenceConfig
 from workflows.preference.gold import GoldGateError, describe, gate, gold_figures
 from workflows.preference.human import preference_row

@@ -2,5 +2,5 @@
 
 The ``evaluate`` stage (``stage.py``, ``cai eval``) answers held-out prompt sets (``data/``) with
 every model, scores the answers (``refusal``, ``judge``, ``model_scores``), compares each model
-with the base (``scoring``, ``stats``), decides a verdict (``verdict``) and writes the report
+with the base (``scoring``, with ``workflows.stats``), decides a verdict (``verdict``) and writes the report
 (``report``). ``guard`` keeps eval prompts out of a recipe's training data (``overlap``)."""

@@ -42,7 +42,7 @@ from actors.models import (
 from training.data import pad_right
 from training.reward import check_reward_dir as _check_reward_dir
 from workflows.core.errors import ConfigError
-from workflows.evaluate.stats import bootstrap_mean
+from workflows.stats import bootstrap_mean
 
 
 

@@ -24,8 +24,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from workflows.evaluate import stats, verdict
-from workflows.evaluate.stats import Interval
+from workflows import stats
+from workflows.evaluate import verdict
+from workflows.stats import Interval
 
 PAIRWISE_HELPFUL = ("helpful", "benign_edgy")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from workflows.evaluate.stats import Interval
+from workflows.stats import Interval
 
 WORKED, INCONCLUSIVE, REGRESSED = "WORKED", "INCONCLUSIVE", "REGRESSED"
 

@@ -36,7 +36,7 @@ from workflows.core import stage, storage
 from workflows.core.errors import ConfigError
 from workflows.core.reconcile import check
 from workflows.core.stage import StageContext
-from workflows.evaluate.stats import wilson
+from workflows.stats import wilson
 from workflows.preference.agreement import content_key
 from workflows.preference.human import load_human, require_rows, text_of
 from workflows.preference.judging import DEGENERATE_TOL

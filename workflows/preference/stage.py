@@ -68,7 +68,7 @@ from workflows.core import stage, storage
 from workflows.core.reconcile import ReconcileError, Reconciliation, check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
-from workflows.evaluate.stats import wilson
+from workflows.stats import wilson
 from workflows.preference import gold, report
 from workflows.preference.agreement import agreement_report
 from workflows.preference.batch import HumanData, PreferenceConfig, judge_id, judge_pairs, sample_pairs  # noqa: F401

@@ -1,4 +1,5 @@
-"""Statistics of the evaluation (pure: numpy and the standard library only).
+"""Statistics of the evaluation and of the judge's agreement with people (pure: numpy and the
+standard library only); shared by the evaluate and preference stages.
 
 - ``wilson(k, n)``: a rate with its Wilson score interval (good at small n and near 0 or 1);
 - ``mcnemar_exact(b, c)``: two-sided exact McNemar p-value for paired before/after changes
