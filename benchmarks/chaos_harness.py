@@ -220,7 +220,7 @@ def audit(fault: str, stage_dir: Path, dataset: str, id_col: str, input_ids: lis
 
 def prompts_file(work: Path, n: int) -> tuple[Path, list[str]]:
     """``n`` distinct prompts (the shipped red-team set, first ``n``)."""
-    from workflows.prompts.sources import BUILTIN_DIR
+    from workflows.prompt_sources import BUILTIN_DIR
 
     texts = [json.loads(x)["prompt"] for x in (BUILTIN_DIR / "red_team.jsonl").read_text().splitlines()[:n]]
     path = work / "prompts.jsonl"

@@ -51,7 +51,7 @@ def naive(args) -> tuple[int, float]:
 
     from actors.models import load_causal_lm, load_tokenizer
     from workflows.constitution import load_constitution, sample_principles
-    from workflows.prompts.sources import PromptsConfig, iter_prompt_rows
+    from workflows.prompt_sources import PromptsConfig, iter_prompt_rows
     from workflows.sl_cai import templates
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -100,7 +100,7 @@ def exported(args, out_dir: str) -> dict:
     saved = {f: _json.load(open(os.path.join(out_dir, f)))["use_cache"]
              for f in ("config.json", "generation_config.json")}
     torch.set_num_threads(os.cpu_count() or 1)
-    from workflows.prompts.sources import PromptsConfig, iter_prompt_rows
+    from workflows.prompt_sources import PromptsConfig, iter_prompt_rows
 
     convs = [r["messages"] for r in iter_prompt_rows(PromptsConfig(path="builtin:helpful", limit=args.export_prompts))]
     rates = {}

@@ -50,7 +50,7 @@ def prompts_dataset(out: str, n: int) -> tuple[str, list]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workflows.prompts.sources import BUILTIN_DIR
+    from workflows.prompt_sources import BUILTIN_DIR
 
     lines = (BUILTIN_DIR / "red_team.jsonl").read_text().splitlines()[:n]
     rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": json.loads(x)["prompt"]}]}

@@ -39,7 +39,7 @@ WORDS = ("I can't help with that, but here is some general and safe information 
 
 def sft_rows(n: int, answer_words: int, seed: int = 0) -> list[dict]:
     """``n`` SFT rows (TRL ``messages``) from the shipped prompts, answers of ``answer_words`` words."""
-    from workflows.prompts.sources import PromptsConfig, iter_prompt_rows
+    from workflows.prompt_sources import PromptsConfig, iter_prompt_rows
 
     prompts = [r["messages"] for name in ("red_team", "helpful")
                for r in iter_prompt_rows(PromptsConfig(path=f"builtin:{name}")) if r["_error"] is None]

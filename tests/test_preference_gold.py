@@ -22,7 +22,7 @@ from workflows.preference.gold import GoldGateError, describe, gate, gold_figure
 from workflows.preference.human import preference_row
 from workflows.preference.judging import pair_id
 from workflows.preference.pairs import chosen_first, load_pairs
-from workflows.prompts.sources import prompt_id
+from workflows.prompt_sources import prompt_id
 
 FACTORY = "tests.test_preference_gold:engine"  # Ray workers import it from the repository root
 

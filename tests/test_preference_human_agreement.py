@@ -28,7 +28,7 @@ from workflows.preference.human import (
     to_table,
 )
 from workflows.preference.judging import pair_id
-from workflows.prompts.sources import prompt_id
+from workflows.prompt_sources import prompt_id
 
 
 def user(text: str) -> list[dict]:

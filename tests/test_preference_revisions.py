@@ -15,7 +15,7 @@ from workflows.core.typed import from_dict
 from workflows.preference.batch import PreferenceConfig
 from workflows.preference.human import mix_plan
 from workflows.preference.revisions import RevisionPairsConfig, revision_pair
-from workflows.prompts.sources import prompt_id
+from workflows.prompt_sources import prompt_id
 from workflows.sl_cai.stage import SL_CAI_COLUMNS, route
 
 

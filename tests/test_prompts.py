@@ -16,7 +16,7 @@ import pytest
 
 from workflows.core.errors import ConfigError, DataError, RowError
 from workflows.core.typed import from_dict
-from workflows.prompts.sources import (
+from workflows.prompt_sources import (
     BUILTIN_DIR,
     RAW_SCHEMA,
     PromptsConfig,
@@ -60,7 +60,7 @@ def test_prompt_id_stable_and_distinct():
 
 
 def test_prompt_id_same_in_another_process():
-    code = "from workflows.prompts.sources import prompt_id; print(prompt_id([{'role':'user','content':'hello'}]))"
+    code = "from workflows.prompt_sources import prompt_id; print(prompt_id([{'role':'user','content':'hello'}]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=".")
     assert out.stdout.strip() == prompt_id(user("hello"))

@@ -47,7 +47,7 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
-    "prompts": StageSpec("workflows.prompts.sources:PromptsConfig", "workflows.prompts.stage:run", ("prompts",),
+    "prompts": StageSpec("workflows.prompt_sources:PromptsConfig", "workflows.prompts.stage:run", ("prompts",),
                          "read prompts (jsonl/csv/parquet/HF dataset/builtin) into the prompts dataset"),
     "critique_revision": StageSpec(
         "workflows.sl_cai.stage:CritiqueRevisionConfig", "workflows.sl_cai.stage:run", ("sl_cai", "sft"),

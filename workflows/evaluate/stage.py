@@ -39,7 +39,7 @@ from workflows.evaluate import model_scores, refusal, report, scoring
 from workflows.evaluate.answers import answer_batch, unit_id
 from workflows.evaluate.config import EvaluateConfig, gold_location
 from workflows.evaluate.judge import judge_rows
-from workflows.prompts.sources import PromptsConfig, iter_prompt_rows
+from workflows.prompt_sources import PromptsConfig, iter_prompt_rows
 
 PROMPTS_SCHEMA = pa.schema([("eval_id", pa.string()), ("set", pa.string()), ("kind", pa.string()),
                             ("prompt_id", pa.string()), ("messages", MESSAGES)])

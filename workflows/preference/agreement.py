@@ -35,7 +35,7 @@ from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
 from workflows.preference.human import load_human, require_rows, text_of
 from workflows.preference.judging import pair_id, render_conversation
-from workflows.prompts.sources import prompt_id
+from workflows.prompt_sources import prompt_id
 
 N_BINS = 10
 EXPORT_COLUMNS = ("pair_id", "prompt", "response_1", "response_2", "ai_p_response_1", "human_choice", "notes")

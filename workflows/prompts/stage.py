@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from workflows.core import stage, storage, summary
 from workflows.core.reconcile import ReconcileError
 from workflows.core.stage import MESSAGES, StageContext
-from workflows.prompts.sources import PromptsConfig, read_prompts
+from workflows.prompt_sources import PromptsConfig, read_prompts
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("messages", MESSAGES), ("source", pa.string())])
 

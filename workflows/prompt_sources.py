@@ -1,5 +1,8 @@
 """Prompt sources → the ``prompts`` dataset: ``prompt_id``, ``messages``, ``source``.
 
+Shared by the stages: the ``prompts`` stage reads its input with it, the ``evaluate`` stage its
+held-out sets, and the preference data readers use its ids and HH-RLHF transcript parsing.
+
 Inputs: a file or directory (``.jsonl``/``.json``/``.csv``/``.parquet``, optionally
 ``.gz``), a saved Hugging Face dataset (``load_from_disk`` dir), ``hf:NAME[:CONFIG]``
 (the hub, when reachable) or a shipped set: ``builtin:red_team|helpful|benign_edgy|all``.
@@ -37,7 +40,7 @@ import pyarrow.fs as pafs
 from workflows.core.errors import ConfigError, DataError, RowError
 
 ROLES = ("system", "user", "assistant")
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data"  # workflows/data
+BUILTIN_DIR = Path(__file__).resolve().parent / "data"  # workflows/data
 RAW_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
