@@ -95,7 +95,7 @@ def judge_work(stage_dir: str, principles: int, seed: int = 0):
     import pyarrow.parquet as pq
 
     from workflows.constitution import load_constitution, sample_principles
-    from workflows.preference.judging import both_orders
+    from workflows.judging.pairwise import both_orders
 
     const = load_constitution("default")
     pairs = pq.read_table(os.path.join(stage_dir, "pairs")).to_pylist()

@@ -151,8 +151,8 @@ CASES = [
 def _preferences(d) -> None:
     """``{d}/prefs``: a one-row AI preferences dataset; ``{d}/review.csv``, when a case asks for
     "REVIEW", is its review (routing) export with human_choice filled in as "maybe"."""
-    from workflows.preference.agreement import export_for_humans
-    from workflows.preference.human import to_table
+    from workflows.judging.agreement import export_for_humans
+    from workflows.judging.human import to_table
     from workflows.preference.report import _write
 
     row = {"pair_id": "p1", "prompt": [{"role": "user", "content": "Hi?"}],

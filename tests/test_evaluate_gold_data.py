@@ -90,7 +90,7 @@ def test_safe_requests_chosen_complies_and_rejected_refuses(gold):
 
 
 def test_the_gold_gate_loader_reads_every_pair():
-    from workflows.preference.human import load_human
+    from workflows.judging.human import load_human
 
     loaded, errors = load_human(str(GOLD))
     assert errors == [] and len(loaded) == len(rows(GOLD))

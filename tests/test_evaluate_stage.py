@@ -233,7 +233,7 @@ def test_limit_spreads_over_every_category_of_a_grouped_set():
     import json
 
     from workflows.evaluate.config import EvaluateConfig
-    from workflows.evaluate.stage import load_prompts, spread
+    from workflows.evaluate.eval_prompts import load_prompts, spread
 
     assert spread(10, 3) == [0, 3, 6] and spread(4, None) == spread(4, 9) == [0, 1, 2, 3]
     rows, errors = load_prompts(EvaluateConfig(limit=20))

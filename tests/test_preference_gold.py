@@ -16,13 +16,13 @@ from actors.base import Generation
 from fakes import option
 from workflows.core.errors import ConfigError
 from workflows.core.typed import from_dict
-from workflows.stats import wilson
-from workflows.preference.batch import PreferenceConfig
-from workflows.preference.gold import GoldGateError, describe, gate, gold_figures
-from workflows.preference.human import preference_row
-from workflows.preference.judging import pair_id
-from workflows.preference.pairs import chosen_first, load_pairs
+from workflows.judging.config import PreferenceConfig
+from workflows.judging.gold import GoldGateError, describe, gate, gold_figures
+from workflows.judging.human import preference_row
+from workflows.judging.pairs import chosen_first, load_pairs
+from workflows.judging.pairwise import pair_id
 from workflows.prompt_sources import prompt_id
+from workflows.stats import wilson
 
 FACTORY = "tests.test_preference_gold:engine"  # Ray workers import it from the repository root
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from workflows.core.errors import ConfigError, DataError
-from workflows.preference.agreement import (
+from workflows.judging.agreement import (
     EXPORT_COLUMNS,
     agreement_report,
     export_for_humans,
@@ -18,7 +18,7 @@ from workflows.preference.agreement import (
     merge_human_labels,
     uncertain,
 )
-from workflows.preference.human import (
+from workflows.judging.human import (
     PREFERENCES_SCHEMA,
     load_human,
     mix,
@@ -27,7 +27,7 @@ from workflows.preference.human import (
     text_of,
     to_table,
 )
-from workflows.preference.judging import pair_id
+from workflows.judging.pairwise import pair_id
 from workflows.prompt_sources import prompt_id
 
 

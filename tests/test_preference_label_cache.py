@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from workflows.preference.label_cache import LabelCache
+from workflows.judging.label_cache import LabelCache
 
 
 def value(p: float, reasoning: str | None = None) -> dict:

@@ -12,8 +12,8 @@ import pytest
 from test_preference_gold import FACTORY, judge_cfg, recipe, table, write_jsonl
 from workflows.core.errors import ConfigError, DataError
 from workflows.core.typed import from_dict
-from workflows.preference.batch import PreferenceConfig
-from workflows.preference.human import mix_plan
+from workflows.judging.config import PreferenceConfig
+from workflows.judging.human import mix_plan
 from workflows.preference.revisions import RevisionPairsConfig, revision_pair
 from workflows.prompt_sources import prompt_id
 from workflows.sl_cai.stage import SL_CAI_COLUMNS, route

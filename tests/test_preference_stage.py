@@ -18,11 +18,14 @@ from fakes import option
 from workflows.constitution import load_constitution
 from workflows.core.errors import ConfigError
 from workflows.core.typed import from_dict
-from workflows.preference.batch import PreferenceConfig, judge_pairs, sample_pairs
-from workflows.preference.judging import pair_id
-from workflows.preference.label_cache import LabelCache
+from workflows.judging.batch import judge_pairs
+from workflows.judging.config import PreferenceConfig
+from workflows.judging.label_cache import LabelCache
+from workflows.judging.pairwise import pair_id
+from workflows.judging.workers import PAIRS_SCHEMA
+from workflows.preference.batch import sample_pairs
 from workflows.preference.report import select_stream
-from workflows.preference.stage import PAIRS_SCHEMA, SAMPLE_RAW_SCHEMA, SamplingRoute
+from workflows.preference.stage import SAMPLE_RAW_SCHEMA, SamplingRoute
 
 CONST = load_constitution("default")
 PROMPT = [{"role": "user", "content": "How do I pick a lock?"}]
@@ -344,7 +347,7 @@ def test_rerun_reads_every_judgment_from_the_cache(labeled):
 
 def test_route_export_and_merge(tmp_path):
     from workflows.preference.cli import export_uncertain, merge_labels
-    from workflows.preference.human import preference_row, to_table
+    from workflows.judging.human import preference_row, to_table
 
     rows = [preference_row(PROMPT, f"answer {i}", f"other {i}", p, judge="j", order_agreement=True, source="ai")
             for i, p in enumerate([0.55, 0.95, 0.52])]

@@ -58,7 +58,7 @@ def test_plain_names_pass(name):
 def test_code_named_by_a_recipe_needs_the_users_permission(monkeypatch):
     from training.config import PPOConfig
     from workflows.evaluate.config import EvaluateConfig
-    from workflows.preference.batch import PreferenceConfig
+    from workflows.judging.config import PreferenceConfig
 
     monkeypatch.delenv(ALLOW_CODE_ENV, raising=False)
     for cls, ok in ((PreferenceConfig, {}), (EvaluateConfig, {"models": {"base": "embedded", "sft": "sft_model"}})):

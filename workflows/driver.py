@@ -53,7 +53,7 @@ STAGES: dict[str, StageSpec] = {
         "workflows.sl_cai.stage:CritiqueRevisionConfig", "workflows.sl_cai.stage:run", ("sl_cai", "sft"),
         "SL-CAI: answer, then N rounds of critique and revision under sampled principles"),
     "preference": StageSpec(
-        "workflows.preference.stage:PreferenceConfig", "workflows.preference.stage:run", ("pairs", "preferences"),
+        "workflows.judging.config:PreferenceConfig", "workflows.preference.stage:run", ("pairs", "preferences"),
         "RL-CAI: K samples per prompt, pairs judged (A)/(B) under sampled principles in both orders, soft labels"),
     "revision_pairs": StageSpec(
         "workflows.preference.revisions:RevisionPairsConfig", "workflows.preference.revisions:run",

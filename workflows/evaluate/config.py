@@ -34,16 +34,6 @@ class EvalSet:
         return self.path or str(DATA / f"{self.name}.jsonl")
 
 
-def gold_location(spec: str) -> str:
-    """``builtin:gold_pairs`` (the 90 human-labeled pairs shipped here) or a path as given."""
-    if spec.startswith("builtin:"):
-        path = DATA / f"{spec.split(':', 1)[1]}.jsonl"
-        if not path.is_file():
-            raise ConfigError("gold", f"no shipped gold set {spec!r}", "use builtin:gold_pairs or a file path")
-        return str(path)
-    return spec
-
-
 def default_sets() -> list[EvalSet]:
     return [EvalSet(name, kind) for name, kind in BUILTIN_SETS.items()]
 

@@ -15,12 +15,11 @@ import pyarrow.parquet as pq
 from workflows.core import storage
 from workflows.core.errors import ConfigError
 from workflows.evaluate.config import EvaluateConfig
+from workflows.evaluate.eval_prompts import load_prompts
 from workflows.evaluate.overlap import OverlapIndex, summarize
 
 
 def eval_index(cfg: EvaluateConfig) -> OverlapIndex:
-    from workflows.evaluate.stage import load_prompts
-
     prompts, _ = load_prompts(cfg)
     return OverlapIndex({p["eval_id"]: p["messages"][-1]["content"] for p in prompts})
 

@@ -3,8 +3,8 @@ model is compared with the base; ``report.md`` starts with the verdict.
 
 Phases (each resumable, raw rows under the stage directory):
 
-1. **prompts**: the sets (``config.EvalSet``) read into ``prompts`` (``eval_id`` =
-   ``<set>/<prompt_id>``); unusable or duplicate rows go to ``errors``.
+1. **prompts**: the sets (``config.EvalSet``) read into ``prompts`` by ``eval_prompts.load_prompts``
+   (``eval_id`` = ``<set>/<prompt_id>``); unusable or duplicate rows go to ``errors``.
 2. **answers**, per model: ``answers.answer_batch`` in an engine actor pool with the same
    decoding and seed for every model → ``answers/<model>/answers``. Reconcile per model:
    ids(answers) ∪ ids(errors) = ids(prompts).
@@ -27,22 +27,21 @@ from dataclasses import replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors import EngineConfig, SamplingParams
+from actors import EngineConfig, SamplingParams, pool
+from training.reward import check_reward_dir
 from workflows.constitution import Constitution, load_constitution
-from actors import pool
 from workflows.core import stage, storage, summary
 from workflows.core.reconcile import check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
-from training.reward import check_reward_dir
 from workflows.evaluate import model_scores, refusal, report, scoring
 from workflows.evaluate.answers import answer_batch, unit_id
-from workflows.evaluate.config import EvaluateConfig, gold_location
+from workflows.evaluate.config import EvaluateConfig
+from workflows.evaluate.eval_prompts import PROMPTS_SCHEMA, load_prompts
 from workflows.evaluate.judge import judge_rows
-from workflows.prompt_sources import PromptsConfig, iter_prompt_rows
+from workflows.judging.config import PreferenceConfig, gold_location
+from workflows.judging.workers import judge_gold as judge_gold_pairs
 
-PROMPTS_SCHEMA = pa.schema([("eval_id", pa.string()), ("set", pa.string()), ("kind", pa.string()),
-                            ("prompt_id", pa.string()), ("messages", MESSAGES)])
 ANSWER_RAW_SCHEMA = pa.schema([("eval_id", pa.string()), ("answers", pa.list_(pa.string())), ("_error", pa.string()),
                                ("_detail", pa.string()), ("_gen_tokens", pa.int64()), ("_prompt_tokens", pa.int64())])
 ANSWERS_SCHEMA = pa.schema([("eval_id", pa.string()), ("answers", pa.list_(pa.string()))])
@@ -89,36 +88,6 @@ class EvalJudgeWorker:
 
 # ---------------------------------------------------------------- phases
 
-def spread(n: int, k: int | None) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k`` is None or ≥ n): a
-    limited evaluation still sees every category of a set grouped by category."""
-    if k is None or k >= n:
-        return list(range(n))
-    return [(i * n) // k for i in range(k)]
-
-
-def load_prompts(cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
-    """(prompt rows, error rows) of every set, ``limit`` records spread evenly over each file; an
-    error row's id is ``<set>/row:<file>:<n>``."""
-    rows, errors, seen = [], [], set()
-    for s in cfg.sets:
-        limit = s.limit if s.limit is not None else cfg.limit
-        pc = PromptsConfig(path=s.location(), field=s.field, source=s.name)
-        pc.validate(f"evaluate.sets[{s.name}]")
-        records = list(iter_prompt_rows(pc))
-        for r in (records[i] for i in spread(len(records), limit)):
-            eid = f"{s.name}/{r['prompt_id']}"
-            if r["_error"] is not None:
-                errors.append({"id": eid, "reason": r["_error"], "detail": r["_detail"] or ""})
-            elif eid in seen:
-                errors.append({"id": f"{eid}@{r['_loc']}", "reason": "duplicate", "detail": "the same prompt again"})
-            else:
-                seen.add(eid)
-                rows.append({"eval_id": eid, "set": s.name, "kind": s.kind, "prompt_id": r["prompt_id"],
-                             "messages": r["messages"]})
-    return rows, errors
-
-
 def _read(uri: str) -> list[dict]:
     fs, path = storage.resolve(uri)
     return pq.read_table(path, filesystem=fs).to_pylist()
@@ -133,10 +102,10 @@ def answer_all(cfg: EvaluateConfig, ctx: StageContext, models: dict[str, str], p
         engine = replace(cfg.engine, model=model)
         print(f"[{ctx.name}] answering {len(eval_ids)} prompts × {cfg.samples_per_prompt} with {name} ({model})")
         pool.stream_through_pool(actx, prompts_uri, "eval_id", AnswerWorker, engine,
-                                        dict(engine=to_dict(engine), sampling=to_dict(cfg.sampling),
-                                             k=cfg.samples_per_prompt, factory=cfg.engine_factory),
-                                        total=len(eval_ids), checkpoint_rows=cfg.checkpoint_rows,
-                                        check=not cfg.engine_factory)
+                                 dict(engine=to_dict(engine), sampling=to_dict(cfg.sampling),
+                                      k=cfg.samples_per_prompt, factory=cfg.engine_factory),
+                                 total=len(eval_ids), checkpoint_rows=cfg.checkpoint_rows,
+                                 check=not cfg.engine_factory)
         fin = stage.finalize(actx.dir, f"{ctx.name}:{ANSWERS}:{name}", "eval_id", stage.select_route(ANSWERS, ANSWERS_SCHEMA),
                              [ANSWERS])
         check(f"{ctx.name}:{ANSWERS}:{name}", eval_ids, fin.output_ids, fin.error_ids)
@@ -173,10 +142,10 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
         stage.write_rows(input_uri, [{k: r[k] for k in JUDGE_INPUT_SCHEMA.names} for r in records], JUDGE_INPUT_SCHEMA)
     print(f"[{ctx.name}] judging {len(records)} answers with {cfg.judge.backend}:{cfg.judge.model}")
     pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
-                                    dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
-                                         constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
-                                    total=len(records), checkpoint_rows=cfg.checkpoint_rows,
-                                    check=not cfg.engine_factory)
+                             dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
+                                  constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
+                             total=len(records), checkpoint_rows=cfg.checkpoint_rows,
+                             check=not cfg.engine_factory)
     fin = stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", stage.select_route("judged", JUDGED_SCHEMA), ["judged"])
     check(f"{ctx.name}:{JUDGING}", [r["id"] for r in records], fin.output_ids, fin.error_ids)
     return {r["id"]: r for r in _read(jctx.path("judged"))}, _read(jctx.path("errors"))
@@ -223,10 +192,7 @@ def score_models(records: list[dict], cfg: EvaluateConfig, models: dict[str, str
 
 def judge_gold(cfg: EvaluateConfig, ctx: StageContext, constitution: Constitution) -> dict:
     """The judge's agreement with human gold pairs, asked exactly as the preference stage asks
-    (both orders, ``principles_per_comparison`` principles): ``preference.gold.judge_gold``."""
-    from workflows.preference.batch import PreferenceConfig
-    from workflows.preference.gold import judge_gold as judge_gold_pairs
-
+    (both orders, ``principles_per_comparison`` principles): ``judging.workers.judge_gold``."""
     pcfg = PreferenceConfig(constitution=cfg.constitution, judges=[cfg.judge], both_orders=True,
                             principles_per_pair=cfg.principles_per_comparison, gold=gold_location(cfg.gold),
                             engine_factory=cfg.engine_factory, checkpoint_rows=cfg.checkpoint_rows)

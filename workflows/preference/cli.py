@@ -4,14 +4,23 @@
 [preference] over an existing pairs file (``cai label --pairs``), optionally behind the gold gate;
 ``export_uncertain`` / ``merge_labels`` (``cai route export|merge``) send the pairs the AI
 judge was unsure about to people and fold their answers back in (thin wrappers over
-``workflows.preference.agreement``). ``register(subparsers)`` adds both commands to an argparse parser.
+``workflows.judging.agreement``). ``register(subparsers)`` adds both commands to an argparse parser.
 """
 from __future__ import annotations
 
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from workflows.core import storage
-from workflows.preference import agreement
+from workflows.core.errors import ConfigError
+from workflows.core.stage import ERRORS_SCHEMA
+from workflows.driver import Recipe, run_recipe
+from workflows.judging import agreement
+from workflows.judging.agreement import export_for_humans, merge_human_labels, read_preferences, uncertain
+from workflows.judging.human import to_table
+from workflows.preference.report import _write, iter_tables
 
 
 def label_main(prompts: str | None, out: str, policy: str = "embedded", judge: str | list[str] = "embedded",
@@ -25,11 +34,7 @@ def label_main(prompts: str | None, out: str, policy: str = "embedded", judge: s
     "a,b" (an ensemble). ``pairs_per_prompt`` set → that many sampled pairs, else all pairs.
     ``pairs`` instead of ``prompts``: label the existing pairs of that file (no policy, no
     prompts stage). ``gold``: first check the judge against those human labels (the gold gate)."""
-    from workflows.driver import Recipe, run_recipe
-
     if (prompts is None) == (pairs is None):
-        from workflows.core.errors import ConfigError
-
         raise ConfigError("--prompts/--pairs", "give exactly one", "--prompts FILE to sample pairs, or --pairs FILE "
                           "to label existing ones")
     judges = [j.strip() for j in judge.split(",")] if isinstance(judge, str) else list(judge)
@@ -62,13 +67,8 @@ def export_uncertain(source: str, out_path: str, threshold: float = 0.1) -> int:
     """Write the AI labels a person should check (|p_chosen − 0.5| < threshold, or the two
     orders disagreed) to ``out_path`` (.csv or .jsonl) for review; returns the row count.
     Streams the dataset; only the selected rows are held in memory."""
-    from workflows.preference.agreement import export_for_humans, uncertain
-    from workflows.preference.report import iter_tables
-
     uri = _preferences_uri(source)
     if not storage.exists(uri):
-        from workflows.core.errors import ConfigError
-
         raise ConfigError(source, "not found", "pass a preference stage directory or a preferences dataset")
     tables = _file_tables(uri) if uri.endswith(".parquet") else iter_tables(uri)
     rows = [r for t in tables for r in uncertain(t.to_pylist(), threshold)]
@@ -76,8 +76,6 @@ def export_uncertain(source: str, out_path: str, threshold: float = 0.1) -> int:
 
 
 def _file_tables(uri: str):
-    import pyarrow.parquet as pq
-
     fs, path = storage.resolve(uri)
     yield pq.read_table(path, filesystem=fs)
 
@@ -86,13 +84,6 @@ def merge_labels(preferences_uri: str, labeled_path: str, out_uri: str) -> dict:
     """Fold the answers of an ``export_uncertain`` file back in: ``out_uri/preferences/`` gets
     every row (human answers replacing AI labels), ``out_uri/errors/`` the pairs marked "tie".
     Holds the preferences in memory (``agreement.merge_human_labels``)."""
-    import pyarrow as pa
-
-    from workflows.core.stage import ERRORS_SCHEMA
-    from workflows.preference.agreement import merge_human_labels, read_preferences
-    from workflows.preference.human import to_table
-    from workflows.preference.report import _write
-
     rows, ties = merge_human_labels(read_preferences(_preferences_uri(preferences_uri)), labeled_path)
     _write(to_table(rows), storage.join(out_uri, "preferences", "part-00000.parquet"))
     _write(pa.Table.from_pylist(ties, schema=ERRORS_SCHEMA), storage.join(out_uri, "errors", "part-00000.parquet"))
@@ -108,8 +99,6 @@ def route_main(action: str, source: str, out: str, threshold: float = 0.1, label
         return 0
     if action == "merge":
         if not labeled:
-            from workflows.core.errors import ConfigError
-
             raise ConfigError("--labeled", "missing", "pass the reviewed export file")
         r = merge_labels(source, labeled, out)
         print(f"{r['rows']} rows ({r['human']} human-labeled, {r['ties']} ties to errors) → {out}")

@@ -2,7 +2,7 @@
 
 - ``preferences/``: every AI label (``_judging/labels``, PREFERENCES_SCHEMA columns), or — with
   ``human`` and/or ``revisions`` set — AI, human and revision rows in the configured proportions
-  (``mix_plan`` of ``workflows.preference.human``): an AI row whose pair also has a given label is
+  (``mix_plan`` of ``workflows.judging.human``): an AI row whose pair also has a given label is
   dropped (the given label wins), then the scarcest source is kept whole and the others
   subsampled without replacement, deterministically (selection sampling: one pass, O(1) memory);
 - ``errors/``: the sampling errors (written by finalize), plus part files appended here for
@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from workflows.core import storage, summary
 from workflows.core.stage import ERRORS_SCHEMA, _RollingWriter
-from workflows.preference.human import PREFERENCES_SCHEMA, load_human, mix_plan, to_table
+from workflows.judging.gold import describe
+from workflows.judging.human import PREFERENCES_SCHEMA, load_human, mix_plan, to_table
 
 BINS = 10  # p_chosen histogram over [0.5, 1.0]
 
@@ -231,8 +232,6 @@ def gold_lines(g: dict | None) -> list[str]:
     """The gold gate in the report and the summary (``gold.describe`` figures and the outcome)."""
     if not g:
         return []
-    from workflows.preference.gold import describe
-
     limits = f"min_agreement {g['min_agreement']}, max_position_bias {g.get('max_position_bias')}"
     verdict = (f"passed ({limits})" if g.get("passed") else
                f"FAILED ({limits}; labeled anyway, on_gold_fail: warn)")

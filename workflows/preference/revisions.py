@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from workflows.core import stage, storage, summary
 from workflows.core.stage import StageContext
 from workflows.core.typed import check_fields
-from workflows.preference.human import PREFERENCES_SCHEMA, preference_row
+from workflows.judging.human import PREFERENCES_SCHEMA, preference_row
 
 OUTPUT = "revision_pairs"
 JUDGE = SOURCE = "revision"

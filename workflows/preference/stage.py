@@ -1,10 +1,12 @@
 """RL-CAI preference labeling: prompts → K samples → pairs → AI labels (+ human data) → ``preferences``.
 
 Two phases, each a pure per-batch program over any ``Engine`` (unit-tested with fakes), run
-in a Ray Data actor pool by ``pool.stream_through_pool`` (resumable raw rows):
+in a Ray Data actor pool by ``pool.stream_through_pool`` (resumable raw rows): sampling is this
+stage's (``preference.batch``), judging is shared (``workflows.judging``: ``batch.judge_pairs``
+in the ``workers.JudgeWorker`` pool, the same one the gold gate and the evaluate stage use):
 
 (a) sampling, ``sample_pairs``: K responses per prompt from the policy (one ``generate``
-    call per batch), pairs chosen by ``judging.select_pairs`` → ``pairs`` (pair_id,
+    call per batch), pairs chosen by ``pairwise.select_pairs`` → ``pairs`` (pair_id,
     prompt_id, messages, response_a, response_b). Raw rows: ``<stage>/_raw`` (one per prompt).
 (b) judging, ``judge_pairs``: per pair, ``principles_per_pair`` principles from
     ``sample_principles(constitution, pair_id, m, seed)``, both orders, every judge; each
@@ -16,13 +18,13 @@ in a Ray Data actor pool by ``pool.stream_through_pool`` (resumable raw rows):
 Two optional paths around them:
 
 - Existing pairs (``pairs_from``): phase (a) is not run and no policy engine is built;
-  ``pairs.load_pairs`` turns every record of the file (prompt/chosen/rejected, HH transcripts,
+  ``judging.pairs.load_pairs`` turns every record of the file (prompt/chosen/rejected, HH transcripts,
   or prompt + response_a/response_b) into a ``pairs`` row or an error row (stage
   "<name>:pairs": missing field, empty or identical responses, ``duplicate`` pair). A
   chosen/rejected row's chosen answer becomes (A) or (B) by a hash of its pair id, and its
   choice is kept: ``dataset_agreement`` in ``_SUCCESS`` and report.md scores the AI labels
   against it (``agreement.agreement_report``). ``input`` is unused.
-- Gold gate (``gold``): before any pair is sampled or read, ``gold.judge_gold`` has the judges
+- Gold gate (``gold``): before any pair is sampled or read, ``workers.judge_gold`` has the judges
   label the human-labeled gold pairs with exactly these judging settings in ``<stage>/_gold/``
   (chosen shown as (A) or (B) by hash). Agreement with the human choice (Wilson 95% interval),
   position bias (share of pairs whose two orders disagree) and unparseable count go into
@@ -46,7 +48,7 @@ made pairs) and "<name>:human" (unusable human rows). All AI labels, before mixi
 ``<stage>/_judging/labels``; ``preferences`` mixes them by ratio with human rows (``human``) and
 revision pairs (``revisions``: an SL-CAI revision chosen over its initial answer) when set.
 
-Label cache: ``<run_dir>/label_cache/`` (or ``cache_uri``), keyed by ``judging.cache_key``
+Label cache: ``<run_dir>/label_cache/`` (or ``cache_uri``), keyed by ``pairwise.cache_key``
 (prompt, ordered responses, principle text, judge identity, template, CoT). Each judging
 actor loads it once; a re-run over the same pairs (or gold pairs) calls no judge. Tests and
 benchmarks may swap every engine for their own with ``engine_factory: "module:callable"``
@@ -59,24 +61,37 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from actors import EngineConfig
-from workflows.constitution import Constitution, load_constitution
 from actors import pool
+from workflows.constitution import Constitution, load_constitution
 from workflows.core import stage, storage
 from workflows.core.reconcile import ReconcileError, Reconciliation, check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
-from workflows.core.typed import from_dict, to_dict
+from workflows.core.typed import from_dict
+from workflows.judging import gold
+from workflows.judging.agreement import agreement_report
+from workflows.judging.config import PreferenceConfig, judge_id
+from workflows.judging.human import PREFERENCES_SCHEMA
+from workflows.judging.pairs import load_pairs
+from workflows.judging.workers import (
+    LABELS,
+    PAIRS_SCHEMA,
+    JudgeWorker,
+    cache_location,
+    judge_gold,
+    judge_kwargs,
+    judge_pool,
+    route_labels,
+    worker_config,
+)
+from workflows.preference import report
+from workflows.preference.batch import sample_pairs
+from workflows.preference.revisions import split_pairs
 from workflows.stats import wilson
-from workflows.preference import gold, report
-from workflows.preference.agreement import agreement_report
-from workflows.preference.batch import HumanData, PreferenceConfig, judge_id, judge_pairs, sample_pairs  # noqa: F401
-from workflows.preference.human import PREFERENCES_SCHEMA
-from workflows.preference.label_cache import LabelCache
-from workflows.preference.pairs import load_pairs
 
-JUDGING, NOTES, LABELS = "_judging", "_sample_notes", "labels"
+JUDGING, NOTES = "_judging", "_sample_notes"
 _PAIR = pa.struct([("pair_id", pa.string()), ("response_a", pa.string()), ("response_b", pa.string())])
 _NOTE = pa.struct([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 _I64 = pa.int64()
@@ -85,13 +100,6 @@ SAMPLE_RAW_SCHEMA = pa.schema([
     ("notes", pa.list_(_NOTE)), ("_error", pa.string()), ("_detail", pa.string()), ("_samples", _I64),
     ("_failed_samples", _I64), ("_duplicate_groups", _I64), ("_pairs", _I64), ("_policy_calls", _I64),
     ("_gen_tokens", _I64), ("_prompt_tokens", _I64)])
-PAIRS_SCHEMA = pa.schema([("pair_id", pa.string()), ("prompt_id", pa.string()), ("messages", MESSAGES),
-                          ("response_a", pa.string()), ("response_b", pa.string())])
-LABELS_SCHEMA = pa.schema([*PREFERENCES_SCHEMA, ("principle_p_chosen", pa.list_(pa.float64())),
-                           ("principle_agree", pa.list_(pa.bool_()))])
-JUDGE_RAW_SCHEMA = pa.schema([*LABELS_SCHEMA, ("_error", pa.string()), ("_detail", pa.string()),
-                              ("_judgments", _I64), ("_cache_hits", _I64), ("_cache_misses", _I64),
-                              ("_judge_calls", _I64)])
 
 
 # ---------------------------------------------------------------- Ray workers and routes
@@ -107,72 +115,6 @@ class SampleWorker:
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = sample_pairs(self.engine, table.to_pylist(), self.cfg, self.seed)
         return pa.Table.from_pylist(rows, schema=SAMPLE_RAW_SCHEMA)
-
-
-class ActorCache:
-    """The label cache as one actor uses it: loaded once at start (read-only), each batch's new
-    labels written as one new shard by a fresh writer, so actor memory does not grow."""
-
-    def __init__(self, uri: str):
-        self.uri, self.reader = uri, LabelCache(uri)
-        self.reader.load()
-        self.writer = LabelCache(uri)
-
-    def get(self, key: str) -> dict | None:
-        return self.reader.get(key)
-
-    def put_many(self, values: dict) -> None:
-        self.writer.put_many(values)
-
-    def flush(self) -> None:
-        self.writer.flush()
-        self.writer = LabelCache(self.uri)
-
-
-class LazyEngine:
-    """A judge engine built on first use, so batches the label cache answers whole load no model.
-    ``name`` is the engine's own (``<backend>:<model label>``) without building it."""
-
-    def __init__(self, cfg: EngineConfig, factory: str | None, engines_dir: tuple | None = None):
-        self.cfg, self.factory, self.engines_dir = cfg, factory, engines_dir
-        # a factory's engine names itself, so it is built now
-        self._engine = pool.start_engine(cfg, engines_dir, factory) if factory else None
-        if self._engine is not None:
-            self.name = self._engine.name
-        elif cfg.backend == "openai":
-            self.name = f"openai:{cfg.model}"
-        else:
-            from actors.models import resolve_model  # fails here, at actor start, on a bad model spec
-
-            self.name = f"{cfg.backend}:{resolve_model(cfg.model).label}"
-
-    def _get(self):
-        if self._engine is None:
-            self._engine = pool.start_engine(self.cfg, self.engines_dir, self.factory)
-        return self._engine
-
-    def generate(self, conversations, params):
-        return self._get().generate(conversations, params)
-
-    def choice_logprobs(self, conversations, choices):
-        return self._get().choice_logprobs(conversations, choices)
-
-
-class JudgeWorker:
-    """Ray Data actor-pool UDF: every judge engine in each actor, ``judge_pairs`` per batch."""
-
-    def __init__(self, cfg: dict, constitution: Constitution, seed: int, cache_uri: str | None,
-                 engines_dir: tuple | None = None):
-        self.cfg = from_dict(PreferenceConfig, cfg)
-        self.judges = [(LazyEngine(j, self.cfg.engine_factory, engines_dir), judge_id(j)) for j in self.cfg.judges]
-        self.constitution, self.seed = constitution, seed
-        self.cache = ActorCache(cache_uri) if cache_uri else None
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        rows = judge_pairs(self.judges, table.to_pylist(), self.cfg, self.constitution, self.seed, self.cache)
-        if self.cache is not None:
-            self.cache.flush()  # before the raw rows: a label is never lost once its row is written
-        return pa.Table.from_pylist(rows, schema=JUDGE_RAW_SCHEMA)
 
 
 class SamplingRoute:
@@ -194,38 +136,12 @@ class SamplingRoute:
 
 
 def _explode(lists: pa.ListArray) -> tuple[pa.StructArray, pa.Array]:
-    import pyarrow.compute as pc
-
     flat = pc.list_flatten(lists)
     return pa.StructArray.from_arrays([pc.struct_field(flat, f.name) for f in flat.type],
                                       fields=list(flat.type)), pc.list_parent_indices(lists)
 
 
-route_labels = stage.select_route(LABELS, LABELS_SCHEMA)
-
-
 # ---------------------------------------------------------------- the stage
-
-def cache_location(cfg: PreferenceConfig, ctx: StageContext) -> str | None:
-    return (cfg.cache_uri or storage.join(ctx.run_dir, "label_cache")) if cfg.cache else None
-
-
-def judge_pool(judges: list[EngineConfig]) -> EngineConfig:
-    """Actor sizing when every actor holds every judge: the first judge's batch size and
-    concurrency, the largest CPU need, the sum of the GPU needs."""
-    return replace(judges[0], num_cpus=max(j.num_cpus for j in judges), num_gpus=sum(j.num_gpus for j in judges))
-
-
-def worker_config(cfg: PreferenceConfig) -> dict:
-    """The config as actors get it. The driver reads ``pairs_from`` and ``gold``; actors only
-    judge rows, and validating those paths on a node without the files would fail them."""
-    return to_dict(replace(cfg, pairs_from=None, gold=None))
-
-
-def judge_kwargs(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
-    """``JudgeWorker``'s arguments: the same for the gold pairs and for the stage's pairs."""
-    return dict(cfg=worker_config(cfg), constitution=constitution, seed=ctx.seed, cache_uri=cache_location(cfg, ctx))
-
 
 @dataclass
 class MadePairs:
@@ -258,9 +174,9 @@ def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     prompt_ids = stage.ids_of(prompts_uri, "prompt_id")
     pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
-                                    dict(cfg=worker_config(cfg), seed=ctx.seed), total=len(prompt_ids),
-                                    checkpoint_rows=cfg.checkpoint_rows,
-                                    check=not cfg.engine_factory)
+                             dict(cfg=worker_config(cfg), seed=ctx.seed), total=len(prompt_ids),
+                             checkpoint_rows=cfg.checkpoint_rows,
+                             check=not cfg.engine_factory)
     fin = stage.finalize(ctx.dir, f"{ctx.name}:sampling", "prompt_id", SamplingRoute(ctx.name), ["pairs", NOTES])
     pair_ids = _pair_ids(ctx, prompt_ids, fin)
     figures = {"prompts": len(prompt_ids), "prompt_errors": len(fin.error_ids), "pairs": len(pair_ids),
@@ -285,12 +201,12 @@ def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
 
 
 def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
-    """The judges label the gold pairs (``gold.judge_gold``); below ``min_agreement`` the stage
+    """The judges label the gold pairs (``workers.judge_gold``); below ``min_agreement`` the stage
     stops (``GoldGateError``) or warns. A stop comes before any pair is made, so the stage's
     recorded config is dropped with it: the next run — a bigger judge, ``cot: true``,
     ``on_gold_fail: warn`` — starts afresh instead of being refused as "made with a different
     config". Returns the figures with ``passed``."""
-    figures = gold.judge_gold(cfg, ctx, constitution)
+    figures = judge_gold(cfg, ctx, constitution)
     try:
         where = f"stage {ctx.name}: gold {cfg.gold}"
         figures["passed"] = gold.gate(figures, cfg.min_agreement, cfg.on_gold_fail, where, cfg.max_position_bias)
@@ -308,9 +224,9 @@ def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution,
     """Phase (b): every pair judged in ``<stage>/_judging``, reconciled against ``pair_ids``."""
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
     pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
-                                    judge_kwargs(cfg, ctx, constitution), total=len(pair_ids),
-                                    checkpoint_rows=cfg.checkpoint_rows,
-                                    check=not cfg.engine_factory)
+                             judge_kwargs(cfg, ctx, constitution), total=len(pair_ids),
+                             checkpoint_rows=cfg.checkpoint_rows,
+                             check=not cfg.engine_factory)
     fin = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS])
     return jctx, fin, check(f"{ctx.name}:judging", pair_ids, fin.output_ids, fin.error_ids)
 
@@ -378,8 +294,6 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
 def load_revisions(rev, ctx: StageContext) -> tuple[list[dict], list[dict]]:
     """(rows, error rows) of ``revisions.input``: a revision_pairs dataset as it is, or an sl_cai
     dataset turned into revision pairs here (rows that make none are errors ``<name>:revisions``)."""
-    from workflows.preference.revisions import split_pairs
-
     uri = ctx.input(rev.input) if "/" not in rev.input else rev.input
     fs, path = storage.resolve(uri)
     table = pq.read_table(path, filesystem=fs)
@@ -394,6 +308,3 @@ def _merge_counts(*dicts: dict) -> dict:
         for k, v in d.items():
             out[k] = out.get(k, 0) + v
     return out
-
-
-from workflows.preference.cli import export_uncertain, merge_labels  # noqa: E402,F401 — hybrid routing entries

@@ -25,8 +25,8 @@ from typing import Any
 
 from workflows.core import storage
 from workflows.core.errors import ConfigError, RowError
-from workflows.preference.human import _prompt, _records, _response, human_row, text_of
-from workflows.preference.judging import pair_id
+from workflows.judging.human import _prompt, _records, _response, human_row, text_of
+from workflows.judging.pairwise import pair_id
 from workflows.prompt_sources import prompt_id
 
 TWO_RESPONSES = (("response_a", "response_b"), ("response_1", "response_2"))

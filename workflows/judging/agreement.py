@@ -2,7 +2,7 @@
 
 ``agreement_report(ai_rows, human_rows)`` joins AI labels (``preferences`` rows with
 source "ai") to human labels of the same pair — matched on content: the prompt plus the
-unordered pair of answers (``judging.pair_id`` of the recomputed ``prompt_id``), falling
+unordered pair of answers (``pairwise.pair_id`` of the recomputed ``prompt_id``), falling
 back to the rows' ``pair_id`` — and measures:
 
 - ``accuracy``: share of matched pairs where the AI's chosen answer is the human's;
@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
-from workflows.preference.human import load_human, require_rows, text_of
-from workflows.preference.judging import pair_id, render_conversation
+from workflows.judging.human import load_human, require_rows, text_of
+from workflows.judging.pairwise import pair_id, render_conversation
 from workflows.prompt_sources import prompt_id
 
 N_BINS = 10
@@ -273,15 +273,3 @@ def merge_human_labels(rows: list[dict], labeled_path: str) -> tuple[list[dict],
                    "source": "human", "judge": "human", "order_agreement": None, "principle_ids": []}
         out.append(row)
     return out, errors
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    from workflows.preference.cli import register_agreement
-
-    parser = argparse.ArgumentParser(prog="python -m workflows.preference.agreement")
-    register_agreement(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["agreement", *sys.argv[1:]])
-    sys.exit(args.fn(args))

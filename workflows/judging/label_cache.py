@@ -2,7 +2,7 @@
 that were already paid for.
 
 Layout: a directory (local path or ``s3://...``) of parquet shards, one row per judgment:
-``key`` (``judging.cache_key``), ``p_a``, ``logp_a``, ``logp_b``, ``reasoning`` (CoT text
+``key`` (``pairwise.cache_key``), ``p_a``, ``logp_a``, ``logp_b``, ``reasoning`` (CoT text
 or null). Writes are append-only: every ``flush()`` writes a *new* uniquely named shard
 (time + random suffix), so any number of actors can write at once without locks; local
 shards are written under a temporary name and renamed, so readers never see half a file.
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workflows.core import storage
+from workflows.core.stage import set_aside, write_whole
 
 CACHE_SCHEMA = pa.schema([("key", pa.string()), ("p_a", pa.float64()), ("logp_a", pa.float64()),
                           ("logp_b", pa.float64()), ("reasoning", pa.string())])
@@ -122,8 +123,6 @@ class LabelCache:
 
 
 def _set_aside(uri: str) -> None:
-    from workflows.core.stage import set_aside
-
     try:
         set_aside(uri)
     except OSError:  # another actor set it aside first
@@ -131,8 +130,6 @@ def _set_aside(uri: str) -> None:
 
 
 def _write(table: pa.Table, uri: str) -> None:
-    from workflows.core.stage import write_whole
-
     fs, path = storage.resolve(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     write_whole(table, fs, path)

@@ -2,15 +2,16 @@
 
 A judge that is too small, or that just prefers whatever is shown first, labels noise — and
 nothing downstream says so until a reward model has learnt it. So before a stage labels at
-scale, ``judge_gold`` has its judge(s) label a small file of human choices (``gold``, any
+scale, ``workers.judge_gold`` has its judge(s) label a small file of human choices (``gold``, any
 ``human.load_human`` format: prompt, chosen, rejected) with exactly the stage's judging
 settings (principles per pair, both orders, chain of thought, every judge, the constitution;
 the label cache is used), through the same actor pool, into ``<stage>/_gold/``. Each gold pair
 is shown with the human's choice as (A) or (B) by ``pairs.chosen_first`` (a hash of the pair
 id), so a judge that always answers "A" cannot look good.
 
-``gold_figures(label_rows, gold_rows)`` is the pure part, for any stage that has AI labels of
-gold pairs (the evaluate stage can call it too). Its keys:
+This module is the pure part (no Ray): ``load_gold`` reads the file, and
+``gold_figures(label_rows, gold_rows)`` scores AI labels of gold pairs, for any stage that has
+them (the preference stage's gate, the evaluate stage's judge agreement). Its keys:
 
 - ``n``: gold pairs; ``agreed``: how many the AI labeled with the human's choice;
 - ``agreement`` = agreed / n with its Wilson 95% interval ``agreement_lo``/``agreement_hi``.
@@ -27,20 +28,13 @@ with ``on_fail="stop"``, or prints one warning line with ``"warn"``.
 """
 from __future__ import annotations
 
-import time
-
-import pyarrow.parquet as pq
-
-from actors import pool
-from workflows.core import stage, storage
+from workflows.core import storage
 from workflows.core.errors import ConfigError
-from workflows.core.reconcile import check
-from workflows.core.stage import StageContext
+from workflows.judging.agreement import content_key
+from workflows.judging.config import gold_location
+from workflows.judging.human import load_human, require_rows, text_of
+from workflows.judging.pairwise import DEGENERATE_TOL
 from workflows.stats import wilson
-from workflows.preference.agreement import content_key
-from workflows.preference.human import load_human, require_rows, text_of
-from workflows.preference.judging import DEGENERATE_TOL
-from workflows.preference.pairs import labeled_pair_row
 
 GOLD = "_gold"
 FIX = ("use a bigger judge (vLLM, or an OpenAI-compatible endpoint), cot: true, or more principles_per_pair; "
@@ -111,47 +105,13 @@ def gate(figures: dict, min_agreement: float, on_fail: str, where: str, max_posi
     return False
 
 
-# ---------------------------------------------------------------- judging the gold pairs (Ray)
+# ---------------------------------------------------------------- the gold file
 
 def load_gold(path: str, stage_name: str) -> tuple[list[dict], list[dict]]:
     """(gold rows, skipped rows) of ``path``; ``ConfigError`` when it is missing or has no usable pair."""
-    from workflows.evaluate.config import gold_location
-
     where, path = f"stage {stage_name}: gold {path}", gold_location(path)
     if not storage.exists(path):
         raise ConfigError(where, "file not found",
                           "point gold (--gold) at human-labeled pairs: prompt, chosen, rejected")
     rows, skipped = load_human(path, stage=f"{stage_name}:gold")
     return require_rows(rows, skipped, where, "gold pair"), skipped
-
-
-def judge_gold(cfg, ctx: StageContext, constitution) -> dict:
-    """Label the gold pairs of ``cfg.gold`` (a ``PreferenceConfig``) with the stage's judges and
-    judging settings in an actor pool under ``<stage>/_gold/`` and return their figures
-    (``gold_figures`` plus file, rows skipped, judging errors by reason, cache use, seconds).
-    The directory is rebuilt on every call — the label cache makes a repeat free — so the
-    figures always belong to the current gold file and judges; ``gold.json`` keeps them."""
-    from workflows.preference import stage as pref  # its pool workers; it imports this module
-
-    started = time.time()
-    gctx = StageContext(ctx.dir, GOLD, ctx.seed)
-    storage.delete(gctx.dir)
-    gold_rows, skipped = load_gold(cfg.gold, ctx.name)
-    pairs = [labeled_pair_row(g) for g in gold_rows]
-    stage.write_rows(gctx.path("pairs"), pairs, pref.PAIRS_SCHEMA)
-    pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", pref.JudgeWorker,
-                                    pref.judge_pool(cfg.judges), pref.judge_kwargs(cfg, ctx, constitution),
-                                    total=len(pairs), checkpoint_rows=cfg.checkpoint_rows,
-                                    check=not cfg.engine_factory)
-    fin = stage.finalize(gctx.dir, f"{ctx.name}:gold", "pair_id", pref.route_labels, [pref.LABELS])
-    check(f"{ctx.name}:gold", [p["pair_id"] for p in pairs], fin.output_ids, fin.error_ids)
-    fs, path = storage.resolve(gctx.path(pref.LABELS))
-    figures = gold_figures(pq.read_table(path, filesystem=fs).to_pylist(), gold_rows)
-    info = {**figures, "file": cfg.gold, "min_agreement": cfg.min_agreement,
-            "max_position_bias": cfg.max_position_bias, "rows_skipped": len(skipped),
-            "errors_by_reason": fin.errors_by_reason, "cache_hits": int(fin.metrics.get("_cache_hits", 0)),
-            "cache_misses": int(fin.metrics.get("_cache_misses", 0)), "seconds": round(time.time() - started, 2)}
-    if skipped:
-        info["first_skipped"] = skipped[0]
-    storage.write_json(gctx.path("gold.json"), info)
-    return info
