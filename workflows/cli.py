@@ -6,12 +6,20 @@ package adds its own commands (``workflows.sl_cai.cli``, ``workflows.preference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import sys
 import textwrap
 
 from actors.base import EngineError
+from cluster import cli as cluster_cli
+from training import cli as training_cli
+from workflows.constitution import check_main
 from workflows.core.errors import CaiError
+from workflows.driver import STAGES, load_recipe, run_recipe
+from workflows.evaluate import cli as evaluate_cli
+from workflows.preference import cli as preference_cli
+from workflows.sl_cai import cli as sl_cai_cli
 
 EPILOG = textwrap.dedent("""\
     typical use:
@@ -32,8 +40,6 @@ EPILOG = textwrap.dedent("""\
 
 
 def _cmd_run(args) -> int:
-    from workflows.driver import load_recipe, run_recipe
-
     recipe = load_recipe(args.recipe)
     if args.run_dir:
         recipe.run_dir = args.run_dir
@@ -42,16 +48,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_validate_constitution(args) -> int:
-    from workflows.constitution import check_main
-
     return check_main(args.file)
 
 
 def _cmd_stages(args) -> int:
-    import dataclasses
-
-    from workflows.driver import STAGES
-
     for kind, spec in STAGES.items():
         cls = spec.load(spec.config)
         print(f"{kind}: {spec.help}\n  makes: {', '.join(spec.outputs)}")
@@ -65,12 +65,6 @@ def _cmd_stages(args) -> int:
 
 def _stage_clis() -> list:
     """Each stage package's command-line module; each ``register(subparsers)`` adds its commands."""
-    from cluster import cli as cluster_cli
-    from training import cli as training_cli
-    from workflows.evaluate import cli as evaluate_cli
-    from workflows.preference import cli as preference_cli
-    from workflows.sl_cai import cli as sl_cai_cli
-
     return [sl_cai_cli, preference_cli, training_cli, evaluate_cli, cluster_cli]
 
 

@@ -16,14 +16,19 @@ skipped; an interrupted one resumes from its raw rows.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from actors.base import EngineError
 from cluster.connect import RayConfig, connect
+from workflows.constitution import load_constitution
 from workflows.core import stage as stage_mod
 from workflows.core import storage, summary
 from workflows.core.errors import ConfigError
@@ -159,10 +164,7 @@ def _model_refs(data, path: str = ""):
 def check_model_ref(spec: str, at: str, produced: set[str] = frozenset()) -> None:
     """A model a stage names, checked before Ray starts: an earlier stage's output, ``embedded``, or a
     local path that holds a model. Hub ids (``org/name``) are left to the stage (no network here)."""
-    import difflib
-
-    from actors.base import EngineError
-    from actors.models import EMBEDDED_ALIASES, resolve_model
+    from actors.models import EMBEDDED_ALIASES, resolve_model  # imports torch: kept out of `cai --help`
 
     if spec in produced or spec.lower() in {a.lower() for a in EMBEDDED_ALIASES}:
         return
@@ -192,10 +194,6 @@ def preflight(recipe: Recipe, stages: list[PlannedStage], where: str) -> None:
     run directory's storage scheme, the files stages read, every model a stage names, and its
     constitution. Relative paths are relative to where `cai run` runs (a job's: its working_dir),
     so `cai submit` does not check files here."""
-    import os
-
-    from workflows.constitution import load_constitution
-
     storage.resolve(recipe.run_dir)
     produced: set[str] = set()
     for i, s in enumerate(stages):
@@ -256,8 +254,6 @@ def _check_resumable(ctx: StageContext, h: str, info: dict | None) -> bool:
 def _overlap_guards(stages: list[PlannedStage]) -> list[tuple[PlannedStage, object]]:
     """(evaluate stage, its eval-prompt index built on first use) for each evaluate stage that
     does not allow overlap with the recipe's training data."""
-    import functools
-
     return [(s, functools.cache(functools.partial(guard.eval_index, s.config))) for s in stages
             if s.kind == "evaluate" and not s.config.allow_overlap]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 from workflows.core.errors import ConfigError
+from workflows.driver import Recipe, run_recipe
+from workflows.evaluate.config import BUILTIN_SETS
 
 
 def parse_models(text: str) -> dict[str, str]:
@@ -19,8 +21,6 @@ def parse_models(text: str) -> dict[str, str]:
 
 
 def _cmd_eval(args) -> int:
-    from workflows.driver import Recipe, run_recipe
-
     models = parse_models(args.models)
     engine = {"backend": args.backend, "batch_size": args.batch_size, "concurrency": args.concurrency,
               "dtype": args.dtype}
@@ -41,8 +41,6 @@ def _set(text: str) -> dict:
     """``KIND=PATH`` (your own file) or a shipped set name."""
     kind, sep, path = text.partition("=")
     if not sep:
-        from workflows.evaluate.config import BUILTIN_SETS
-
         if text not in BUILTIN_SETS:
             raise ConfigError("--sets", f"{text!r} is not a shipped set", f"use {', '.join(BUILTIN_SETS)} or KIND=FILE")
         return {"name": text, "kind": BUILTIN_SETS[text]}

@@ -41,6 +41,7 @@ from actors.models import (
 )
 from training.data import pad_right
 from training.reward import check_reward_dir as _check_reward_dir
+from training.reward import load_reward_model, score
 from workflows.core.errors import ConfigError
 from workflows.stats import bootstrap_mean
 
@@ -87,8 +88,6 @@ def answer_logprobs(model: str, rows: list[dict], dtype: str = "auto", batch_siz
 def reward_scores(reward_dir: str, rows: list[dict], batch_size: int = 8, dtype: str = "auto",
                   device: str = "auto") -> list[float]:
     """The reward model's score of each ``messages + [{"role": "assistant", "content": answer}]``."""
-    from training.reward import load_reward_model, score
-
     _check_reward_dir(reward_dir, "evaluate: reward model")
     model, tok = load_reward_model(reward_dir, dtype=dtype, device=device), load_tokenizer(reward_dir)
     convs = [list(r["messages"]) + [{"role": "assistant", "content": r["answer"]}] for r in rows]

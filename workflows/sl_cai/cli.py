@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 
+from workflows.driver import Recipe, run_recipe
+
 
 def _cmd_critique_revise(args) -> int:
-    from workflows.driver import Recipe, run_recipe
-
     engine = {"model": args.model, "batch_size": args.batch_size, "concurrency": args.concurrency,
               "dtype": args.dtype}
     stages = [

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from actors import EngineConfig, SamplingParams
+from actors import EngineConfig, SamplingParams, pool
 from workflows.constitution import Constitution, load_constitution, sample_principles
-from actors import pool
 from workflows.core import stage, summary
+from workflows.core.errors import ConfigError
+from workflows.core.safety import check_recipe_code
 from workflows.core.stage import MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.sl_cai import templates
@@ -64,9 +65,6 @@ class CritiqueRevisionConfig:
     engine_factory: str | None = None  # "module:callable" building the engines (tests, benchmarks)
 
     def validate(self, where: str) -> None:
-        from workflows.core.errors import ConfigError
-        from workflows.core.safety import check_recipe_code
-
         check_recipe_code(self.engine_factory, where)
 
         if self.rounds < 1:
@@ -190,8 +188,6 @@ route.schemas = {"sl_cai": pa.schema([f for f in RAW_SCHEMA if not f.name.starts
 
 def _check_sources(cfg: CritiqueRevisionConfig, input_uri: str, name: str) -> None:
     """A ``revise_sources`` name that no input row carries would silently revise nothing."""
-    from workflows.core.errors import ConfigError
-
     if cfg.revise_sources is None and not cfg.keep_initial_sources:
         return
     present = set(stage.ids_of(input_uri, "source"))
