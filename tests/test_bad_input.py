@@ -174,6 +174,7 @@ def test_the_matrix_has_every_kind_of_input():
 
 @pytest.mark.parametrize("case,files,argv,pieces", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(case, files, argv, pieces, tmp_path, capsys, monkeypatch):
+    import cluster.cli
     import cluster.connect
     import workflows.driver  # imported (binding the real `connect`) before anything is patched
 
@@ -182,6 +183,7 @@ def test_bad_input_is_one_clear_line(case, files, argv, pieces, tmp_path, capsys
 
     monkeypatch.setattr(cluster.connect, "connect", no_ray)
     monkeypatch.setattr(workflows.driver, "connect", no_ray)
+    monkeypatch.setattr(cluster.cli, "connect", no_ray)
     monkeypatch.delenv("CAI_ALLOW_RECIPE_CODE", raising=False)
     for name, text in files.items():
         (tmp_path / name).write_text(text.replace("{d}", str(tmp_path)))
