@@ -3,6 +3,10 @@ checked for rows lost, rows duplicated and work redone. Prints one table row per
 
     faults survived N/N, rows lost 0, duplicates 0, work redone at most X%
 
+A fault not survived is named where it ends (``NOT survived: --faults NAME``) with each check it failed
+(an exit code, rows lost or duplicated, a resume that did not happen, ...) and the last 30 lines of
+each console of its ``cai`` processes; the names are repeated, with their reasons, above the last line.
+
     python benchmarks/chaos.py [--faults actor_sl_cai,driver_kill,...] [--prompts 48] [--keep]
 
 Faults (``FAULTS``):
@@ -17,8 +21,10 @@ Faults (``FAULTS``):
 - ``torn_cache_shard``: a label-cache shard cut in half, then the preference stage redone: the
   shard is set aside and counted, its judgments made again.
 - ``train_worker``, ``train_reward``, ``train_dpo``, ``train_ppo``: the Ray Train worker killed
-  (SIGKILL) mid-step in SFT, reward, DPO and PPO: the job restarts from its newest whole checkpoint
-  (``max_failures``) and the loss curve goes on from there, one record per step (PPO: iteration).
+  (SIGKILL) in SFT, reward, DPO and PPO the moment its first checkpoint is whole on storage (mid-step:
+  a tiny model's steps take tens of milliseconds, so the kill waits on that event, not on a delay):
+  the job restarts from its newest whole checkpoint (``max_failures``) and the loss curve goes on
+  from there, one record per step (PPO: iteration).
 - ``node_removed``: a two-node cluster (``ray start`` twice on this machine), the run directory on a
   local S3 server, one engine actor per node; the second node killed whole once the first block is
   saved: the pool finishes on the head, every row once.
@@ -26,8 +32,9 @@ Faults (``FAULTS``):
   up mid SL-CAI: exit 2, one error line, no ``_SUCCESS``; remounted bigger, the same command finishes.
 - ``s3_flaky`` / ``s3_restart``: the run directory on a local S3 server behind a proxy that answers
   503 SlowDown to a fifth of the requests and answers 50 ms late, or drops every connection for 8 s
-  mid-stage (the server "stopped"): retried with backoff, or one clear error and the same command
-  goes on — never a ``_SUCCESS`` over half-written data.
+  (the server "stopped") from the first saved block on, and until requests were turned away: retried
+  with backoff, or one clear error and the same command goes on — never a ``_SUCCESS`` over
+  half-written data.
 - ``serve_replica``: one of two ``cai serve`` replicas killed under load: the other keeps answering,
   only requests in flight on the killed one fail (rows here are requests).
 
@@ -56,9 +63,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.chaos_harness import (  # noqa: E402 — after the path insert
-    LOG_ENV, ROOT, CaiRun, FlakyS3, attempts, audit, engine, free_port, head, ids, ids_in, kill_driver_mid_stage,
-    preference_stage, prompts_file, raw_files, redone, sl_cai_recipe, started_engines, table, tear, tiny_model,
-    wait_until)
+    LOG_ENV, ROOT, CaiRun, FlakyS3, attempts, audit, console_tails, engine, failed_checks, free_port, head, ids,
+    ids_in, kill_driver_mid_stage, preference_stage, prompts_file, raw_files, redone, sl_cai_recipe, started_engines,
+    table, tear, tiny_model, wait_until, whole_checkpoint)
 
 
 def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False) -> dict:
@@ -84,7 +91,8 @@ def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False) -
         counts = attempts(run.log, "g", set(texts))
         return audit("engine actor killed (SL-CAI)" + (", another while starting" if starting else ""), stage,
                      "sl_cai", "prompt_id", ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts),
-                     rc == 0, note + f"actor pid {victim.pid} killed once the first block was saved" + run.failure(rc))
+                     {"exit 0": rc == 0},
+                     note + f"actor pid {victim.pid} killed once the first block was saved" + run.failure(rc))
     finally:
         run.close()
 
@@ -108,7 +116,8 @@ def fault_actor_judging(work: Path, model: str, n: int) -> dict:
         rc = run.wait(600)
         pair_ids = ids(work / "run" / "preference" / "pairs", "pair_id")
         return audit("engine actor killed (judging)", judging, "labels", "pair_id",
-                     pair_ids, redone(attempts(run.log, "j")), rc == 0, f"judge actor pid {victim.pid} killed" + run.failure(rc))
+                     pair_ids, redone(attempts(run.log, "j")), {"exit 0": rc == 0},
+                     f"judge actor pid {victim.pid} killed" + run.failure(rc))
     finally:
         run.close()
 
@@ -127,17 +136,19 @@ def fault_driver_kill(work: Path, model: str, n: int, torn_file: bool = False) -
             torn = f"; tore {victim.name}"  # its rows were saved once: the rerun must find it unreadable, redo them
         run.start()
         rc = run.wait(600)
-        console = run.console()
+        console = run.outputs[-1].read_text(errors="replace")  # the rerun's
         summary = (stage / "summary.md").read_text() if (stage / "summary.md").is_file() else ""
         repaired = "repaired: 1 unreadable file" in summary
         counts = attempts(run.log, "g", set(texts))
         name = "raw file torn, then rerun" if torn_file else "driver killed (SIGKILL), then rerun"
         note = (f"{saved} rows saved before the kill; still running 10 s after the driver died: {left or 'nothing'}"
                 f"{torn}; resumed: {'resuming:' in console}"
-                + (f"; summary counts the torn file: {repaired}" if torn_file else ""))
+                + (f"; summary counts the torn file: {repaired}" if torn_file else "") + run.failure(rc))
+        checks = {"rerun exit 0": rc == 0, "rerun resumed (prints 'resuming:')": "resuming:" in console}
+        if torn_file:
+            checks["summary counts the torn file ('repaired: 1 unreadable file')"] = repaired
         return audit(name, stage, "sl_cai", "prompt_id",
-                     ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts),
-                     rc == 0 and "resuming:" in console and (repaired or not torn_file), note)
+                     ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts), checks, note)
     finally:
         run.close()
 
@@ -176,7 +187,10 @@ def fault_torn_cache_shard(work: Path, model: str, n: int) -> dict:
         repaired = "repaired: 1 unreadable file" in summary
         pair_ids = ids(work / "run" / "preference" / "pairs", "pair_id")
         return audit("label-cache shard torn, stage redone", work / "run" / "preference" / "_judging", "labels",
-                     "pair_id", pair_ids, again, first == 0 and rc == 0 and repaired and again == judged - kept,
+                     "pair_id", pair_ids, again,
+                     {"first run exit 0": first == 0, "rerun exit 0": rc == 0,
+                      "summary counts the torn shard ('repaired: 1 unreadable file')": repaired,
+                      "only the torn shard's judgments made again": again == judged - kept},
                      f"{len(shards)} shards, 1 torn; {judged} judgments in the first run, {again} made again "
                      f"(the torn shard's {judged - kept}); summary counts it: {repaired}")
     finally:
@@ -232,20 +246,24 @@ def _train_recipe(work: Path, model: str, n: int, job: str) -> str:
 
 
 def fault_train_worker(work: Path, model: str, n: int, job: str = "sft") -> dict:
-    """The Ray Train worker SIGKILLed mid-step, past its first checkpoint: the job restarts (within
-    ``max_failures``) from its newest whole checkpoint, and the loss curve goes on from there with one
-    record per step (rows here are optimizer steps, or PPO iterations)."""
+    """The Ray Train worker SIGKILLed the moment its first checkpoint is whole (mid-step): the job
+    restarts (within ``max_failures``) from its newest whole checkpoint, and the loss curve goes on
+    from there with one record per step (rows here are optimizer steps, or PPO iterations)."""
     run = CaiRun(work, _train_recipe(work, model, n, job))
     stage = work / "run" / job
     unit = "iteration" if job == "ppo" else "step"
     try:
         run.start()
-        wait_until(lambda: list(stage.glob("_ray/*/checkpoint_20*/trainer_state.json")), 900,
-                   f"the first {job} checkpoint", run, every=0.05)
-        wait_until(lambda: run.find("RayTrainWorker"), 60, "the train worker", run)
-        time.sleep(0.5)  # mid-step, past the checkpoint (or writing the next one: the torn one is skipped)
-        for v in run.find("RayTrainWorker"):
+        # the worker is found while it starts, so the kill below costs no search of the process table
+        workers = wait_until(lambda: run.find("RayTrainWorker"), 900, "the train worker", run)
+        # the kill goes the moment the first checkpoint is whole: steps of a tiny model take tens of
+        # milliseconds, and a kill that waits longer may come after the last step (no fault at all)
+        at = wait_until(lambda: whole_checkpoint(stage), 900, f"the first whole {job} checkpoint", run, every=0.02)
+        seen = time.time()
+        victims = [v for v in workers if v.is_running()] or run.find("RayTrainWorker")
+        for v in victims:
             v.send_signal(signal.SIGKILL)
+        lag = time.time() - seen
         rc = run.wait(900)
         info = json.loads((stage / "_SUCCESS").read_text()) if (stage / "_SUCCESS").is_file() else {}
         training = info.get("training", {})
@@ -256,12 +274,14 @@ def fault_train_worker(work: Path, model: str, n: int, job: str = "sft") -> dict
         printed = [line for line in run.console().splitlines() if f"[{job}] {unit} " in line]
         curve_ok = bool(total) and steps == list(range(1, total + 1))
         resumed = training.get(f"resumed_from_{unit}s")
+        checks = {"exit 0": rc == 0, f"loss curve {unit}s 1..{total or 'N'} once each": curve_ok,
+                  "the job resumed from a checkpoint (resumes >= 1)": training.get("resumes", 0) >= 1}
         return {"fault": f"train worker killed mid-{unit} ({job.upper()})", "in": total, "out": len(steps),
                 "errors": 0, "lost": total - len(set(steps)), "duplicated": len(steps) - len(set(steps)),
-                "redone": max(0, len(printed) - total),
-                "finished": rc == 0 and curve_ok and training.get("resumes", 0) >= 1,
-                "note": f"resumes {training.get('resumes')}, from {unit}s {resumed}; loss curve {unit}s 1..{total} "
-                        f"once each: {curve_ok} (rows here are {unit}s); exit {rc}"}
+                "redone": max(0, len(printed) - total), "finished": all(checks.values()), "checks": checks,
+                "note": f"worker pid(s) {[v.pid for v in victims]} killed {lag:.2f} s after the {unit} {at} "
+                        f"checkpoint was seen whole; resumes {training.get('resumes')}, from {unit}s {resumed}; "
+                        f"loss curve {unit}s 1..{total} once each: {curve_ok} (rows here are {unit}s); exit {rc}"}
     finally:
         run.close()
 
@@ -295,14 +315,18 @@ def fault_disk_full(work: Path, model: str, n: int) -> dict:
         first = run.wait(600)
         lines = [x for x in run.outputs[-1].read_text(errors="replace").splitlines() if x.strip()]
         saved = len(ids(stage / "_raw", "prompt_id"))
-        refused = first == 2 and lines[-1].startswith("error: no space left") and not (stage / "_SUCCESS").exists()
+        last = lines[-1] if lines else ""
+        refused = {"first run exit 2": first == 2,
+                   "first run's last line 'error: no space left ...'": last.startswith("error: no space left"),
+                   "first run wrote no _SUCCESS": not (stage / "_SUCCESS").exists()}
         tracebacks = run.outputs[-1].read_text(errors="replace").count("Traceback")
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
         run.start()
         rc = run.wait(600)
         return audit("disk full, then grown and rerun", stage, "sl_cai", "prompt_id",
                      ids(mnt / "run" / "prompts" / "prompts", "prompt_id"), redone(attempts(run.log, "g", set(texts))),
-                     refused and rc == 0, f"first run: exit {first}, last line {lines[-1][:90]!r}, {saved} rows saved, "
+                     {**refused, "rerun exit 0": rc == 0},
+                     f"first run: exit {first}, last line {last[:90]!r}, {saved} rows saved, "
                                           f"{tracebacks} traceback(s) in the console (Ray's task logs)")
     finally:
         run.close()
@@ -310,18 +334,20 @@ def fault_disk_full(work: Path, model: str, n: int) -> dict:
 
 
 def _s3_run(work: Path, model: str, n: int, s3: FlakyS3, name: str, during=None) -> dict:
-    """SL-CAI with its run directory on ``s3``; ``during(run)`` acts once the stage has started.
-    A run that stops with an error is run again (resumable); every row must end up once."""
+    """SL-CAI with its run directory on ``s3``; ``during(run, raw)`` acts once the stage has started
+    (``raw``: the URI of its raw blocks) and returns checks of its own. A run that stops with an error
+    is run again (resumable); every row must end up once."""
     prompts, texts = prompts_file(work, n)
     uri = f"s3://cai/runs/{work.name}"
     recipe = sl_cai_recipe(work, model, prompts).replace(f"run_dir: {work}/run", f"run_dir: {uri}")
     run = CaiRun(work, recipe)
     os.environ.update(s3.env)  # CaiRun passes this process's environment on
+    checks: dict[str, bool] = {}
     try:
         run.start()
         if during is not None:
             wait_until(lambda: run.find("CritiqueReviseWorker"), 300, "the engine actors", run)
-            during(run)
+            checks.update(during(run, f"{uri}/critique_revision/_raw"))
         codes = [run.wait(900)]
         while codes[-1] != 0 and len(codes) < 3:  # a clear error leaves the run resumable: go on
             run.start()
@@ -334,6 +360,7 @@ def _s3_run(work: Path, model: str, n: int, s3: FlakyS3, name: str, during=None)
         return {"fault": name, "in": len(input_ids), "out": len(out), "errors": len(err),
                 "lost": len(set(input_ids) - set(kept)), "duplicated": sum(c - 1 for c in kept.values() if c > 1),
                 "redone": redone(attempts(run.log, "g", set(texts))), "finished": codes[-1] == 0,
+                "checks": {**checks, "exit 0 within 3 runs of the same command": codes[-1] == 0},
                 "note": f"exit codes {codes}; proxy: {dict(s3.counts)}; error lines: {errors[:2] or 'none'}"}
     finally:
         for k in s3.env:
@@ -352,11 +379,18 @@ def fault_s3_flaky(work: Path, model: str, n: int) -> dict:
 def fault_s3_restart(work: Path, model: str, n: int) -> dict:
     s3 = FlakyS3()
 
-    def outage(run: CaiRun) -> None:
-        time.sleep(2)
-        s3.down = True
-        time.sleep(8)
-        s3.down = False
+    def outage(run: CaiRun, raw: str) -> dict:
+        """Once the stage saves blocks (the engines loaded, rows in flight), the server goes away for
+        8 s and until it has turned requests away: an outage that no request meets injects nothing (as
+        one that began while the engines still loaded did: no S3 traffic then)."""
+        wait_until(lambda: s3.files(raw), 300, "the first saved block", run, every=0.05)
+        s3.down, began = True, time.time()
+        try:
+            wait_until(lambda: (time.time() - began >= 8 and s3.counts["dropped"]) or run.proc.poll() is not None,
+                       300, "a request to meet the S3 outage", every=0.1)
+        finally:
+            s3.down = False
+        return {"the outage met requests (some dropped)": s3.counts["dropped"] > 0}
 
     try:
         return _s3_run(work, model, n, s3, "S3 server down for 8 s mid-stage", during=outage)
@@ -405,6 +439,7 @@ def fault_node_removed(work: Path, model: str, n: int) -> dict:
                 "errors": len(err), "lost": len(set(input_ids) - set(kept)),
                 "duplicated": sum(c - 1 for c in kept.values() if c > 1),
                 "redone": redone(attempts(log, "g", set(texts))), "finished": rc == 0,
+                "checks": {"exit 0": rc == 0},
                 "note": f"{saved} block(s) saved when the second node's {killed} processes were killed; exit {rc}"}
     finally:
         cluster.stop()
@@ -469,12 +504,18 @@ def fault_serve_replica(work: Path, model: str, n: int, clients: int = 4) -> dic
         in_flight = [r for r in results if r[0] <= killed.get("at", 0) <= r[1]]
         after = [r for r in results if r[0] > killed.get("at", 0) + 1]
         ok = len(results) - len(failed)
-        survived = bool(killed) and len(failed) <= len(in_flight) and all(r[2] for r in after) and up()
+        checks = {"a replica was killed": bool(killed),
+                  "no more requests failed than were in flight at the kill": len(failed) <= len(in_flight),
+                  "every request sent over 1 s after the kill answered": all(r[2] for r in after),
+                  "cai serve still answers at the end": up()}
         return {"fault": "serve replica killed under load", "in": n, "out": ok, "errors": len(failed),
-                "lost": n - len(results), "duplicated": 0, "redone": 0, "finished": survived,
+                "lost": n - len(results), "duplicated": 0, "redone": 0, "finished": all(checks.values()),
+                "checks": checks,
                 "note": f"{clients} clients, 2 replicas; replica pid {killed.get('pid')} killed; {len(in_flight)} "
-                        f"request(s) in flight then, {len(failed)} failed; {len(after)} sent later, all answered: "
-                        f"{all(r[2] for r in after)}"}
+                        f"request(s) in flight then, {len(failed)} failed (sent at "
+                        f"{[round(r[0] - killed.get('at', 0), 2) for r in failed]} s from the kill, answered at "
+                        f"{[round(r[1] - killed.get('at', 0), 2) for r in failed]} s); {len(after)} sent later, "
+                        f"all answered: {all(r[2] for r in after)}"}
     finally:
         if run.proc is not None and run.proc.poll() is None:
             os.killpg(run.proc.pid, signal.SIGINT)
@@ -518,19 +559,34 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = FAULTS[name](work, model, args.prompts)
         except Exception as e:  # noqa: BLE001 — a fault that breaks the harness is a fault not survived
+            first = (str(e).strip().splitlines() or [""])[0][:300]
             row = {"fault": name, "in": args.prompts, "out": "?", "errors": "?", "lost": "?", "duplicated": "?",
-                   "redone": "?", "finished": False, "note": f"{type(e).__name__}: {str(e)[:300]}"}
+                   "redone": "?", "finished": False, "checks": {f"the fault ran to its end ({type(e).__name__}: "
+                                                                f"{first})": False},
+                   "note": f"{type(e).__name__}: {first}"}
         row["seconds"] = round(time.time() - t0, 1)
+        row["key"] = name
         rows.append(row)
-        print(f"{row['fault']}: {'survived' if row['finished'] else 'NOT survived'} in {row['seconds']} s — {row['note']}",
-              flush=True)
+        why = failed_checks(row) if row["finished"] is not None else []
+        print(f"{row['fault']}: {'NOT survived' if why else 'survived' if row['finished'] else 'skipped'} "
+              f"in {row['seconds']} s — {row['note']}", flush=True)
+        if why:  # which fault, why, and how its runs ended: enough to find the failing case
+            row["why"] = why
+            print(f"  NOT survived: --faults {name} ({row['fault']})")
+            for w in why:
+                print(f"    {w}")
+            print("  its console (stdout and stderr of each `cai` process it started), last lines:")
+            print("\n".join("    | " + x for x in console_tails(work, 30).splitlines()), flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(rows))
     skipped = [r for r in rows if r["finished"] is None]
     rows_run = [r for r in rows if r["finished"] is not None]
-    ok = [r for r in rows_run if r["finished"] and r["lost"] == 0 and r["duplicated"] == 0]
+    ok = [r for r in rows_run if not r.get("why")]
+    for r in rows_run:
+        if r.get("why"):
+            print(f"NOT survived: {r['key']} ({r['fault']}): {'; '.join(r['why'])}")
     lost = sum(r["lost"] for r in rows if isinstance(r["lost"], int))
     dup = sum(r["duplicated"] for r in rows if isinstance(r["duplicated"], int))
     redone = max((r["redone"] / r["in"] for r in rows if isinstance(r["redone"], int) and r["in"]), default=0.0)

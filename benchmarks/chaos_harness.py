@@ -114,12 +114,10 @@ class CaiRun:
     def console(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.outputs if p.is_file())
 
-    def failure(self, rc: int, lines: int = 15) -> str:
-        """Nothing for exit 0; otherwise the exit code and the console's last lines (for a table row's note)."""
-        if rc == 0:
-            return ""
-        tail = "\n".join(self.console().rstrip().splitlines()[-lines:])
-        return f"; exit {rc}, the console ends:\n{tail}"
+    def failure(self, rc: int) -> str:
+        """Nothing for exit 0; otherwise the exit code (for a table row's note; the benchmark prints
+        the console's tail for a fault not survived, see ``console_tails``)."""
+        return "" if rc == 0 else f"; exit {rc}"
 
     def processes(self):
         """Every live process of this run's sessions (the driver, its Ray cluster, its workers)."""
@@ -168,6 +166,20 @@ class CaiRun:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
+def console_tails(work: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of every console (stdout and stderr of each ``cai`` process, in the
+    order they were started) of the fault run in ``work``, each under a header naming its file."""
+    files = sorted(work.glob("console-*.txt"), key=lambda f: int(f.stem.split("-")[1]))
+    parts = []
+    for f in files:
+        text = f.read_text(errors="replace").rstrip().splitlines()
+        shown = text[-lines:]
+        parts.append(f"--- {f.name}: {'last ' + str(len(shown)) + ' of ' if len(text) > lines else ''}"
+                     f"{len(text)} line(s) ---")
+        parts += shown
+    return "\n".join(parts) if parts else "(no console: no `cai` process was started)"
+
+
 def wait_until(pred, timeout: float, what: str, run: CaiRun | None = None, every: float = 0.2):
     end = time.time() + timeout
     while time.time() < end:
@@ -207,13 +219,29 @@ def ids_in(path: Path, column: str) -> list[str]:
 
 
 def audit(fault: str, stage_dir: Path, dataset: str, id_col: str, input_ids: list[str],
-          redone: int, finished: bool, note: str = "") -> dict:
-    """A table row: ``stage_dir/dataset`` (ids in ``id_col``) and ``stage_dir/errors`` against the inputs."""
+          redone: int, finished: bool | dict[str, bool], note: str = "") -> dict:
+    """A table row: ``stage_dir/dataset`` (ids in ``id_col``) and ``stage_dir/errors`` against the inputs.
+    ``finished``: whether the run finished as it should, or the checks that say so, each by name
+    (``{"exit 0": rc == 0, ...}``): the row then names those that failed (``failed_checks``)."""
     out, err = ids(stage_dir / dataset, id_col), ids(stage_dir / "errors", "id")
     kept = collections.Counter(out + err)
+    checks = finished if isinstance(finished, dict) else {"finished": bool(finished)}
     return {"fault": fault, "in": len(input_ids), "out": len(out), "errors": len(err),
             "lost": len(set(input_ids) - set(kept)), "duplicated": sum(c - 1 for c in kept.values() if c > 1),
-            "redone": redone, "finished": finished, "note": note}
+            "redone": redone, "finished": all(checks.values()), "checks": checks, "note": note}
+
+
+def failed_checks(row: dict) -> list[str]:
+    """Why a row's fault was not survived: its failed checks, rows lost, rows duplicated ([] if survived)."""
+    checks = row.get("checks") or {"finished": bool(row["finished"])}
+    why = [f"check failed: {name}" for name, ok in checks.items() if not ok]
+    if isinstance(row["lost"], int) and row["lost"]:
+        why.append(f"rows lost: {row['lost']}")
+    if isinstance(row["duplicated"], int) and row["duplicated"]:
+        why.append(f"rows duplicated: {row['duplicated']}")
+    if not why and not row["finished"]:
+        why.append("not finished")
+    return why
 
 
 # ---------------------------------------------------------------- recipes
@@ -292,6 +320,28 @@ def kill_driver_mid_stage(run: CaiRun, stage: Path, min_files: int = 1) -> list[
             pass
     run.end()
     return sorted(names)
+
+
+def whole_checkpoint(stage_dir: Path) -> int | None:
+    """The step (PPO: iteration) of the newest whole training checkpoint under ``stage_dir/_ray``, or
+    None: the train state and DeepSpeed's ``latest`` tag there, the tag's model states among its files,
+    and every ``.pt`` a readable zip archive — what a one-worker job resumes from (as
+    ``training.checkpoints.newest_checkpoint`` judges it). A folder Ray removes meanwhile is skipped."""
+    import zipfile
+
+    for d in sorted(stage_dir.glob("_ray/*/checkpoint_*"), reverse=True):
+        try:
+            step = json.loads((d / "trainer_state.json").read_text())["step"]
+            tag = (d / "deepspeed" / "latest").read_text().strip()
+            pts = list((d / "deepspeed" / tag).glob("*.pt")) if tag else []
+            if not any(f.name.endswith("model_states.pt") for f in pts):
+                continue
+            for f in pts:
+                zipfile.ZipFile(f).close()
+            return step
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+            continue
+    return None
 
 
 def tear(path: Path) -> None:
