@@ -116,7 +116,12 @@ def init_args(cfg: RayConfig) -> dict:
         # workers) never runs. address="local": always a new cluster — with no address Ray would join
         # any cluster already running on this machine (another run's, a `ray start` one) and share its
         # Serve and resources.
-        kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
+        # dashboard_port=0: with no dashboard Ray still records 127.0.0.1:8265 as this cluster's state
+        # API, and Ray Train's placement-group cleaner asks it once a second whether the job's
+        # controller lives. Another cluster's dashboard on the default port answers "no such actor",
+        # and the cleaner removes the running job's placement group (its workers die, a restart is
+        # spent). Nothing listens on port 0, so that ask fails and is retried.
+        kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, dashboard_port=0,
                       _system_config=LOCAL_SYSTEM_CONFIG)
     else:
         # Ship the project so the top-level packages import on every node with no install step: the

@@ -83,6 +83,7 @@ def test_local_ray_starts_no_dashboard_and_serve_listens_on_loopback(monkeypatch
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     args = init_args(RayConfig())
     assert args["address"] == "local" and args["include_dashboard"] is False
+    assert args["dashboard_port"] == 0  # no state API address another cluster's dashboard could answer
     assert ServeConfig().host == "127.0.0.1"
     import argparse
 
