@@ -3,9 +3,8 @@ checked for rows lost, rows duplicated and work redone. Prints one table row per
 
     faults survived N/N, rows lost 0, duplicates 0, work redone at most X%
 
-A fault not survived is named where it ends (``NOT survived: --faults NAME``) with each check it failed
-(an exit code, rows lost or duplicated, a resume that did not happen, ...) and the last 30 lines of
-each console of its ``cai`` processes; the names are repeated, with their reasons, above the last line.
+A fault not survived prints ``NOT survived: --faults NAME``, each check it failed (exit code, rows lost,
+no resume, ...) and its consoles' last 30 lines; names and reasons are repeated above the last line.
 
     python benchmarks/chaos.py [--faults actor_sl_cai,driver_kill,...] [--prompts 48] [--keep]
 
