@@ -78,12 +78,17 @@ class Engine(Protocol):
 
 
 def describe(engine) -> dict:
-    """What an engine runs as — name, device, number format and why — for logs and stage summaries.
-    Engines without a local model (an HTTP endpoint) have no device or dtype."""
+    """What an engine runs as — name, device, number format and why, why this backend, seconds
+    to load — for logs and stage summaries. Engines without a local model (an HTTP endpoint)
+    have no device, dtype or load time."""
     p = getattr(engine, "precision", None)
-    return {"engine": str(getattr(engine, "name", type(engine).__name__)),
+    info = {"engine": str(getattr(engine, "name", type(engine).__name__)),
             "device": str(getattr(engine, "device", "") or ""),
-            "dtype": str(getattr(p, "name", "") or ""), "dtype_reason": str(getattr(p, "reason", "") or "")}
+            "dtype": str(getattr(p, "name", "") or ""), "dtype_reason": str(getattr(p, "reason", "") or ""),
+            "backend_reason": str(getattr(engine, "backend_reason", "") or "")}
+    if getattr(engine, "load_s", None) is not None:
+        info["load_s"] = float(engine.load_s)
+    return info
 
 
 def check_policy_version(generations: list[Generation], version: int) -> None:

@@ -28,6 +28,7 @@ calls repeats them exactly, but one warmed up by other calls may differ at that 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -88,7 +89,7 @@ class TransformersEngine:
     """``Engine`` on a Hugging Face causal LM. ``name`` is ``transformers:<model label>``."""
 
     def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
+        self.cfg, started = cfg, time.time()
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.num_cpus)))
         self.source = resolve_model(cfg.model)
         self.device = resolve_device(cfg.device)
@@ -96,8 +97,9 @@ class TransformersEngine:
         self.model = load_causal_lm(self.source, self.precision.dtype, self.device).eval()
         self.tokenizer = load_tokenizer(cfg.tokenizer or self.source)
         self.name = f"transformers:{self.source.label}"
+        self.load_s = round(time.time() - started, 1)
         print(f"[engine] {self.name} on {self.device.type}, {self.precision}, "
-              f"{torch.get_num_threads()} threads", flush=True)
+              f"{torch.get_num_threads()} threads, loaded in {self.load_s} s", flush=True)
         self.pad_id = self.tokenizer.pad_token_id
         self.cache_kwarg = cache_kwarg(self.model)
         self.stop_ids = self._stop_token_ids()

@@ -13,8 +13,9 @@ import pyarrow as pa
 import ray
 
 from actors import EngineConfig, make_engine
-from actors.base import describe
-from actors.models import prepare_model, resolve_model
+from actors.base import EngineError, describe
+from actors.models import prepare_model
+from actors.sources import tensor_parallel_problem
 from workflows.core import stage, storage
 from workflows.core.stage import StageContext
 
@@ -60,8 +61,12 @@ def engines_used(*stage_dirs: str) -> list[dict]:
         for f in storage.list_files(storage.join(d, ENGINES), ".json"):
             info = storage.read_json(f)
             info.pop("host", None)
+            load_s = info.pop("load_s", None)
             key = json.dumps(info, sort_keys=True)
-            seen.setdefault(key, {**info, "actors": 0})["actors"] += 1
+            entry = seen.setdefault(key, {**info, "actors": 0})
+            entry["actors"] += 1
+            if load_s is not None:  # the slowest actor's load: what the stage waited for
+                entry["load_s"] = max(load_s, entry.get("load_s", 0.0))
     return [seen[k] for k in sorted(seen)]
 
 
@@ -93,10 +98,12 @@ def pool_args(engine: EngineConfig) -> dict:
 def check_engine(engine: EngineConfig) -> None:
     """Fail on the driver, in one clear line, before a pool of actors fails one by one."""
 
-    if engine.backend == "transformers":
-        prepare_model(engine.model)
-    elif engine.backend == "vllm":
-        resolve_model(engine.model)
+    if engine.backend in ("auto", "transformers", "vllm"):
+        source = prepare_model(engine.model)  # a GGUF model is converted once, here (vLLM loads the copy)
+        if engine.backend != "transformers":
+            problem = tensor_parallel_problem(source.path, engine.vllm.tensor_parallel_size)
+            if problem:
+                raise EngineError(f"engine.vllm.tensor_parallel_size: {problem}")
 
 
 BLOCKS_PER_ACTOR = 4

@@ -13,6 +13,8 @@ A model spec is one string:
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +78,22 @@ def resolve_model(spec: str) -> ModelSource:
             f"model {spec!r}: no local directory or file named {spec!r} and the hub could not be reached "
             f"({type(e).__name__}) — pass a local directory, a .gguf file, or `embedded`") from e
     return ModelSource(path=spec, gguf_file=None, label=spec)
+
+
+def tensor_parallel_problem(model_dir: str, tp: int) -> str | None:
+    """Why a model saved in ``model_dir`` cannot be split ``tp`` ways, or None (also when its config
+    cannot be read here): its attention heads must divide evenly among the ranks, its key/value
+    heads too, or the ranks among them (vLLM then copies each key/value head to several ranks)."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if isinstance(heads, int) and heads % tp:
+        return f"the model's {heads} attention heads cannot be split evenly among {tp} ranks: use a divisor of {heads}"
+    if isinstance(kv, int) and kv % tp and tp % kv:
+        return (f"the model's {kv} key/value heads and {tp} ranks do not divide one another: "
+                f"use a divisor or a multiple of {kv}")
+    return None

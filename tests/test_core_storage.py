@@ -58,3 +58,23 @@ def test_cai_run_reports_a_torn_marker_in_one_line(tmp_path, capsys, ray_local):
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert "_config.json" in err and "--restart-from prompts" in err and "\n" not in err
+
+
+def test_list_files_of_a_file_is_the_file_and_judging_errors_are_appended(tmp_path):
+    """The preference stage copies each judging error file into the stage's errors: found when a
+    judge first left errors (vLLM judges on a random model), it had listed each file as a folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.core.stage import ERRORS_SCHEMA
+    from workflows.preference.report import append_parts
+
+    src = tmp_path / "judging-errors"
+    src.mkdir()
+    row = {"id": "p1", "stage": "preference:judging", "reason": "unparseable", "detail": "no letter"}
+    pq.write_table(pa.Table.from_pylist([row], schema=ERRORS_SCHEMA), src / "part-00000.parquet")
+    f = str(src / "part-00000.parquet")
+    assert storage.list_files(f, ".parquet") == [f] and storage.list_files(f, ".json") == []
+    (tmp_path / "errors").mkdir()
+    assert append_parts(str(src), str(tmp_path / "errors"), "judging") == {"unparseable": 1}
+    assert pq.read_table(tmp_path / "errors" / "judging-00000.parquet").to_pylist() == [row]

@@ -78,6 +78,9 @@ def test_the_summary_says_which_number_format_each_engine_chose_and_why(finished
     assert engines[0]["dtype_reason"].startswith("auto: CAI_RAY_CPU_BF16=0: no native bfloat16")
     text = (d / "run" / "critique_revision" / "summary.md").read_text()
     assert f"engine transformers:{tiny_llama_dir.name} on cpu, float32 — auto: CAI_RAY_CPU_BF16=0" in text
+    # engine.backend: auto (the default) runs transformers on a CPU, and the summary says why
+    assert engines[0]["backend_reason"].startswith("auto: no CUDA GPU") and engines[0]["load_s"] > 0
+    assert "loaded in " in text and "backend: auto: no CUDA GPU" in text
 
 
 def test_sft_output_loads_as_trl_conversational_dataset(finished_run):

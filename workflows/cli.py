@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 from actors.base import EngineError
+from actors.install import broken_torchvision
 from cluster import cli as cluster_cli
 from training import cli as training_cli
 from workflows.constitution import check_main
@@ -119,6 +120,10 @@ def _user_error(exc: BaseException) -> Exception | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = broken_torchvision()  # before anything loads a model: every load would fail obscurely
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -135,10 +135,14 @@ def delete(uri: str) -> None:
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Files (as full URIs) directly or recursively under ``uri`` ending in ``suffix``, sorted."""
+    """Files (as full URIs) directly or recursively under ``uri`` ending in ``suffix``, sorted;
+    ``uri`` itself when it is such a file."""
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
         return []
+    if kind == pafs.FileType.File:
+        return [uri] if path.endswith(suffix) else []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     rels = sorted(posixpath.relpath(i.path, path) for i in infos
                   if i.type == pafs.FileType.File and i.path.endswith(suffix))

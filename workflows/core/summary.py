@@ -27,8 +27,12 @@ def stage_lines(info: dict) -> list[str]:
     for e in info.get("engines") or []:
         where = ", ".join(x for x in (e.get("device"), e.get("dtype")) if x)
         why = f" — {e['dtype_reason']}" if e.get("dtype_reason") else ""
-        lines.append(f"engine {e['engine']}" + (f" on {where}" if where else "") + why +
-                     f" ({e['actors']} actor{'s' if e['actors'] != 1 else ''})")
+        more = [f"{e['actors']} actor{'s' if e['actors'] != 1 else ''}"]
+        if e.get("load_s") is not None:
+            more.append(f"loaded in {e['load_s']:.1f} s")
+        if e.get("backend_reason"):
+            more.append(f"backend: {e['backend_reason']}")
+        lines.append(f"engine {e['engine']}" + (f" on {where}" if where else "") + why + f" ({'; '.join(more)})")
     if info.get("datasets"):
         lines.append("datasets: " + ", ".join(f"{k} ({v} rows)" for k, v in info["datasets"].items()))
     return lines
