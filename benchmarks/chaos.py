@@ -13,6 +13,7 @@ Faults (``FAULTS``):
   in preference judging: Ray restarts it and retries its block; finalize keeps one copy per id.
 - ``actor_starting``: as ``actor_sl_cai``, and first another engine actor killed while it still
   loads (an OOM kill at load, a node lost as the pool starts): Ray starts it again.
+- ``actor_vllm``: as ``actor_sl_cai`` on the vLLM backend (where vLLM is installed).
 - ``driver_kill``: the driver killed (SIGKILL) mid-stage, its Ray processes ended, then the same
   command run again: finished stages skipped, the interrupted one redoes at most its in-flight blocks.
 - ``torn_raw_file``: as ``driver_kill``, and one raw file the killed run left is cut in half before
@@ -67,11 +68,11 @@ from benchmarks.chaos_harness import (  # noqa: E402 — after the path insert
     table, tear, tiny_model, wait_until, whole_checkpoint)
 
 
-def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False) -> dict:
+def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False, backend: str = "auto") -> dict:
     """One engine actor killed once the first block is saved; with ``starting``, first another one
     killed the moment its process appears, while it still loads."""
     prompts, texts = prompts_file(work, n)
-    run = CaiRun(work, sl_cai_recipe(work, model, prompts))
+    run = CaiRun(work, sl_cai_recipe(work, model, prompts, backend=backend))
     try:
         run.start()
         stage = work / "run" / "critique_revision"
@@ -88,7 +89,8 @@ def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False) -
         victim.send_signal(signal.SIGKILL)  # mid-stage: the first block is saved, the rest are not
         rc = run.wait(600)
         counts = attempts(run.log, "g", set(texts))
-        return audit("engine actor killed (SL-CAI)" + (", another while starting" if starting else ""), stage,
+        name = ("vLLM " if backend == "vllm" else "") + "engine actor killed (SL-CAI)"
+        return audit(name + (", another while starting" if starting else ""), stage,
                      "sl_cai", "prompt_id", ids(work / "run" / "prompts" / "prompts", "prompt_id"), redone(counts),
                      {"exit 0": rc == 0},
                      note + f"actor pid {victim.pid} killed once the first block was saved" + run.failure(rc))
@@ -98,6 +100,10 @@ def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False) -
 
 def fault_actor_starting(work: Path, model: str, n: int) -> dict:
     return fault_actor_sl_cai(work, model, n, starting=True)
+
+
+def fault_actor_vllm(work: Path, model: str, n: int) -> dict:  # heads of 32: vLLM's CPU attention has no 16
+    return fault_actor_sl_cai(work, tiny_model(work / "vllm-model", head_dim=32), n, backend="vllm")
 
 
 def fault_actor_judging(work: Path, model: str, n: int) -> dict:
@@ -525,7 +531,7 @@ def fault_serve_replica(work: Path, model: str, n: int, clients: int = 4) -> dic
         run.close()
 
 
-FAULTS = {"actor_sl_cai": fault_actor_sl_cai, "actor_starting": fault_actor_starting,
+FAULTS = {"actor_sl_cai": fault_actor_sl_cai, "actor_starting": fault_actor_starting, "actor_vllm": fault_actor_vllm,
           "actor_judging": fault_actor_judging,
           "driver_kill": fault_driver_kill, "torn_raw_file": fault_torn_raw_file,
           "torn_cache_shard": fault_torn_cache_shard, "train_worker": fault_train_worker,

