@@ -21,6 +21,12 @@
 
     python benchmarks/labeling.py [--prompts 12 --samples 3] [--dataflow 100000,1000000] [--skip-model]
     python benchmarks/labeling.py --prompts 4 --samples 2 --dataflow 2000,10000     # a quick check
+    python benchmarks/labeling.py --backends transformers,vllm --dataflow ""        # both engines
+
+``--backends``: (a)'s stage runs once per engine backend (the policy sampling and the judges),
+same prompts and seed; each one's judged pairs/s (judging phase, start-up included) and its judge
+actors' load seconds are printed, and vLLM's rate against transformers'. (a)'s naive ratio and
+(b) use the first backend.
 
 The last line sums up every figure.
 """
@@ -73,18 +79,18 @@ def instant_engine(cfg) -> InstantEngine:
 
 # ---------------------------------------------------------------- (a) stage vs naive loop
 
-def stage_run(run_dir: str, args) -> dict:
+def stage_run(run_dir: str, args, backend: str = "transformers") -> dict:
     from workflows.driver import Recipe, run_recipe
 
-    judge = {"model": "embedded", "batch_size": args.batch_size, "concurrency": args.concurrency, "num_cpus": 1,
-             "dtype": args.dtype}
+    judge = {"backend": backend, "model": "embedded", "batch_size": args.batch_size, "concurrency": args.concurrency,
+             "num_cpus": 1, "dtype": args.dtype}
     cfg = Recipe(name="bench", run_dir=run_dir, stages=[
         {"stage": "prompts", "path": "builtin:red_team", "limit": args.prompts},
         {"stage": "preference", "samples_per_prompt": args.samples, "principles_per_pair": args.principles,
          "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "seed": 0,
                       "repetition_penalty": 1.2},
-         "policy": {"model": "embedded", "batch_size": 16, "concurrency": args.concurrency, "num_cpus": 1,
-                    "dtype": args.dtype},
+         "policy": {"backend": backend, "model": "embedded", "batch_size": 16, "concurrency": args.concurrency,
+                    "num_cpus": 1, "dtype": args.dtype},
          "judges": [judge]},
     ])
     return run_recipe(cfg)["preference"]
@@ -259,6 +265,8 @@ def main() -> None:
     ap.add_argument("--dataflow", default="100000,1000000", help="(c) sizes in prompts (= pairs), comma-separated")
     ap.add_argument("--checkpoint-rows", type=int, default=8192, help="(c) rows per raw file")
     ap.add_argument("--dataflow-batch", type=int, default=1024, help="(c) rows per engine batch")
+    ap.add_argument("--backends", default="transformers",
+                    help="(a) engine backends to run the stage with, comma-separated: transformers,vllm")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -274,9 +282,16 @@ def main() -> None:
         print(formats_line(formats), flush=True)
         figures.update(formats)
 
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         with tempfile.TemporaryDirectory() as tmp:
-            info = stage_run(os.path.join(tmp, "run"), args)
-            pairs, convs = judge_work(os.path.join(tmp, "run", "preference"), args.principles)
+            infos = {b: stage_run(os.path.join(tmp, f"run-{b}"), args, b) for b in backends}
+            info = infos[backends[0]]
+            pairs, convs = judge_work(os.path.join(tmp, f"run-{backends[0]}", "preference"), args.principles)
+        figures["engines"] = {b: {"pairs": i["phases"]["judging"]["pairs"],
+                                  "judging_s": i["phases"]["judging"]["seconds"],
+                                  "pairs_s": i["phases"]["judging"]["pairs_per_s"],
+                                  "load_s": max((e.get("load_s") or 0.0) for e in i.get("engines") or [{}])}
+                              for b, i in infos.items()}
         ray.shutdown()  # free the cores for the in-process measurements
         m = in_process(convs, args.batch_size, args.rounds, args.dtype, args.naive_dtype)
         n, judging_s = len(pairs), info["phases"]["judging"]["seconds"]
@@ -300,6 +315,10 @@ def main() -> None:
         figures.update({f"dataflow_{r['n']}_rss_mb": round(r["peak_rss_mb"]) for r in runs})
         figures["rss_ratio"] = round(runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 2)
     parts = []
+    if {"vllm", "transformers"} <= set(figures.get("engines", {})):
+        v, t = figures["engines"]["vllm"], figures["engines"]["transformers"]
+        parts.append(f"engines: vllm {v['pairs_s']} judged pairs/s (engines load {v['load_s']} s) vs transformers "
+                     f"{t['pairs_s']} (load {t['load_s']} s) = {v['pairs_s'] / t['pairs_s']:.2f}x")
     if "ratio" in figures:
         parts.append(f"(a) stage {figures['stage_pairs_s']} pairs/s vs naive {figures['naive_pairs_s']} = "
                      f"{figures['ratio']}x end to end ({figures['pairs']} pairs, start-up included), batched engine "

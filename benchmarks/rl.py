@@ -3,6 +3,7 @@ engine actors roll out against the trainer generating by itself, and what a weig
 model size — each measured in one run.
 
     python benchmarks/rl.py [--iterations 4] [--prompts 8] [--samples 2] [--max-new-tokens 48]
+                            [--backends transformers,vllm]
 
 1. The ``ppo`` stage runs ``--iterations`` on 2 workers (ZeRO-2, ``precision: auto``) with a
    reward model made of the embedded backbone and a fixed random head; the first iteration is a
@@ -14,6 +15,9 @@ model size — each measured in one run.
    load it, ``use_cache`` off as training leaves it), same prompts, same thread count.
 3. Weight-sync seconds versus model size: a tiny model and the embedded one, each pushed to a
    fresh rollout actor through the object store.
+
+``--backends``: 1 and 3 once per rollout engine backend (``vllm`` where vLLM is installed), the
+same prompts and seed; the last line gives each one's rollout tokens/s, sync seconds and load.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def prompts_dataset(out: str, n: int) -> tuple[str, list]:
     return out, rows
 
 
-def stage_run(model: str, rm: str, prompts: str, run_dir: str, args) -> list[dict]:
+def stage_run(model: str, rm: str, prompts: str, run_dir: str, args, backend: str = "transformers") -> list[dict]:
     from training import ppo
     from training.config import PPOConfig
     from workflows.core.stage import StageContext
@@ -70,7 +74,7 @@ def stage_run(model: str, rm: str, prompts: str, run_dir: str, args) -> list[dic
         "model": model, "reward_model": rm, "input": prompts, "iterations": args.iterations,
         "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
         "num_workers": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 2e-6, "checkpoint_every": 0,
-        "rollout": {"batch_size": args.prompts * args.samples}}, "benchmark")
+        "rollout": {"backend": backend, "batch_size": args.prompts * args.samples}}, "benchmark")
     ppo.run(cfg, StageContext(run_dir, "ppo", seed=0))
     with open(os.path.join(run_dir, "ppo", "metrics.jsonl")) as f:
         return [json.loads(x) for x in f]
@@ -99,7 +103,7 @@ def trainer_generate(model: str, rows: list, args, threads: int) -> float:
     return new / (time.perf_counter() - t)
 
 
-def sync_cost(model: str) -> tuple[float, float]:
+def sync_cost(model: str, backend: str = "transformers") -> tuple[float, float]:
     """(megabytes, seconds) of one push of ``model``'s weights to a fresh rollout actor."""
     import ray
 
@@ -108,7 +112,7 @@ def sync_cost(model: str) -> tuple[float, float]:
 
     sd = {k: v.float() for k, v in load_causal_lm(model, dtype="float32", device="cpu").state_dict().items()}
     mb = sum(v.numel() * v.element_size() for v in sd.values()) / 1e6
-    actor = ray.remote(RolloutActor).options(num_cpus=1).remote({"model": model, "dtype": "float32"})
+    actor = ray.remote(RolloutActor).options(num_cpus=1).remote({"backend": backend, "model": model, "dtype": "float32"})
     ray.get(actor.__ray_ready__.remote())
     t = time.perf_counter()
     push_weights([actor], sd, 1)
@@ -122,7 +126,8 @@ def tiny_model(out: str, base: str) -> str:
 
     tok = AutoTokenizer.from_pretrained(base)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=32)).save_pretrained(out)  # vLLM's CPU attention has no heads of 16
     tok.save_pretrained(out)
     return out
 
@@ -133,7 +138,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--backends", default="transformers", help="rollout engine backends, comma-separated")
     args = p.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     import ray
 
     from actors.models import prepare_model
@@ -143,25 +150,38 @@ def main() -> None:
     model = prepare_model("embedded").path
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.path.dirname(HERE)}})
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         prompts, rows = prompts_dataset(os.path.join(tmp, "prompts"), args.prompts * 2)
-        hist = stage_run(model, reward_dir(model, os.path.join(tmp, "rm")), prompts, os.path.join(tmp, "run"), args)
-        steady = hist[1:] or hist
-        per = {k: sum(h[k] for h in steady) / len(steady) for k in ("seconds", "generate_s", "score_s", "train_s", "sync_s")}
-        tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
-        actor_tps = tokens / sum(h["generate_s"] for h in steady)
-        print(f"ppo iteration (steady, {len(steady)} of {len(hist)}): {per['seconds']:.1f} s = generate "
-              f"{per['generate_s']:.1f} + score {per['score_s']:.1f} + train {per['train_s']:.1f} + sync "
-              f"{per['sync_s']:.1f} s (sync {per['sync_s'] / per['seconds']:.1%} of the iteration; goal < 10%)")
+        rm = reward_dir(model, os.path.join(tmp, "rm"))
+        tiny = tiny_model(os.path.join(tmp, "tiny"), model)
+        for backend in backends:
+            hist = stage_run(model, rm, prompts, os.path.join(tmp, f"run-{backend}"), args, backend)
+            steady = hist[1:] or hist
+            per = {k: sum(h[k] for h in steady) / len(steady)
+                   for k in ("seconds", "generate_s", "score_s", "train_s", "sync_s")}
+            tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
+            per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
+            per["sizes"] = [sync_cost(tiny, backend), sync_cost(model, backend)]
+            figures[backend] = per
+            print(f"[{backend}] ppo iteration (steady, {len(steady)} of {len(hist)}): {per['seconds']:.1f} s = "
+                  f"generate {per['generate_s']:.1f} + score {per['score_s']:.1f} + train {per['train_s']:.1f} + sync "
+                  f"{per['sync_s']:.1f} s (sync {per['sync_s'] / per['seconds']:.1%} of the iteration; goal < 10%)")
+            for mb, s in per["sizes"]:
+                print(f"[{backend}] weight sync: {mb:.0f} MB in {s:.2f} s ({mb / s:.0f} MB/s)")
         trainer_tps = trainer_generate(model, rows, args, threads=1)
-        print(f"rollout tokens/s: engine actor {actor_tps:.1f}, the trainer's own model.generate {trainer_tps:.1f} "
-              f"(same prompts, 1 thread each): {actor_tps / trainer_tps:.2f}x")
-        sizes = [sync_cost(tiny_model(os.path.join(tmp, "tiny"), model)), sync_cost(model)]
-        for mb, s in sizes:
-            print(f"weight sync: {mb:.0f} MB in {s:.2f} s ({mb / s:.0f} MB/s)")
-    print(f"rl: iteration {per['seconds']:.1f} s, sync {per['sync_s'] / per['seconds']:.1%} of it (goal < 10%); "
-          f"engine-actor rollouts {actor_tps / trainer_tps:.2f}x the trainer's own generate; "
-          f"weight sync {sizes[-1][0] / sizes[-1][1]:.0f} MB/s at {sizes[-1][0]:.0f} MB")
+        first = figures[backends[0]]
+        print(f"rollout tokens/s: engine actor ({backends[0]}) {first['actor_tps']:.1f}, the trainer's own "
+              f"model.generate {trainer_tps:.1f} (same prompts, 1 thread each): {first['actor_tps'] / trainer_tps:.2f}x")
+    mb, s = first["sizes"][-1]
+    line = (f"rl: iteration {first['seconds']:.1f} s, sync {first['sync_s'] / first['seconds']:.1%} of it (goal < 10%); "
+            f"engine-actor rollouts {first['actor_tps'] / trainer_tps:.2f}x the trainer's own generate; "
+            f"weight sync {mb / s:.0f} MB/s at {mb:.0f} MB")
+    if {"transformers", "vllm"} <= set(figures):
+        v, t = figures["vllm"], figures["transformers"]
+        line += (f"; rollouts vllm {v['actor_tps']:.1f} vs transformers {t['actor_tps']:.1f} tok/s = "
+                 f"{v['actor_tps'] / t['actor_tps']:.2f}x, sync {v['sync_s']:.2f} vs {t['sync_s']:.2f} s per iteration")
+    print(line)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 answers one request at a time with ``model.generate``, both with the embedded SmolLM2-135M-Instruct,
 measured in one run with the official ``openai`` client at concurrency 1, 4 and 16.
 
-    python benchmarks/serve.py [--requests 32] [--max-tokens 48] [--dtype auto]
+    python benchmarks/serve.py [--requests 32] [--max-tokens 48] [--dtype auto] [--backends transformers,vllm]
 
 Both servers get the same model, number format, threads (every core), prompts and greedy decoding;
 they run one after the other, never side by side. Goal: at least 3x the naive throughput at
 concurrency 16. The first line names the processor and the number format chosen there.
+``--backends``: ``cai serve`` once per engine backend, one after the other; the last line also gives
+vLLM's requests/s at the top concurrency against transformers'.
 """
 from __future__ import annotations
 
@@ -114,13 +116,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--batch-wait", type=float, default=0.1, help="seconds a batch waits to fill (cai serve's default)")
+    ap.add_argument("--backends", default="transformers", help="cai serve's engine backends, comma-separated")
     args = ap.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     levels = [int(x) for x in args.levels.split(",")]
 
     from benchmarks.common import formats_line, number_formats
     print(formats_line(number_formats(args.dtype)), flush=True)
 
-    results: dict[str, dict[int, dict]] = {"naive": {}, "cai serve": {}}
+    servers = [f"cai serve ({b})" for b in backends]
+    results: dict[str, dict[int, dict]] = {"naive": {}, **{name: {} for name in servers}}
     port = free_port()
     naive = naive_server(args, port)
     url = f"http://127.0.0.1:{port}/v1"
@@ -139,27 +144,35 @@ def main() -> None:
     from cluster.serve.config import ServeConfig
 
     connect(RayConfig(num_cpus=os.cpu_count(), progress_bars=False))
-    cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
-                                 "batch_wait_timeout_s": args.batch_wait,
-                                 "engine": {"dtype": args.dtype, "num_cpus": os.cpu_count(), "max_model_len": 1024}})
-    url = start(cfg)
-    client_model[url] = cfg.served_name
-    try:
-        for c in levels:
-            results["cai serve"][c] = load(url, c, args.requests, args.max_tokens)
-            print(f"cai serve c={c:<3} {results['cai serve'][c]}", flush=True)
-    finally:
-        serve.shutdown()
+    for backend, name in zip(backends, servers):
+        cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
+                                     "batch_wait_timeout_s": args.batch_wait,
+                                     "engine": {"backend": backend, "dtype": args.dtype, "num_cpus": os.cpu_count(),
+                                                "max_model_len": 1024}})
+        url = start(cfg)
+        client_model[url] = cfg.served_name
+        try:
+            for c in levels:
+                results[name][c] = load(url, c, args.requests, args.max_tokens)
+                print(f"{name} c={c:<3} {results[name][c]}", flush=True)
+        finally:
+            serve.shutdown()
 
-    print("\nconcurrency | naive req/s | cai serve req/s | ratio | naive p50/p95 s | cai serve p50/p95 s")
+    print("\nconcurrency | naive req/s | " + " | ".join(f"{n} req/s | ratio" for n in servers)
+          + " | naive p50/p95 s | " + " | ".join(f"{n} p50/p95 s" for n in servers))
     for c in levels:
-        n, s = results["naive"][c], results["cai serve"][c]
-        print(f"{c:>11} | {n['rps']:>11.2f} | {s['rps']:>15.2f} | {s['rps'] / n['rps']:>5.2f} | "
-              f"{n['p50']:.2f}/{n['p95']:.2f} | {s['p50']:.2f}/{s['p95']:.2f}")
+        n = results["naive"][c]
+        cells = " | ".join(f"{results[s][c]['rps']:.2f} | {results[s][c]['rps'] / n['rps']:.2f}" for s in servers)
+        lat = " | ".join(f"{results[s][c]['p50']:.2f}/{results[s][c]['p95']:.2f}" for s in servers)
+        print(f"{c:>11} | {n['rps']:>11.2f} | {cells} | {n['p50']:.2f}/{n['p95']:.2f} | {lat}")
     top = max(levels)
-    ratio = results["cai serve"][top]["rps"] / results["naive"][top]["rps"]
-    print(f"cai serve at concurrency {top}: {ratio:.2f}x the naive server's requests/s "
-          f"({'meets' if ratio >= 3 else 'misses'} the 3x goal)")
+    ratio = results[servers[0]][top]["rps"] / results["naive"][top]["rps"]
+    line = (f"{servers[0]} at concurrency {top}: {ratio:.2f}x the naive server's requests/s "
+            f"({'meets' if ratio >= 3 else 'misses'} the 3x goal)")
+    if {"transformers", "vllm"} <= set(backends):
+        v, t = (results[f"cai serve ({b})"][top]["rps"] for b in ("vllm", "transformers"))
+        line += f"; vllm {v:.2f} vs transformers {t:.2f} req/s at concurrency {top} = {v / t:.2f}x"
+    print(line)
 
 
 if __name__ == "__main__":
