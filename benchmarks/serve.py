@@ -8,7 +8,9 @@ Both servers get the same model, number format, threads (every core), prompts an
 they run one after the other, never side by side. Goal: at least 3x the naive throughput at
 concurrency 16. The first line names the processor and the number format chosen there.
 ``--backends``: ``cai serve`` once per engine backend, one after the other; the last line also gives
-vLLM's requests/s at the top concurrency against transformers'.
+vLLM's requests/s at the top concurrency against transformers'. ``ray-llm`` among them serves the same
+model with Ray's own ``ray.serve.llm`` (vLLM's async engine behind Ray's OpenAI app, continuous
+batching) with the settings our CPU vLLM engine uses (eager, 1 GiB KV cache, the same dtype).
 """
 from __future__ import annotations
 
@@ -78,6 +80,35 @@ def naive_server(args, port: int):
     return server
 
 
+def ray_llm_app(args, max_batch: int) -> str:
+    """The embedded model behind ``ray.serve.llm``'s OpenAI app (one replica); its base URL."""
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from actors.models import choose, prepare_model
+
+    cfg = LLMConfig(model_loading_config={"model_id": "embedded", "model_source": prepare_model("embedded").path},
+                    accelerator_config={"kind": "cpu"},
+                    deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+                    engine_kwargs={"dtype": choose(args.dtype, "cpu").name, "max_model_len": 1024, "enforce_eager": True,
+                                   "kv_cache_memory_bytes": 1 << 30, "max_num_seqs": max_batch})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_openai_app({"llm_configs": [cfg]}), blocking=False, name="ray-llm")
+    url = f"http://127.0.0.1:{port}/v1"
+    import openai
+
+    client, t = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=30), time.time()
+    while True:  # the app answers once its engine has loaded
+        try:
+            client.models.list()
+            return url
+        except Exception:  # noqa: BLE001
+            if time.time() - t > 600:
+                raise
+            time.sleep(2)
+
+
 def load(url: str, concurrency: int, n: int, max_tokens: int) -> dict:
     """``n`` requests from ``concurrency`` client threads: requests/s, tokens/s, p50/p95 latency."""
     import openai
@@ -124,7 +155,7 @@ def main() -> None:
     from benchmarks.common import formats_line, number_formats
     print(formats_line(number_formats(args.dtype)), flush=True)
 
-    servers = [f"cai serve ({b})" for b in backends]
+    servers = [f"cai serve ({b})" if b != "ray-llm" else "ray.serve.llm" for b in backends]
     results: dict[str, dict[int, dict]] = {"naive": {}, **{name: {} for name in servers}}
     port = free_port()
     naive = naive_server(args, port)
@@ -143,8 +174,19 @@ def main() -> None:
     from cluster.serve.app import start
     from cluster.serve.config import ServeConfig
 
-    connect(RayConfig(num_cpus=os.cpu_count(), progress_bars=False))
+    # ray-llm's OpenAI ingress takes a CPU of its own beside the engine's: logical CPUs for both
+    connect(RayConfig(num_cpus=os.cpu_count() + 2, progress_bars=False))
     for backend, name in zip(backends, servers):
+        if backend == "ray-llm":
+            url = ray_llm_app(args, max(levels))
+            client_model[url] = "embedded"
+            try:
+                for c in levels:
+                    results[name][c] = load(url, c, args.requests, args.max_tokens)
+                    print(f"{name} c={c:<3} {results[name][c]}", flush=True)
+            finally:
+                serve.shutdown()
+            continue
         cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
                                      "batch_wait_timeout_s": args.batch_wait,
                                      "engine": {"backend": backend, "dtype": args.dtype, "num_cpus": os.cpu_count(),
@@ -172,6 +214,9 @@ def main() -> None:
     if {"transformers", "vllm"} <= set(backends):
         v, t = (results[f"cai serve ({b})"][top]["rps"] for b in ("vllm", "transformers"))
         line += f"; vllm {v:.2f} vs transformers {t:.2f} req/s at concurrency {top} = {v / t:.2f}x"
+    if {"vllm", "ray-llm"} <= set(backends):
+        v, r = results["cai serve (vllm)"][top]["rps"], results["ray.serve.llm"][top]["rps"]
+        line += f"; ray.serve.llm {r:.2f} vs cai serve (vllm) {v:.2f} req/s = {r / v:.2f}x"
     print(line)
 
 

