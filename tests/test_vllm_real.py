@@ -21,8 +21,25 @@ def _user(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def engine():
-    """The embedded model (a GGUF file: vLLM loads its converted directory), float32 as every test."""
+    """The embedded model (a GGUF file: vLLM loads its converted directory), float32 as every test.
+    Flask is imported first, as the S3 tests' server does in the same test process: vLLM's start
+    scans every loaded module, and Flask's context proxies used to fail it there."""
+    import flask  # noqa: F401
+
     return make_engine(EngineConfig(backend="vllm", model="embedded", max_model_len=1024, num_cpus=2))
+
+
+def test_modules_vllm_cannot_scan_are_found_without_touching_them():
+    import flask
+    import flask.globals
+
+    from actors.vllm_engine import unscannable_modules
+
+    names = unscannable_modules(dict(__import__("sys").modules))
+    assert "flask.globals" in names and "flask" in names  # current_app, request, g ...
+    assert "json" not in names
+    with pytest.raises(RuntimeError, match="outside of application context"):
+        hasattr(flask.current_app, "__dict__")  # what vLLM's scan does: the reason for the list
 
 
 def test_the_embedded_model_loads_from_its_converted_directory(engine):

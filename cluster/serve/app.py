@@ -41,6 +41,7 @@ logger = logging.getLogger("ray.serve")  # a replica's log file, next to Serve's
 # Serve's proxy puts a request id on every request (the client's own x-request-id, else a new one) and
 # echoes it on every response: a server error quotes it, and adds the header only where none came in
 REQUEST_ID = "x-request-id"
+OVERLAPPING_BATCHES = 8  # batches in flight at once on an engine with concurrent_calls (vLLM)
 
 api = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
 
@@ -162,8 +163,11 @@ class ChatModel:
         # what this replica did: requests answered by the engine, requests whose client left before
         # their answer, and tokens the engine decoded (every row, every step; streaming engines)
         self.counters = {"requests": 0, "cancelled": 0, "decoded_tokens": 0}
-        self._generate.set_max_batch_size(max_batch_size)
-        self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # an engine that takes calls from several threads (vLLM: one stepping loop for all of them)
+        # gets overlapping batches: a batch formed while others decode joins vLLM's running batch
+        self._submit = self._overlapping if getattr(self.engine, "concurrent_calls", False) else self._generate
+        self._submit.set_max_batch_size(max_batch_size)
+        self._submit.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def stats(self) -> dict:
         """This replica's counters (through a Serve handle: ``handle.stats.remote()``)."""
@@ -202,7 +206,7 @@ class ChatModel:
             return _error(e)
         cid = oa.completion_id()
         job = _Job(req, rid)
-        events = self._generate(job)
+        events = self._submit(job)
         if req.stream:
             return _Stream(self._sse(cid, job, prompt_tokens, events), lambda: self._close(job),
                            media_type="text/event-stream")
@@ -303,6 +307,17 @@ class ChatModel:
     # ------------------------------------------------------------------ batching
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)  # both set from the config in __init__
     async def _generate(self, jobs: list[_Job]):
+        """One batch at a time (engines whose calls must not overlap)."""
+        async for out in self._run_batch(jobs):
+            yield out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1, max_concurrent_batches=OVERLAPPING_BATCHES)
+    async def _overlapping(self, jobs: list[_Job]):
+        """Batches that overlap (engines with ``concurrent_calls``)."""
+        async for out in self._run_batch(jobs):
+            yield out
+
+    async def _run_batch(self, jobs: list[_Job]):
         """One engine call per sampling setting for the whole batch, in a thread. Yields, per request,
         the list of its new events: ``("tokens", ids, n)`` while decoding, then ``("done", Generation, n)``.
         A job cancelled before its call is left out of it; one cancelled during it ends its row there
