@@ -4,9 +4,10 @@ docs/engines.md.
 Built on vLLM's offline engine: one ``vllm.LLM`` per actor (prefix caching and tensor
 parallelism from ``cfg.vllm``), prompts chat-templated and tokenized here with the engine's
 own tokenizer and handed over as ``{"prompt_token_ids": ...}``, one ``vllm.SamplingParams``
-per row. Requests go in through ``llm_engine.add_request`` and come back step by step, so a
-server streams each row's tokens as they are decoded (``on_tokens``) and a row whose client left
-is aborted (``should_stop``). ``vllm`` is imported inside ``VLLMEngine.__init__`` only, so this
+per row. Requests go in through ``llm_engine.add_request`` and come back step by step from one
+stepping thread shared by every caller (:mod:`actors.vllm_stepper`): concurrent calls (a
+server's overlapping batches) join vLLM's running batch, a server streams each row's tokens as
+they are decoded (``on_tokens``), and a row whose client left is aborted (``should_stop``). ``vllm`` is imported inside ``VLLMEngine.__init__`` only, so this
 module imports (and its pure helpers are tested) on machines without it.
 
 Models: a GGUF model (``embedded`` among them) is loaded from its dequantized copy in the cache
