@@ -180,19 +180,13 @@ def main() -> None:
         if backend == "ray-llm":
             url = ray_llm_app(args, max(levels))
             client_model[url] = "embedded"
-            try:
-                for c in levels:
-                    results[name][c] = load(url, c, args.requests, args.max_tokens)
-                    print(f"{name} c={c:<3} {results[name][c]}", flush=True)
-            finally:
-                serve.shutdown()
-            continue
-        cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
-                                     "batch_wait_timeout_s": args.batch_wait,
-                                     "engine": {"backend": backend, "dtype": args.dtype, "num_cpus": os.cpu_count(),
-                                                "max_model_len": 1024}})
-        url = start(cfg)
-        client_model[url] = cfg.served_name
+        else:
+            cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
+                                         "batch_wait_timeout_s": args.batch_wait,
+                                         "engine": {"backend": backend, "dtype": args.dtype,
+                                                    "num_cpus": os.cpu_count(), "max_model_len": 1024}})
+            url = start(cfg)
+            client_model[url] = cfg.served_name
         try:
             for c in levels:
                 results[name][c] = load(url, c, args.requests, args.max_tokens)

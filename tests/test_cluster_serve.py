@@ -67,14 +67,19 @@ def test_streamed_completion_matches_the_whole_one(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_four_concurrent_requests_are_one_batch(client):
+def ask_together(client, n: int = 4) -> list[tuple[int, str]]:
+    """``n`` requests at once: each one's batch size (the ``x-cai-batch-size`` header) and answer."""
     def ask(i):
         raw = client.chat.completions.with_raw_response.create(
-            model="tiny", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=8, temperature=0)
+            model="tiny", messages=[{"role": "user", "content": f"Count to {i + 2}."}], max_tokens=8, temperature=0)
         return int(raw.headers["x-cai-batch-size"]), raw.parse().choices[0].message.content
 
-    with cf.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(ask, range(4)))
+    with cf.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(ask, range(n)))
+
+
+def test_four_concurrent_requests_are_one_batch(client):
+    results = ask_together(client)
     assert [size for size, _ in results] == [4, 4, 4, 4]
     assert all(isinstance(text, str) for _, text in results)
 

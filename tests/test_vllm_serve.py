@@ -4,11 +4,10 @@ requests, and a client that hangs up stops its generation. Skipped with the reas
 cannot run."""
 from __future__ import annotations
 
-import concurrent.futures as cf
-
 import pytest
 from conftest import vllm_skip_reason
 from ray_cluster import free_ports
+from test_cluster_serve import ask_together
 from test_serve_robustness import LONG, _leave_midway
 
 openai = pytest.importorskip("openai")
@@ -53,13 +52,7 @@ def test_a_completion_and_its_stream_token_by_token(client):
 
 
 def test_four_concurrent_requests_are_one_vllm_batch(client):
-    def ask(i):
-        raw = client.chat.completions.with_raw_response.create(
-            model="tiny", messages=[{"role": "user", "content": f"Count to {i + 2}."}], max_tokens=8, temperature=0)
-        return int(raw.headers["x-cai-batch-size"]), raw.parse().choices[0].message.content
-
-    with cf.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(ask, range(4)))
+    results = ask_together(client)
     assert [size for size, _ in results] == [4, 4, 4, 4] and all(text for _, text in results)
 
 
