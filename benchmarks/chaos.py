@@ -9,11 +9,10 @@ no resume, ...) and its consoles' last 30 lines; names and reasons are repeated 
     python benchmarks/chaos.py [--faults actor_sl_cai,driver_kill,...] [--prompts 48] [--keep]
 
 Faults (``FAULTS``):
-- ``actor_sl_cai`` / ``actor_judging``: one engine actor killed (SIGKILL) mid-stage, in SL-CAI and
-  in preference judging: Ray restarts it and retries its block; finalize keeps one copy per id.
+- ``actor_sl_cai`` / ``actor_judging``: one engine actor killed (SIGKILL) mid-stage, in SL-CAI (also
+  on vLLM: ``actor_vllm``) and in judging: Ray restarts it and retries its block; one copy per id kept.
 - ``actor_starting``: as ``actor_sl_cai``, and first another engine actor killed while it still
   loads (an OOM kill at load, a node lost as the pool starts): Ray starts it again.
-- ``actor_vllm``: as ``actor_sl_cai`` on the vLLM backend (where vLLM is installed).
 - ``driver_kill``: the driver killed (SIGKILL) mid-stage, its Ray processes ended, then the same
   command run again: finished stages skipped, the interrupted one redoes at most its in-flight blocks.
 - ``torn_raw_file``: as ``driver_kill``, and one raw file the killed run left is cut in half before
@@ -25,26 +24,21 @@ Faults (``FAULTS``):
   a tiny model's steps take tens of milliseconds, so the kill waits on that event, not on a delay):
   the job restarts from its newest whole checkpoint (``max_failures``) and the loss curve goes on
   from there, one record per step (PPO: iteration).
-- ``node_removed``: a two-node cluster (``ray start`` twice on this machine), the run directory on a
-  local S3 server, one engine actor per node; the second node killed whole once the first block is
-  saved: the pool finishes on the head, every row once.
+- ``node_removed``: two ``ray start`` nodes, the run directory on a local S3 server, an engine actor
+  per node; the second node killed whole once the first block is saved: the head finishes every row once.
 - ``disk_full``: the run directory on a 64 KiB tmpfs (mounted for the fault; needs root) that fills
   up mid SL-CAI: exit 2, one error line, no ``_SUCCESS``; remounted bigger, the same command finishes.
-- ``s3_flaky`` / ``s3_restart``: the run directory on a local S3 server behind a proxy that answers
-  503 SlowDown to a fifth of the requests and answers 50 ms late, or drops every connection for 8 s
-  (the server "stopped") from the first saved block on, and until requests were turned away: retried
-  with backoff, or one clear error and the same command goes on — never a ``_SUCCESS`` over
-  half-written data.
+- ``s3_flaky`` / ``s3_restart``: the run directory on a local S3 server behind a proxy answering 503
+  SlowDown to a fifth of the requests, 50 ms late, or dropping every connection for 8 s from the first
+  saved block on: retried with backoff, or one clear error and the same command goes on.
 - ``serve_replica``: one of two ``cai serve`` replicas killed under load: the other keeps answering,
   only requests in flight on the killed one fail (rows here are requests).
 
-How it measures: every run's engines come from ``counting_engine`` (``engine_factory``), which
-logs each conversation it is asked to answer or judge; "redone" is the number of conversations a
-row needed beyond one attempt (a killed in-flight batch, a block done again). Rows in, out and
-errors come from the stage's datasets; lost = inputs in neither, duplicated = ids seen twice.
-Processes: each run is its own process session (``start_new_session``), so its Ray processes are
-found — and, at the end, ended — by session id, never by name. The machinery is in
-``benchmarks/chaos_harness.py``.
+How it measures (``benchmarks/chaos_harness.py``): every run's engines come from ``counting_engine``,
+which logs each conversation it answers or judges; "redone" counts a row's conversations beyond one
+attempt. Rows in, out and errors come from the stage's datasets; lost = inputs in neither,
+duplicated = ids seen twice. Each run is its own process session: its Ray processes are found, and
+ended, by session id, never by name.
 """
 from __future__ import annotations
 
