@@ -107,12 +107,13 @@ def sync_cost(model: str, backend: str = "transformers") -> tuple[float, float]:
     """(megabytes, seconds) of one push of ``model``'s weights to a fresh rollout actor."""
     import ray
 
+    from actors import EngineConfig
     from actors.models import load_causal_lm
     from training.ppo import RolloutActor, push_weights
 
     sd = {k: v.float() for k, v in load_causal_lm(model, dtype="float32", device="cpu").state_dict().items()}
     mb = sum(v.numel() * v.element_size() for v in sd.values()) / 1e6
-    actor = ray.remote(RolloutActor).options(num_cpus=1).remote({"backend": backend, "model": model, "dtype": "float32"})
+    actor = ray.remote(RolloutActor).options(num_cpus=1).remote(EngineConfig(backend=backend, model=model, dtype="float32"))
     ray.get(actor.__ray_ready__.remote())
     t = time.perf_counter()
     push_weights([actor], sd, 1)
