@@ -37,6 +37,8 @@ import os
 import sys
 import time
 
+import torch
+
 from actors.base import EngineError, Generation, SamplingParams
 from actors.config import DTYPE_NAMES, EngineConfig
 from actors.hf_engine import END_OF_TURN_TOKENS
@@ -118,8 +120,6 @@ def import_vllm():
 
 def vllm_precision(model_config, requested: str):
     """The dtype vLLM chose (its ``auto`` follows the checkpoint: fp32 checkpoints run in fp16/bf16)."""
-    import torch
-
     dtype = getattr(model_config, "dtype", None)
     if not isinstance(dtype, torch.dtype):
         dtype = torch.bfloat16 if requested in ("auto", "bfloat16") else torch.float16
@@ -259,8 +259,6 @@ class VLLMEngine:
         if self.device != "cpu":
             self.precision = vllm_precision(model_config, kwargs["dtype"])
         self.load_s = round(time.time() - started, 1)
-        import torch
-
         threads_now = torch.get_num_threads()
         self._stepper = Stepper(self.llm.llm_engine, setup=lambda: torch.set_num_threads(threads_now))
         self.concurrent_calls = True  # generate may be called from several threads at once (a server)
@@ -271,8 +269,6 @@ class VLLMEngine:
         """``vllm.LLM(**kwargs)`` with ``env`` set. In-process on a CPU, torch gets ``threads``
         threads first, and vLLM's lock on ``torch.set_num_threads`` (it guards the core binding of
         its own worker processes, which this mode has none of) is taken off again."""
-        import torch
-
         os.environ.update(env)
         set_threads = torch.set_num_threads
         if env:
