@@ -183,7 +183,7 @@ def test_principle_key_tracks_wording():
 
 def test_pair_id_order_independent():
     pid = pair_id("p1", R1, R2)
-    assert pid == pair_id("p1", R2, R1) and len(pid) == 16 and int(pid, 16) >= 0
+    assert pid == pair_id("p1", R2, R1) and len(pid) == 24 and int(pid, 16) >= 0
     assert len({pid, pair_id("p2", R1, R2), pair_id("p1", R1, R2 + "!"), pair_id("p1", R1, R1)}) == 4
 
 

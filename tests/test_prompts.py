@@ -45,7 +45,7 @@ def user(text: str) -> list[dict]:
 def test_prompt_id_known_value():
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi ☃"}]
     canon = '[["system","Be kind."],["user","Hi ☃"]]'
-    assert prompt_id(msgs) == hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+    assert prompt_id(msgs) == hashlib.sha256(canon.encode("utf-8")).hexdigest()[:24]
 
 
 def test_prompt_id_stable_and_distinct():
@@ -56,7 +56,7 @@ def test_prompt_id_stable_and_distinct():
     others = [user("hello "), user("Hello"), [{"role": "system", "content": "hello"}],
               [{"role": "user", "content": "hel"}, {"role": "user", "content": "lo"}]]
     ids = {base} | {prompt_id(m) for m in others}
-    assert len(ids) == 1 + len(others) and all(len(i) == 16 for i in ids)
+    assert len(ids) == 1 + len(others) and all(len(i) == 24 for i in ids)
 
 
 def test_prompt_id_same_in_another_process():

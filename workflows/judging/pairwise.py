@@ -33,6 +33,7 @@ import unicodedata
 from typing import Literal, NamedTuple
 
 from workflows.core.errors import RowError
+from workflows.core.ids import ID_HEX
 
 JUDGE_TEMPLATE_VERSION = "rl-cai-judge/1"
 CHOICES = ("A", "B")
@@ -216,9 +217,10 @@ def cache_key(prompt_messages: list[dict], response_a: str, response_b: str, pri
 
 
 def pair_id(prompt_id: str, response_a: str, response_b: str) -> str:
-    """16 hex naming the unordered pair {a, b} under ``prompt_id`` (either order → same id)."""
+    """24 hex (96 bits, as prompt ids) naming the unordered pair {a, b} under ``prompt_id``
+    (either order → same id)."""
     lo, hi = sorted((_nfc(response_a), _nfc(response_b)))
-    return hashlib.sha256(_canon([prompt_id, lo, hi])).hexdigest()[:16]
+    return hashlib.sha256(_canon([prompt_id, lo, hi])).hexdigest()[:ID_HEX]
 
 
 # ---------------------------------------------------------------- pair selection
