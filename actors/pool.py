@@ -16,7 +16,7 @@ from actors import EngineConfig, make_engine
 from actors.base import EngineError, describe
 from actors.models import prepare_model
 from actors.sources import tensor_parallel_problem
-from workflows.core import stage, storage
+from workflows.core import blocks, stage, storage
 from workflows.core.stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -119,24 +119,33 @@ def block_rows(todo: int, checkpoint_rows: int, engine: EngineConfig) -> int:
 
 
 class _Saving:
-    """Ray Data actor UDF around a stage's worker (``inner``): runs it on a block and writes the
-    raw rows itself, at once and whole (``stage.write_whole``), before taking the next block. So a
-    killed run loses only the blocks its actors were working on — never finished blocks queued
-    behind a separate write step. Returns one row per block: how many raw rows it saved."""
+    """Ray Data actor UDF around a stage's worker (``inner``): given block numbers, reads each
+    block's input rows itself (``blocks.InputIndex.read``), runs the worker on them and writes the
+    raw rows at once and whole (``stage.write_whole``) as ``b<block>-<uuid>.parquet``, before taking
+    the next block. So a killed run loses only the blocks its actors were working on, and a resumed
+    one sends only the blocks without a raw file. Returns one row per block: raw rows saved."""
 
     inner: type
 
-    def __init__(self, raw_dir: tuple, worker_kwargs: dict):
+    def __init__(self, raw_dir: tuple, worker_kwargs: dict, source: tuple):
         self.fs, self.dir = raw_dir
         self.fs.create_dir(self.dir, recursive=True)
+        self.index, self.plan, self.id_col, self.legacy = source
         self.worker = self.inner(**worker_kwargs)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        import uuid
-
-        out = self.worker(table)
-        stage.write_whole(out, self.fs, f"{self.dir}/{uuid.uuid4().hex}.parquet")
-        return pa.table({"saved": [out.num_rows]})
+        saved = []
+        for block in table["block"].to_pylist():
+            rows = self.index.read(*self.plan.span(block))
+            if self.legacy is not None:  # a run directory from before numbered blocks
+                rows = stage.drop_done(rows, self.id_col, self.legacy)
+                if rows.num_rows == 0:
+                    saved.append(0)
+                    continue
+            out = self.worker(rows)
+            stage.write_whole(out, self.fs, f"{self.dir}/{blocks.raw_name(block)}")
+            saved.append(out.num_rows)
+        return pa.table({"saved": saved})
 
 
 def _saving(worker_cls: type) -> type:
@@ -145,32 +154,35 @@ def _saving(worker_cls: type) -> type:
 
 
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
-                        engine: EngineConfig, worker_kwargs: dict, total: int, checkpoint_rows: int,
+                        engine: EngineConfig, worker_kwargs: dict, checkpoint_rows: int,
                         check: bool = True) -> int:
-    """Append raw rows for every input row not yet in ``<stage>/_raw``; returns rows sent.
-    Input is cut into blocks of at most ``checkpoint_rows``; each becomes one raw file, written by
-    the actor that made it as soon as it is done — the unit of work an interrupted run keeps.
+    """Append raw rows for every input block not yet in ``<stage>/_raw``; returns input rows sent.
+    The input is cut into numbered blocks of at most ``checkpoint_rows`` rows (``blocks.Plan``,
+    fixed when the stage first starts); each becomes one raw file, written by the actor that made it
+    as soon as it is done — the unit of work an interrupted run keeps. Resuming reads raw file
+    names and footers only, and the actors read only the rows of the blocks left.
     ``check``: load-check the model on the driver first (off when an ``engine_factory`` builds
     the engines)."""
-    done = stage.done_ids(ctx.dir, id_col)
-    todo = total - len(done)
-    if done:
-        print(f"[{ctx.name}] resuming: {len(done)} of {total} rows already done, {max(todo, 0)} to go")
-    if todo <= 0:
+    index = blocks.input_index(input_uri)
+    raw_dir = ctx.path(stage.RAW)
+    plan = blocks.load_plan(raw_dir, index.rows, block_rows(index.rows, checkpoint_rows, engine), ctx.name)
+    done, legacy_files = blocks.done_blocks(stage.raw_files(ctx.dir), stage.set_aside)
+    legacy = blocks.legacy_ids(legacy_files, id_col) if legacy_files else None
+    todo = [k for k in range(plan.blocks) if k not in done]
+    left = sum(hi - lo for lo, hi in map(plan.span, todo))
+    if done or legacy_files:
+        old = f"; {len(legacy)} rows saved by an earlier version are skipped by id" if legacy_files else ""
+        print(f"[{ctx.name}] resuming: {len(done)} of {plan.blocks} blocks already done "
+              f"({plan.rows - left} of {plan.rows} rows){old}; {left} rows to go")
+    if not todo:
         return 0
     if check:
         check_engine(engine)
-    fs, path = storage.resolve(input_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    if done:
-        ds = ds.map_batches(stage.drop_done, batch_format="pyarrow",
-                            fn_kwargs={"id_col": id_col, "done": pa.array(sorted(done), pa.string())})
-    rows = block_rows(todo, checkpoint_rows, engine)
-    ds = ds.repartition(target_num_rows_per_block=rows)
     worker_kwargs = {**worker_kwargs, "engines_dir": storage.resolve(ctx.path(ENGINES))}
-    # a whole block per call (the engines cut it into batch_size micro-batches themselves)
-    ds = ds.map_batches(_saving(worker_cls), batch_format="pyarrow", **{**pool_args(engine), "batch_size": rows},
-                        fn_constructor_kwargs={"raw_dir": storage.resolve(ctx.path(stage.RAW)),
-                                               "worker_kwargs": worker_kwargs})
+    ds = ray.data.from_items([{"block": k} for k in todo], override_num_blocks=min(len(todo), 200))
+    # one block of input rows per call (the engines cut it into batch_size micro-batches themselves)
+    ds = ds.map_batches(_saving(worker_cls), batch_format="pyarrow", **{**pool_args(engine), "batch_size": 1},
+                        fn_constructor_kwargs={"raw_dir": storage.resolve(raw_dir), "worker_kwargs": worker_kwargs,
+                                               "source": (index, plan, id_col, legacy)})
     ds.materialize()  # runs the pipeline; what it holds is one small row per block
-    return todo
+    return left

@@ -34,6 +34,7 @@ from workflows.core import stage as stage_mod
 from workflows.core import storage, summary
 from workflows.core.errors import ConfigError
 from workflows.core.safety import check_name
+from workflows.core.spill import Budget
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.evaluate import guard
@@ -92,6 +93,7 @@ class Recipe:
     run_dir: str = "runs/run"  # a local path or s3://bucket/prefix
     seed: int = 0
     ray: RayConfig = field(default_factory=RayConfig)
+    bookkeeping: Budget = field(default_factory=Budget)  # driver memory for each stage's id bookkeeping
     stages: list[dict] = field(default_factory=list)
 
 
@@ -275,7 +277,8 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
     guards = _overlap_guards(stages)
     for i, s in enumerate(stages):
         h = result_hash(s.config, recipe.seed)
-        ctx = StageContext(recipe.run_dir, s.name, recipe.seed, inputs=dict(datasets), config_hash=h)
+        ctx = StageContext(recipe.run_dir, s.name, recipe.seed, inputs=dict(datasets), config_hash=h,
+                           budget=recipe.bookkeeping)
         spec = STAGES[s.kind]
         info = None if spec.always_runs else stage_mod.read_success(ctx.dir)
         if not spec.always_runs and _check_resumable(ctx, h, info):

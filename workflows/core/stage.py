@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 
 from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
-from workflows.core.reconcile import check
+from workflows.core.reconcile import Ids, Reconciliation, as_ids, compare, raise_unless_ok
+from workflows.core.spill import Budget, Spill, as_strings
 
 SUCCESS = "_SUCCESS"
 RAW = "_raw"
@@ -44,6 +47,7 @@ class StageContext:
     seed: int = 0
     inputs: dict[str, str] = field(default_factory=dict)
     config_hash: str = ""  # set by the driver; recorded in _SUCCESS
+    budget: Budget = field(default_factory=Budget)  # the recipe's bookkeeping memory and spill directory
 
     @property
     def dir(self) -> str:
@@ -126,19 +130,6 @@ def write_whole(table: pa.Table, fs, path: str) -> None:
     fs.move(tmp, path)
 
 
-def done_ids(stage_dir: str, id_col: str) -> set[str]:
-    """Ids already in readable raw files. A file that cannot be read is set aside
-    (``set_aside``), and its rows are simply processed again."""
-    ids: set[str] = set()
-    for uri in raw_files(stage_dir):
-        fs, path = storage.resolve(uri)
-        try:
-            ids.update(pq.read_table(path, columns=[id_col], filesystem=fs)[id_col].to_pylist())
-        except (pa.ArrowInvalid, OSError):
-            set_aside(uri)
-    return ids
-
-
 def drop_done(table: pa.Table, id_col: str, done: pa.Array) -> pa.Table:
     """Rows of ``table`` whose id is not in ``done`` (used as a Ray Data batch filter)."""
     if len(done) == 0:
@@ -147,8 +138,31 @@ def drop_done(table: pa.Table, id_col: str, done: pa.Array) -> pa.Table:
 
 
 def ids_of(dataset_uri: str, id_col: str) -> list[str]:
+    """A column as a Python list: for small datasets only (``ids_in`` streams)."""
     fs, path = storage.resolve(dataset_uri)
     return pq.read_table(path, columns=[id_col], filesystem=fs)[id_col].to_pylist()
+
+
+def ids_in(dataset_uri: str, id_col: str, batch_size: int = 65536) -> Ids:
+    """A dataset's id column as ``Ids``: streamed in Arrow chunks, its length from the footers."""
+    files = storage.list_files(dataset_uri, ".parquet")
+
+    def chunks():
+        for f in files:
+            fs, path = storage.resolve(f)
+            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=batch_size, columns=[id_col]):
+                yield batch.column(0)
+
+    return Ids(chunks, sum(_num_rows(f) for f in files))
+
+
+def column_counts(dataset_uri: str, col: str) -> dict:
+    """{value: rows} of a low-cardinality column (a prompt's ``source``), streamed."""
+    counts: Counter = Counter()
+    for chunk in ids_in(dataset_uri, col).chunks():
+        for item in pc.value_counts(chunk).to_pylist():
+            counts[item["values"]] += item["counts"]
+    return dict(counts)
 
 
 # ---------------------------------------------------------------- finalize
@@ -216,74 +230,139 @@ def write_rows(uri: str, rows: list[dict], schema: pa.Schema, chunk: int = 10_00
 
 @dataclass
 class Finalized:
-    counts: dict[str, int]
+    counts: dict[str, int]  # rows per dataset written (errors included)
     errors_by_reason: dict[str, int]
     metrics: dict[str, float]
-    error_ids: list[str]
-    output_ids: list[str]
+    outputs: int  # good rows kept (first copies)
+    errors: int  # error rows (duplicate errors included)
+    rec: Reconciliation | None = None  # against the inputs, when finalize was given them
 
 
 def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: Iterable[str],
-             on_duplicate: str = "drop") -> Finalized:
-    """Stream the raw rows once: keep the first copy of each id (``on_duplicate="error"``
-    instead turns later copies into ``duplicate`` errors with id ``<id>@<_loc>``), route good
-    rows through ``route`` into the named datasets, and bad rows into ``errors``."""
+             on_duplicate: str = "drop", inputs=None, budget: Budget = Budget()) -> Finalized:
+    """Keep the first copy of each id (``on_duplicate="error"`` instead turns later copies into
+    ``duplicate`` errors with id ``<id>@<_loc>``), check ids(good) ∪ ids(bad) = ``inputs`` exactly
+    (when given: ``reconcile.Ids``, a list or an array; a mismatch raises ``ReconcileError`` before
+    anything is written), then route good rows through ``route`` into the named datasets and bad
+    rows into ``errors``. Two passes over the raw files: the first reads only the id and error
+    columns into hash-partitioned spill files (``spill``: memory within ``budget``, whatever the
+    row count) to find the copies and reconcile; the second streams whole rows to the writers."""
+    files = raw_files(stage_dir)
+    drops, rec = _first_copies(files, id_col, inputs, budget)
+    if rec is not None:
+        raise_unless_ok(rec, stage)
     schemas = {**getattr(route, "schemas", {}), "errors": ERRORS_SCHEMA}
     writers = {name: _RollingWriter(storage.join(stage_dir, name), schemas.get(name)) for name in [*datasets, "errors"]}
-    seen: set[str] = set()
-    out_ids, err_ids, reasons, metrics = [], [], {}, {}
-    for uri in tqdm(raw_files(stage_dir), desc=f"{stage}: finalize", unit="file", leave=False):
+    reasons, metrics, n_out, n_err = Counter(), {}, 0, 0
+    for fi, uri in enumerate(tqdm(files, desc=f"{stage}: finalize", unit="file", leave=False)):
         fs, path = storage.resolve(uri)
+        at = 0
         for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192):
             table = pa.Table.from_batches([batch])
-            ids = table[id_col].to_pylist()
-            keep, dup_rows = [], []
-            for i, rid in enumerate(ids):
-                if rid in seen:
-                    dup_rows.append(i)
-                else:
-                    seen.add(rid)
-                    keep.append(i)
-            if on_duplicate == "error" and dup_rows:
-                dups = table.take(pa.array(dup_rows, pa.int64()))
-                locs = dups["_loc"].to_pylist() if "_loc" in dups.column_names else ["?"] * len(dup_rows)
-                dup_ids = [f"{rid}@{loc}" for rid, loc in zip(dups[id_col].to_pylist(), locs)]
-                _write_errors(writers["errors"], stage, dup_ids, ["duplicate"] * len(dup_ids),
-                              [f"same content as {rid}" for rid in dups[id_col].to_pylist()])
-                err_ids += dup_ids
-                reasons["duplicate"] = reasons.get("duplicate", 0) + len(dup_ids)
-            table = table.take(pa.array(keep, pa.int64()))  # typed: an empty list would be null-typed
+            gone = drops.get(fi)
+            if gone is not None:
+                rows = np.arange(at, at + table.num_rows)
+                dup = np.isin(rows, gone)
+                if on_duplicate == "error" and dup.any():
+                    n_err += _duplicate_errors(writers["errors"], stage, table.filter(pa.array(dup)), id_col)
+                    reasons["duplicate"] += int(dup.sum())
+                table = table.filter(pa.array(~dup))
+            at += batch.num_rows
             bad = pc.is_valid(table["_error"])
             good, errs = table.filter(pc.invert(bad)), table.filter(bad)
             for col in table.column_names:
                 numeric = pa.types.is_integer(table[col].type) or pa.types.is_floating(table[col].type)
                 if col.startswith("_") and numeric:
                     metrics[col] = metrics.get(col, 0) + (pc.sum(table[col]).as_py() or 0)
-            err_ids += errs[id_col].to_pylist()
-            for r in errs["_error"].to_pylist():
-                reasons[r] = reasons.get(r, 0) + 1
-            _write_errors(writers["errors"], stage, errs[id_col].to_pylist(), errs["_error"].to_pylist(),
-                          errs["_detail"].to_pylist())
-            out_ids += good[id_col].to_pylist()
+            for item in pc.value_counts(errs["_error"]).to_pylist():
+                reasons[item["values"]] += item["counts"]
+            _write_errors(writers["errors"], stage, errs[id_col], errs["_error"], errs["_detail"])
+            n_out, n_err = n_out + good.num_rows, n_err + errs.num_rows
             for name, part in route(good).items():
                 writers[name].write(part)
     for w in writers.values():
         w.close()
     counts = {name: w.total for name, w in writers.items()}
-    return Finalized(counts, reasons, metrics, err_ids, out_ids)
+    return Finalized(counts, dict(reasons), metrics, n_out, n_err, rec)
+
+
+def _first_copies(files: list[str], id_col: str, inputs, budget: Budget) -> tuple[dict[int, np.ndarray], Reconciliation | None]:
+    """Pass 1 of ``finalize``: {file index: rows that repeat an id seen earlier}, and the
+    reconciliation of the first copies against ``inputs`` (None without inputs)."""
+    inputs = as_ids(inputs) if inputs is not None else None
+    rows = (inputs.rows if inputs is not None else 0) + sum(_num_rows(f) for f in files)
+    parts = budget.parts_for(rows)
+    drops: dict[int, list] = {}
+    total = Reconciliation(0, 0, 0) if inputs is not None else None
+    with Spill(parts, budget) as sp:
+        for fi, uri in enumerate(files):
+            fs, path = storage.resolve(uri)
+            at = 0
+            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65536, columns=[id_col, "_error"]):
+                n = batch.num_rows
+                sp.add("raw", pa.table({"id": batch.column(0), "file": pa.array(np.full(n, fi, np.int32)),
+                                        "row": pa.array(np.arange(at, at + n)), "bad": pc.is_valid(batch.column(1))}))
+                at += n
+        if inputs is not None:
+            for chunk in inputs.chunks():
+                sp.add("in", pa.table({"id": chunk}))
+        for p in range(parts):
+            raw = sp.read("raw", p)
+            keep = _mark_copies(raw, drops)
+            if total is not None:
+                kept = raw.filter(keep)
+                total.add(compare(sp.read("in", p)["id"].combine_chunks(),
+                                  kept.filter(pc.invert(kept["bad"]))["id"].combine_chunks(),
+                                  kept.filter(kept["bad"])["id"].combine_chunks()))
+    return {fi: np.sort(np.asarray(r, np.int64)) for fi, r in drops.items()}, total
+
+
+def _mark_copies(raw: pa.Table, drops: dict[int, list]) -> pa.Array:
+    """Which rows of one partition are first copies (the earliest file, then row); later copies
+    are added to ``drops``. Repeats are rare (a block saved twice), so they are sorted in Python."""
+    vc = pc.value_counts(raw["id"])
+    repeated = vc.field("values").filter(pc.greater(vc.field("counts"), 1))
+    if len(repeated) == 0:
+        return pa.array(np.ones(raw.num_rows, bool))
+    where = pc.is_in(raw["id"], value_set=repeated)
+    keep = np.ones(raw.num_rows, bool)
+    first: dict[str, tuple] = {}
+    idx = np.nonzero(where.to_numpy(zero_copy_only=False))[0]
+    sub = raw.take(pa.array(idx)).select(["id", "file", "row"]).to_pydict()
+    for i, rid, f, r in sorted(zip(idx, sub["id"], sub["file"], sub["row"]), key=lambda x: (x[1], x[2], x[3])):
+        if rid in first:
+            keep[i] = False
+            drops.setdefault(f, []).append(r)
+        else:
+            first[rid] = (f, r)
+    return pa.array(keep)
+
+
+def _num_rows(uri: str) -> int:
+    fs, path = storage.resolve(uri)
+    return pq.read_metadata(path, filesystem=fs).num_rows
+
+
+def _duplicate_errors(writer: "_RollingWriter", stage: str, dups: pa.Table, id_col: str) -> int:
+    ids = dups[id_col].to_pylist()
+    locs = dups["_loc"].to_pylist() if "_loc" in dups.column_names else ["?"] * len(ids)
+    _write_errors(writer, stage, [f"{rid}@{loc}" for rid, loc in zip(ids, locs)], ["duplicate"] * len(ids),
+                  [f"same content as {rid}" for rid in ids])
+    return len(ids)
 
 
 def _write_errors(writer: _RollingWriter, stage: str, ids, reasons, details) -> None:
-    if ids:
-        writer.write(pa.table({"id": ids, "stage": [stage] * len(ids), "reason": reasons,
-                               "detail": [d or "" for d in details]}, schema=ERRORS_SCHEMA))
+    if len(ids):
+        details = pc.fill_null(as_strings(details), "") if not isinstance(details, list) else [d or "" for d in details]
+        writer.write(pa.table({"id": ids, "stage": pa.array([stage] * len(ids), pa.string()), "reason": reasons,
+                               "detail": details}, schema=ERRORS_SCHEMA))
 
 
-def reconcile_and_mark(ctx: StageContext, input_ids: list[str], fin: Finalized, started: float,
-                       extra: dict | None = None) -> dict:
-    """Check nothing was lost, then write ``_SUCCESS`` (last) with counts and timings."""
-    rec = check(ctx.name, input_ids, fin.output_ids, fin.error_ids)
-    info = {"stage": ctx.name, "inputs": rec.inputs, "outputs": rec.outputs, "errors": rec.errors,
+def reconcile_and_mark(ctx: StageContext, fin: Finalized, started: float, extra: dict | None = None) -> dict:
+    """Write ``_SUCCESS`` (last) with counts and timings, for a stage that ``finalize`` reconciled
+    against its inputs (``fin.rec``; without it, inputs = the rows it kept or set aside)."""
+    inputs = fin.rec.inputs if fin.rec is not None else fin.outputs + fin.errors
+    info = {"stage": ctx.name, "inputs": inputs, "outputs": fin.outputs, "errors": fin.errors,
             "datasets": fin.counts, "errors_by_reason": fin.errors_by_reason, "metrics": fin.metrics,
             "config_hash": ctx.config_hash, "seconds": round(time.time() - started, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "unreadable_files": unreadable_files(ctx.dir),

@@ -31,7 +31,6 @@ from actors import EngineConfig, SamplingParams, pool
 from training.reward import check_reward_dir
 from workflows.constitution import Constitution, load_constitution
 from workflows.core import stage, storage, summary
-from workflows.core.reconcile import check
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.evaluate import model_scores, refusal, report, scoring
@@ -104,11 +103,10 @@ def answer_all(cfg: EvaluateConfig, ctx: StageContext, models: dict[str, str], p
         pool.stream_through_pool(actx, prompts_uri, "eval_id", AnswerWorker, engine,
                                  dict(engine=to_dict(engine), sampling=to_dict(cfg.sampling),
                                       k=cfg.samples_per_prompt, factory=cfg.engine_factory),
-                                 total=len(eval_ids), checkpoint_rows=cfg.checkpoint_rows,
+                                 checkpoint_rows=cfg.checkpoint_rows,
                                  check=not cfg.engine_factory)
         fin = stage.finalize(actx.dir, f"{ctx.name}:{ANSWERS}:{name}", "eval_id", stage.select_route(ANSWERS, ANSWERS_SCHEMA),
-                             [ANSWERS])
-        check(f"{ctx.name}:{ANSWERS}:{name}", eval_ids, fin.output_ids, fin.error_ids)
+                             [ANSWERS], inputs=eval_ids)
         answers[name] = {r["eval_id"]: r["answers"] for r in _read(actx.path(ANSWERS))}
         errors += [{**e, "id": f"{name}:{e['id']}"} for e in _read(actx.path("errors"))]
         for k, v in fin.metrics.items():
@@ -138,16 +136,16 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
     """Phase 3: ``{record id: judge figures}`` and error rows (an answer the judge could not take)."""
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
     input_uri = jctx.path("input")
-    if not stage.done_ids(jctx.dir, "id"):
+    if not stage.raw_files(jctx.dir):
         stage.write_rows(input_uri, [{k: r[k] for k in JUDGE_INPUT_SCHEMA.names} for r in records], JUDGE_INPUT_SCHEMA)
     print(f"[{ctx.name}] judging {len(records)} answers with {cfg.judge.backend}:{cfg.judge.model}")
     pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
                              dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
                                   constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
-                             total=len(records), checkpoint_rows=cfg.checkpoint_rows,
+                             checkpoint_rows=cfg.checkpoint_rows,
                              check=not cfg.engine_factory)
-    fin = stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", stage.select_route("judged", JUDGED_SCHEMA), ["judged"])
-    check(f"{ctx.name}:{JUDGING}", [r["id"] for r in records], fin.output_ids, fin.error_ids)
+    stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", stage.select_route("judged", JUDGED_SCHEMA), ["judged"],
+                   inputs=[r["id"] for r in records])
     return {r["id"]: r for r in _read(jctx.path("judged"))}, _read(jctx.path("errors"))
 
 

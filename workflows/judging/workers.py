@@ -20,7 +20,6 @@ from actors import EngineConfig, pool
 from actors.models import resolve_model
 from workflows.constitution import Constitution
 from workflows.core import stage, storage
-from workflows.core.reconcile import check
 from workflows.core.stage import MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.judging.batch import judge_pairs
@@ -143,10 +142,10 @@ def judge_gold(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitut
     stage.write_rows(gctx.path("pairs"), pairs, PAIRS_SCHEMA)
     pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", JudgeWorker,
                              judge_pool(cfg.judges), judge_kwargs(cfg, ctx, constitution),
-                             total=len(pairs), checkpoint_rows=cfg.checkpoint_rows,
+                             checkpoint_rows=cfg.checkpoint_rows,
                              check=not cfg.engine_factory)
-    fin = stage.finalize(gctx.dir, f"{ctx.name}:gold", "pair_id", route_labels, [LABELS])
-    check(f"{ctx.name}:gold", [p["pair_id"] for p in pairs], fin.output_ids, fin.error_ids)
+    fin = stage.finalize(gctx.dir, f"{ctx.name}:gold", "pair_id", route_labels, [LABELS],
+                         inputs=[p["pair_id"] for p in pairs])
     fs, path = storage.resolve(gctx.path(LABELS))
     figures = gold_figures(pq.read_table(path, filesystem=fs).to_pylist(), gold_rows)
     info = {**figures, "file": cfg.gold, "min_agreement": cfg.min_agreement,

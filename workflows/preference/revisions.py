@@ -88,16 +88,15 @@ def run(cfg: RevisionPairsConfig, ctx: StageContext) -> dict:
     started = time.time()
     input_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     storage.delete(ctx.path(stage.RAW))  # cheap to redo whole
-    input_ids: list[str] = []
     for k, uri in enumerate(storage.list_files(input_uri, ".parquet")):
         fs, path = storage.resolve(uri)
         for j, batch in enumerate(pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192)):
             rows = batch.to_pylist()
-            input_ids += [r["prompt_id"] for r in rows]
             raw = pa.Table.from_pylist([revision_pair(r, cfg.p_chosen) for r in rows], schema=RAW_SCHEMA)
             _write_raw(ctx, f"part-{k:05d}-{j:05d}.parquet", raw)
-    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, [OUTPUT])
-    info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"input": cfg.input, "p_chosen": cfg.p_chosen})
+    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, [OUTPUT], inputs=stage.ids_in(input_uri, "prompt_id"),
+                         budget=ctx.budget)
+    info = stage.reconcile_and_mark(ctx, fin, started, {"input": cfg.input, "p_chosen": cfg.p_chosen})
     summary.write_stage_summary(ctx, info)
     return info
 

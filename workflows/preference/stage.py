@@ -67,7 +67,7 @@ import pyarrow.parquet as pq
 from actors import pool
 from workflows.constitution import Constitution, load_constitution
 from workflows.core import stage, storage
-from workflows.core.reconcile import ReconcileError, Reconciliation, check
+from workflows.core.reconcile import ReconcileError, check, duplicated
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict
 from workflows.judging import gold
@@ -127,6 +127,10 @@ class SamplingRoute:
         if good.num_rows == 0:
             return {name: s.empty_table() for name, s in self.schemas.items()}
         g = good.combine_chunks()
+        empty = g.filter(pc.equal(pc.list_value_length(g["pairs"]), 0))
+        if empty.num_rows:  # a good sampling row is a prompt that made pairs; one that made none is an error row
+            raise ReconcileError(f"stage {self.stage_name}:sampling: {empty.num_rows} prompts made no pair but are "
+                                 f"not errors (e.g. {', '.join(empty['prompt_id'].to_pylist()[:3])}) — a bug in sampling")
         pairs, parents = _explode(g["pairs"].chunk(0))
         notes, _ = _explode(g["notes"].chunk(0))
         return {"pairs": pa.table([pairs.field("pair_id"), g["prompt_id"].take(parents), g["messages"].take(parents),
@@ -149,7 +153,7 @@ class MadePairs:
 
     phase: str  # "sampling" or "pairs_from": its key in _SUCCESS "phases"
     inputs: int  # prompts, or records of the pairs file
-    pair_ids: list[str]
+    pairs: int  # rows of ``pairs`` (unique pair ids)
     errors: int
     errors_by_reason: dict
     metrics: dict
@@ -157,32 +161,31 @@ class MadePairs:
     dataset_labels: list[dict] = field(default_factory=list)  # the file's own choices (chosen/rejected rows)
 
 
-def _pair_ids(ctx: StageContext, prompt_ids: list[str], fin: stage.Finalized) -> list[str]:
-    """The sampling reconcile (see the module docstring); returns the pair ids (unique)."""
-    fs, path = storage.resolve(ctx.path("pairs"))
-    ids = pq.read_table(path, columns=["pair_id", "prompt_id"], filesystem=fs)
-    pair_ids = ids["pair_id"].to_pylist()
-    if len(set(pair_ids)) != len(pair_ids):
-        raise ReconcileError(f"stage {ctx.name}: duplicate pair ids in {ctx.path('pairs')} — a bug in sampling")
-    check(f"{ctx.name}:sampling", prompt_ids, set(ids["prompt_id"].to_pylist()), fin.error_ids)
-    return pair_ids
+def _check_pairs(ctx: StageContext) -> int:
+    """The pair ids of ``pairs`` are unique (spilled, exact); returns how many there are."""
+    ids = stage.ids_in(ctx.path("pairs"), "pair_id")
+    n, examples = duplicated(ids, ctx.budget)
+    if n:
+        raise ReconcileError(f"stage {ctx.name}: {n} pair ids occur more than once in {ctx.path('pairs')} "
+                             f"(e.g. {', '.join(examples[:3])}) — a bug in sampling")
+    return ids.rows
 
 
 def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
-    """Phase (a) by sampling: K responses per prompt from the policy, pairs chosen → ``pairs``."""
+    """Phase (a) by sampling: K responses per prompt from the policy, pairs chosen → ``pairs``.
+    Reconciled: prompts = prompts that made pairs ∪ prompts in errors (each good prompt made at
+    least one pair: ``SamplingRoute`` checks), and the pair ids are unique."""
     started = time.time()
     prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
-    prompt_ids = stage.ids_of(prompts_uri, "prompt_id")
     pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
-                             dict(cfg=worker_config(cfg), seed=ctx.seed), total=len(prompt_ids),
-                             checkpoint_rows=cfg.checkpoint_rows,
+                             dict(cfg=worker_config(cfg), seed=ctx.seed), checkpoint_rows=cfg.checkpoint_rows,
                              check=not cfg.engine_factory)
-    fin = stage.finalize(ctx.dir, f"{ctx.name}:sampling", "prompt_id", SamplingRoute(ctx.name), ["pairs", NOTES])
-    pair_ids = _pair_ids(ctx, prompt_ids, fin)
-    figures = {"prompts": len(prompt_ids), "prompt_errors": len(fin.error_ids), "pairs": len(pair_ids),
+    fin = stage.finalize(ctx.dir, f"{ctx.name}:sampling", "prompt_id", SamplingRoute(ctx.name), ["pairs", NOTES],
+                         inputs=stage.ids_in(prompts_uri, "prompt_id"), budget=ctx.budget)
+    n_pairs = _check_pairs(ctx)
+    figures = {"prompts": fin.rec.inputs, "prompt_errors": fin.errors, "pairs": n_pairs,
                "seconds": round(time.time() - started, 2)}
-    return MadePairs("sampling", len(prompt_ids), pair_ids, len(fin.error_ids), fin.errors_by_reason, fin.metrics,
-                     figures)
+    return MadePairs("sampling", fin.rec.inputs, n_pairs, fin.errors, fin.errors_by_reason, fin.metrics, figures)
 
 
 def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
@@ -196,7 +199,7 @@ def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     reasons = dict(Counter(e["reason"] for e in pf.errors))
     figures = {"file": cfg.pairs_from, "rows": len(pf.rows), "row_errors": len(pf.errors), "pairs": len(pf.pairs),
                "with_dataset_label": len(pf.labels), "seconds": round(time.time() - started, 2)}
-    return MadePairs("pairs_from", len(pf.rows), [p["pair_id"] for p in pf.pairs], len(pf.errors), reasons, {},
+    return MadePairs("pairs_from", len(pf.rows), len(pf.pairs), len(pf.errors), reasons, {},
                      figures, pf.labels)
 
 
@@ -219,16 +222,15 @@ def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constituti
     return figures
 
 
-def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution,
-          pair_ids: list[str]) -> tuple[StageContext, stage.Finalized, Reconciliation]:
-    """Phase (b): every pair judged in ``<stage>/_judging``, reconciled against ``pair_ids``."""
-    jctx = StageContext(ctx.dir, JUDGING, ctx.seed)
+def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> tuple[StageContext, stage.Finalized]:
+    """Phase (b): every pair of ``pairs`` judged in ``<stage>/_judging``, reconciled against them."""
+    jctx = StageContext(ctx.dir, JUDGING, ctx.seed, budget=ctx.budget)
     pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
-                             judge_kwargs(cfg, ctx, constitution), total=len(pair_ids),
-                             checkpoint_rows=cfg.checkpoint_rows,
+                             judge_kwargs(cfg, ctx, constitution), checkpoint_rows=cfg.checkpoint_rows,
                              check=not cfg.engine_factory)
-    fin = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS])
-    return jctx, fin, check(f"{ctx.name}:judging", pair_ids, fin.output_ids, fin.error_ids)
+    fin = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS],
+                         inputs=stage.ids_in(ctx.path("pairs"), "pair_id"), budget=ctx.budget)
+    return jctx, fin
 
 
 def dataset_agreement(labels_uri: str, dataset_labels: list[dict]) -> dict | None:
@@ -258,14 +260,13 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
     gold_info = gold_gate(cfg, ctx, constitution) if cfg.gold else None  # before any pair is made
     made = read_pairs(cfg, ctx) if cfg.pairs_from else sample(cfg, ctx)
     judging_started = time.time()
-    jctx, fin, rec = judge(cfg, ctx, constitution, made.pair_ids)
+    jctx, fin = judge(cfg, ctx, constitution)
     judged = time.time()
-    n_pairs, n_pair_errors = len(made.pair_ids), len(fin.error_ids)
-    del made.pair_ids, fin.output_ids, fin.error_ids  # flat memory
+    n_pairs, n_pair_errors = made.pairs, fin.errors
     out = report.assemble(ctx, jctx.path(LABELS), NOTES, jctx.path("errors"), given)
     m = {**made.metrics, **fin.metrics}
     info = {
-        "stage": ctx.name, "inputs": made.inputs, "outputs": rec.outputs, "errors": made.errors + n_pair_errors,
+        "stage": ctx.name, "inputs": made.inputs, "outputs": fin.outputs, "errors": made.errors + n_pair_errors,
         "datasets": {"pairs": n_pairs, "preferences": out["preferences"], "errors": out["errors"]},
         "errors_by_reason": _merge_counts(made.errors_by_reason, fin.errors_by_reason),
         "notes_by_reason": out["notes_by_reason"], "metrics": m, "config_hash": ctx.config_hash,
@@ -275,7 +276,7 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
         "judgments": int(m.get("_judgments", 0)), "cache_uri": cache_location(cfg, ctx),
         "unreadable_files": stage.unreadable_files(ctx.dir, *filter(None, [cache_location(cfg, ctx)])),
         "phases": {made.phase: made.figures,
-                   "judging": {"pairs": n_pairs, "labeled": rec.outputs, "errors": n_pair_errors,
+                   "judging": {"pairs": n_pairs, "labeled": fin.outputs, "errors": n_pair_errors,
                                "seconds": round(judged - judging_started, 2),
                                "pairs_per_s": round(n_pairs / max(judged - judging_started, 1e-9), 3)}},
         "mix": out["mix"], "labels": out["stats"].summary(), "constitution": constitution.name,

@@ -3,7 +3,6 @@ dataset; unusable records and duplicate prompts go to ``errors`` with their loca
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,14 +31,14 @@ def run(cfg: PromptsConfig, ctx: StageContext) -> dict:
     storage.delete(ctx.path(stage.RAW))  # cheap to redo whole; partial raw rows have no stable ids
     raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))
     read_prompts(cfg).write_parquet(raw_path, filesystem=raw_fs, min_rows_per_file=stage.ROWS_PER_FILE)
-    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["prompts"], on_duplicate="error")
+    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["prompts"], on_duplicate="error", budget=ctx.budget)
     records = _raw_count(ctx.dir)
-    if records != len(fin.output_ids) + len(fin.error_ids):
-        raise ReconcileError(f"stage {ctx.name}: {records} records read but {len(fin.output_ids)} prompts + "
-                             f"{len(fin.error_ids)} errors written")
-    tags = sorted(Counter(stage.ids_of(ctx.path("prompts"), "source")).items(), key=lambda kv: (-kv[1], kv[0]))
+    if records != fin.outputs + fin.errors:
+        raise ReconcileError(f"stage {ctx.name}: {records} records read but {fin.outputs} prompts + "
+                             f"{fin.errors} errors written")
+    tags = sorted(stage.column_counts(ctx.path("prompts"), "source").items(), key=lambda kv: (-kv[1], kv[0]))
     headline = "prompts by source: " + (", ".join(f"{k} {n}" for k, n in tags) or "none")
-    info = stage.reconcile_and_mark(ctx, fin.output_ids + fin.error_ids, fin, started,
+    info = stage.reconcile_and_mark(ctx, fin, started,
                                     {"records": records, "source": cfg.path, "headline": headline})
     summary.write_stage_summary(ctx, info)
     return info

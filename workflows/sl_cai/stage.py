@@ -190,7 +190,7 @@ def _check_sources(cfg: CritiqueRevisionConfig, input_uri: str, name: str) -> No
     """A ``revise_sources`` name that no input row carries would silently revise nothing."""
     if cfg.revise_sources is None and not cfg.keep_initial_sources:
         return
-    present = set(stage.ids_of(input_uri, "source"))
+    present = set(stage.column_counts(input_uri, "source"))
     missing = [s for s in [*(cfg.revise_sources or []), *cfg.keep_initial_sources] if s not in present]
     if missing:
         raise ConfigError(f"stage {name}.revise_sources", f"no input row has source {', '.join(map(repr, missing))}",
@@ -202,14 +202,14 @@ def run(cfg: CritiqueRevisionConfig, ctx: StageContext) -> dict:
     started = time.time()
     constitution = load_constitution(cfg.constitution)
     input_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
-    input_ids = stage.ids_of(input_uri, "prompt_id")
     _check_sources(cfg, input_uri, ctx.name)
     pool.stream_through_pool(
         ctx, input_uri, "prompt_id", CritiqueReviseWorker, cfg.engine,
-        dict(cfg=to_dict(cfg), constitution=constitution, seed=ctx.seed), total=len(input_ids),
+        dict(cfg=to_dict(cfg), constitution=constitution, seed=ctx.seed),
         checkpoint_rows=cfg.checkpoint_rows, check=not cfg.engine_factory)
-    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["sl_cai", "sft"])
-    info = stage.reconcile_and_mark(ctx, input_ids, fin, started, {"constitution": constitution.name, "rounds": cfg.rounds,
+    fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["sl_cai", "sft"],
+                         inputs=stage.ids_in(input_uri, "prompt_id"), budget=ctx.budget)
+    info = stage.reconcile_and_mark(ctx, fin, started, {"constitution": constitution.name, "rounds": cfg.rounds,
                                      "revise_sources": cfg.revise_sources,
                                      "keep_initial_sources": cfg.keep_initial_sources,
                                      "engine": f"{cfg.engine.backend}:{cfg.engine.model}",
