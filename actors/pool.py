@@ -1,5 +1,6 @@
 """The Ray side of the engines: streaming a dataset through a pool of engine actors (Ray Data
-``map_batches`` with a callable class), skipping rows an interrupted earlier run already finished."""
+``map_batches`` with a callable class) by numbered input blocks, skipping the blocks an interrupted
+earlier run already saved (``workflows.core.blocks``)."""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +18,7 @@ from actors.base import EngineError, describe
 from actors.models import prepare_model
 from actors.sources import tensor_parallel_problem
 from workflows.core import blocks, stage, storage
+from workflows.core.errors import DataError
 from workflows.core.stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,11 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
     plan = blocks.load_plan(raw_dir, index.rows, block_rows(index.rows, checkpoint_rows, engine), ctx.name)
     done, legacy_files = blocks.done_blocks(stage.raw_files(ctx.dir), stage.set_aside)
     legacy = blocks.legacy_ids(legacy_files, id_col) if legacy_files else None
+    if legacy is not None and len(legacy) and not blocks.any_in(input_uri, id_col, legacy):
+        raise DataError(f"stage {ctx.name} was half done by an earlier version of cai-ray whose row ids differ "
+                        f"from this version's (none of its {len(legacy)} saved rows is in the input now) — rerun "
+                        f"with --restart-from {ctx.name} (a preference stage gets its judgments back from the "
+                        "label cache)")
     todo = [k for k in range(plan.blocks) if k not in done]
     left = sum(hi - lo for lo, hi in map(plan.span, todo))
     if done or legacy_files:

@@ -1,3 +1,5 @@
+import pytest
+
 from actors import EngineConfig
 from actors.pool import fit_cpus
 
@@ -90,3 +92,41 @@ def test_a_resumed_stage_sends_only_the_blocks_left(tmp_path, ray_local):
     fin = stage.finalize(ctx.dir, "s", "id", stage.select_route("out", pa.schema([("id", pa.string())])), ["out"],
                          inputs=stage.ids_in(str(tmp_path / "in"), "id"))
     assert fin.rec.ok and fin.outputs == 100
+
+
+def test_a_run_directory_from_before_numbered_blocks_still_resumes(tmp_path, ray_local):
+    """Raw files of the old layout (``<uuid>.parquet``, no block number): their rows are filtered out
+    by id and not done again; ids an older version computed differently are one clear line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.pool import stream_through_pool
+    from workflows.core import stage
+    from workflows.core.errors import DataError
+    from workflows.core.stage import StageContext
+
+    ids = [f"r{i:04d}" for i in range(40)]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ids}), tmp_path / "in" / "part-0.parquet")
+    raw = tmp_path / "run" / "s" / stage.RAW
+    raw.mkdir(parents=True)
+    old = pa.table({"id": ids[5:15], "_error": pa.nulls(10, pa.string()), "_detail": pa.nulls(10, pa.string())})
+    pq.write_table(old, raw / "0f1e2d3c4b5a69788796a5b4c3d2e1f0.parquet")
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    ctx = StageContext(str(tmp_path / "run"), "s")
+    engine = EngineConfig(concurrency=2, batch_size=4, num_cpus=0.5)
+    args = (ctx, str(tmp_path / "in"), "id", Echo, engine, dict(seen_dir=str(seen)))
+    stream_through_pool(*args, checkpoint_rows=8, check=False)
+    got = sorted(i for f in seen.glob("*.txt") for i in f.read_text().split("\n") if i)
+    assert got == ids[:5] + ids[15:]  # the ten rows the old version saved are not done again
+    fin = stage.finalize(ctx.dir, "s", "id", stage.select_route("out", pa.schema([("id", pa.string())])), ["out"],
+                         inputs=ids)
+    assert fin.rec.ok and fin.outputs == 40
+
+    other = StageContext(str(tmp_path / "run2"), "s")
+    (tmp_path / "run2" / "s" / stage.RAW).mkdir(parents=True)
+    pq.write_table(old.set_column(0, "id", pa.array([f"{i:016x}" for i in range(10)])),
+                   tmp_path / "run2" / "s" / stage.RAW / "00aa.parquet")
+    with pytest.raises(DataError, match=r"stage s was half done by an earlier version .* --restart-from s"):
+        stream_through_pool(other, *args[1:], checkpoint_rows=8, check=False)

@@ -118,15 +118,26 @@ def count_rows(uri: str) -> int:
     return input_index(uri).rows
 
 
+def _readable(uri: str) -> bool:
+    fs, path = storage.resolve(uri)
+    try:
+        pq.read_metadata(path, filesystem=fs)
+        return True
+    except (pa.ArrowInvalid, OSError):
+        return False
+
+
 def done_blocks(raw_files: list[str], set_aside) -> tuple[set[int], list[str]]:
     """(numbers of the blocks with a readable raw file, raw files of the old unnumbered layout).
-    Only footers are read; a file whose footer cannot be read is set aside (``set_aside``)."""
+    Only footers are read, 16 at a time (on S3 each is a request); a file whose footer cannot be
+    read is set aside (``set_aside``) and its block is done again."""
+    from concurrent.futures import ThreadPoolExecutor
+
     done, legacy = set(), []
-    for uri in raw_files:
-        fs, path = storage.resolve(uri)
-        try:
-            pq.read_metadata(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError):
+    with ThreadPoolExecutor(16) as ex:
+        readable = list(ex.map(_readable, raw_files))
+    for uri, ok in zip(raw_files, readable):
+        if not ok:
             set_aside(uri)
             continue
         k = block_of(uri)
@@ -135,6 +146,18 @@ def done_blocks(raw_files: list[str], set_aside) -> tuple[set[int], list[str]]:
         else:
             done.add(k)
     return done, legacy
+
+
+def any_in(uri: str, id_col: str, ids: pa.Array) -> bool:
+    """Whether any row of the dataset at ``uri`` has one of ``ids`` (streamed)."""
+    import pyarrow.compute as pc
+
+    for f in storage.list_files(uri, ".parquet"):
+        fs, path = storage.resolve(f)
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65536, columns=[id_col]):
+            if pc.any(pc.is_in(batch.column(0), value_set=ids)).as_py():
+                return True
+    return False
 
 
 def legacy_ids(files: list[str], id_col: str) -> pa.Array:
