@@ -233,7 +233,7 @@ def main() -> None:
     cache = cache_figures(entries, args) if entries else {"entries": 0, "mb_per_actor": float("nan")}
     print(json.dumps({"label_cache": cache}), flush=True)
     a, b = runs[0], runs[-1]
-    print(f"finalize + reconcile on one core: " + ", ".join(f"{r['n']} pairs {r['finalize_rows_s']:,.0f} rows/s"
+    print("finalize + reconcile on one core: " + ", ".join(f"{r['n']} pairs {r['finalize_rows_s']:,.0f} rows/s"
                                                             for r in runs) + " (goal >= 100,000)")
     r3 = f"{resumed['ratio']:.2f}" if resumed else "n/a"
     print(f"scale: pairs {a['n']} -> {b['n']}; driver peak RSS {a['driver_peak_mb']:.0f} MB -> "
