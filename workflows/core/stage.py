@@ -300,8 +300,8 @@ def _first_copies(files: list[str], id_col: str, inputs, budget: Budget) -> tupl
             at = 0
             for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65536, columns=[id_col, "_error"]):
                 n = batch.num_rows
-                sp.add("raw", pa.table({"id": batch.column(0), "file": pa.array(np.full(n, fi, np.int32)),
-                                        "row": pa.array(np.arange(at, at + n)), "bad": pc.is_valid(batch.column(1))}))
+                sp.add("raw", pa.table({"id": batch.column(id_col), "file": pa.array(np.full(n, fi, np.int32)),
+                                        "row": pa.array(np.arange(at, at + n)), "bad": pc.is_valid(batch.column("_error"))}))
                 at += n
         if inputs is not None:
             for chunk in inputs.chunks():
