@@ -1,13 +1,15 @@
 """Reading pairs and human preference files as a stream: the records of every format, in order,
-exactly as reading the whole file at once gave them."""
+exactly as reading the whole file at once gave them; spill partitions chosen by the caller."""
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workflows.core.spill import Budget, Spill
 from workflows.judging.human import _records
 
 
@@ -50,3 +52,12 @@ def test_streamed_readers_give_the_records_of_whole_file_reads(tmp_path):
     assert list(_records(str(tmp_path / "a.json"), "x")) == recs[:30]
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in recs[:30]))
     assert list(_records(str(tmp_path / "lines.json"), "x")) == recs[:30]
+
+
+def test_spill_takes_the_partitions_the_caller_chooses(tmp_path):
+    rows = np.arange(10)
+    for parts in (1, 3):
+        with Spill(parts, Budget(spill_dir=str(tmp_path))) as sp:
+            sp.add("x", pa.table({"id": rows.astype(str), "row": rows}), part=rows % parts)
+            assert [sp.read("x", p)["row"].to_pylist() for p in range(parts)] == [
+                [r for r in range(10) if r % parts == p] for p in range(parts)]
