@@ -109,7 +109,9 @@ class Spill:
         self._writers: dict[tuple[str, int], pa.ipc.RecordBatchFileWriter] = {}
         self._schemas: dict[str, pa.Schema] = {}
 
-    def add(self, kind: str, table: pa.Table) -> None:
+    def add(self, kind: str, table: pa.Table, part: np.ndarray | None = None) -> None:
+        """``table``'s rows to their partitions: by ``partition_of`` its ``id`` column (the first),
+        or by ``part`` (one partition number per row) when the caller chooses them."""
         if table.num_rows == 0:
             self._schemas.setdefault(kind, table.schema)
             return
@@ -118,7 +120,8 @@ class Spill:
         if self.parts == 1:
             self._mem.setdefault(kind, []).append(table)
             return
-        part = partition_of(table["id"].chunk(0) if table["id"].num_chunks == 1 else table["id"], self.parts)
+        if part is None:
+            part = partition_of(table["id"].chunk(0) if table["id"].num_chunks == 1 else table["id"], self.parts)
         order = np.argsort(part, kind="stable")
         sizes = np.bincount(part, minlength=self.parts)
         table = table.take(pa.array(order))

@@ -17,6 +17,9 @@ back to the rows' ``pair_id`` — and measures:
 CLI: ``cai agreement --labels AI.parquet --human HUMAN.jsonl [--out DIR]`` (``main``) prints
 a table and writes ``report.md``, ``report.json`` and ``reliability.png`` to DIR.
 
+``dataset_agreement(ai_uri, labels_uri, budget)`` is ``agreement_report`` of two ``preferences``
+datasets in bounded memory (hash partitions, ``spill.Spill``), for labels made from the same pairs.
+
 Hybrid routing: ``uncertain(rows, t)`` picks pairs for people, ``export_for_humans`` writes
 them as CSV/JSONL with an empty ``human_choice`` column ("1", "2" or "tie"), and
 ``merge_human_labels`` folds the answers back in.
@@ -24,15 +27,20 @@ them as CSV/JSONL with an empty ``human_choice`` column ("1", "2" or "tie"), and
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
+from workflows.core.spill import Budget, Spill
 from workflows.judging.human import load_human, require_rows, text_of
 from workflows.judging.pairwise import pair_id, render_conversation
 from workflows.prompt_sources import prompt_id
@@ -107,6 +115,86 @@ def agreement_report(ai_rows: list[dict], human_rows: list[dict]) -> dict:
             "n_correct": sum(correct), "accuracy": _rate(sum(correct), len(pairs)),
             "n_order_agree": len(agree), "order_agreement_rate": _rate(len(agree), len(pairs)),
             "accuracy_order_agree": _rate(sum(correct[i] for i in agree), len(agree)),
+            "ece": expected_calibration_error(bins), "bins": bins, "per_principle": dict(sorted(per.items()))}
+
+
+# ---------------------------------------------------------------- two datasets, in bounded memory
+
+_AI_COLUMNS = ["pair_id", "chosen", "p_chosen", "order_agreement", "principle_ids", "source"]
+
+
+def _tables(uri: str, columns: list[str], batch_size: int = 8192):
+    for f in storage.list_files(uri, ".parquet"):
+        fs, path = storage.resolve(f)
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=batch_size, columns=columns):
+            yield pa.Table.from_batches([batch])
+
+
+def _chosen_digests(chosen: pa.ChunkedArray) -> pa.Array:
+    """128-bit digests of each row's chosen answer (``text_of``: its last message's content), so a
+    partition compares answers without holding their text."""
+    arr = chosen.combine_chunks() if isinstance(chosen, pa.ChunkedArray) else chosen
+    last = arr.offsets.to_numpy()[1:] - 1
+    texts = arr.values.field("content").take(pa.array(last)).to_pylist()
+    return pa.array([hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts], pa.binary(16))
+
+
+def dataset_agreement(ai_uri: str, labels_uri: str, budget: Budget = Budget()) -> dict:
+    """``agreement_report`` of the AI labels in ``ai_uri`` against the labels in ``labels_uri`` (both
+    ``preferences`` datasets), the same keys and figures, without holding either in memory: both
+    go to hash partitions by pair id (``spill.Spill``), each partition is joined on its own. Rows
+    are matched on ``pair_id`` — what ``match`` finds for labels made from the same pairs, whose
+    pair ids are their content keys (``content_key``); answers are compared by 128-bit digest. The
+    calibration sums are added up per partition, so ``ece`` may differ from ``agreement_report``'s
+    in the last bits of a float."""
+    rows = sum(pq.read_metadata(p, filesystem=fs).num_rows for fs, p in
+               (storage.resolve(f) for u in (ai_uri, labels_uri) for f in storage.list_files(u, ".parquet")))
+    parts = budget.parts_for(2 * rows)  # an AI row carries a digest, p, principle ids besides its id
+    n_ai = n_human = 0
+    total = {"n_matched": 0, "n_correct": 0, "n_order_agree": 0, "correct_agree": 0}
+    n_bin, conf_bin, correct_bin = np.zeros(N_BINS, np.int64), np.zeros(N_BINS), np.zeros(N_BINS, np.int64)
+    per: dict[str, dict] = {}
+    with Spill(parts, budget) as sp:
+        for t in _tables(labels_uri, ["pair_id", "chosen"]):
+            n_human += t.num_rows
+            sp.add("human", pa.table({"id": t["pair_id"], "chosen": _chosen_digests(t["chosen"])}))
+        for t in _tables(ai_uri, _AI_COLUMNS):
+            t = t.filter(pc.invert(pc.fill_null(pc.equal(t["source"], "human"), False)))
+            n_ai += t.num_rows
+            sp.add("ai", pa.table({"id": t["pair_id"], "chosen": _chosen_digests(t["chosen"]), "p": t["p_chosen"],
+                                   "agree": t["order_agreement"], "principles": t["principle_ids"]}))
+        for p in range(parts):
+            human, ai = sp.read("human", p), sp.read("ai", p)
+            at = pc.index_in(ai["id"], value_set=human["id"])
+            hit = pc.is_valid(at)
+            m = ai.filter(hit)
+            correct = pc.equal(m["chosen"], human["chosen"].take(at.filter(hit))).to_numpy(zero_copy_only=False)
+            agree = pc.fill_null(m["agree"], False).to_numpy(zero_copy_only=False)
+            conf = m["p"].to_numpy().astype(np.float64)
+            k = np.minimum((conf * N_BINS).astype(np.int64), N_BINS - 1)
+            n_bin += np.bincount(k, minlength=N_BINS)
+            conf_bin += np.bincount(k, weights=conf, minlength=N_BINS)
+            correct_bin += np.bincount(k, weights=correct, minlength=N_BINS).astype(np.int64)
+            total["n_matched"] += m.num_rows
+            total["n_correct"] += int(correct.sum())
+            total["n_order_agree"] += int(agree.sum())
+            total["correct_agree"] += int((correct & agree).sum())
+            principles = m["principles"].combine_chunks() if m.num_rows else pa.array([], pa.list_(pa.string()))
+            parents = pc.list_parent_indices(principles).to_numpy()
+            by = pa.table({"pid": pc.list_flatten(principles), "ok": pa.array(correct[parents], pa.bool_())})
+            for g in by.group_by("pid").aggregate([("ok", "count"), ("ok", "sum")]).to_pylist():
+                d = per.setdefault(g["pid"], {"n": 0, "correct": 0})
+                d["n"] += int(g["ok_count"])
+                d["correct"] += int(g["ok_sum"])
+    for d in per.values():
+        d["accuracy"] = d["correct"] / d["n"]
+    bins = [{"lo": b / N_BINS, "hi": (b + 1) / N_BINS, "n": int(n),
+             "confidence": float(conf_bin[b]) / n if n else None, "accuracy": int(correct_bin[b]) / n if n else None}
+            for b, n in enumerate(n_bin.tolist())]
+    n, c, n_agree = total["n_matched"], total["n_correct"], total["n_order_agree"]
+    return {"n_ai": n_ai, "n_human": n_human, "n_matched": n, "n_correct": c, "accuracy": _rate(c, n),
+            "n_order_agree": n_agree, "order_agreement_rate": _rate(n_agree, n),
+            "accuracy_order_agree": _rate(total["correct_agree"], n_agree),
             "ece": expected_calibration_error(bins), "bins": bins, "per_principle": dict(sorted(per.items()))}
 
 

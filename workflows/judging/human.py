@@ -169,7 +169,11 @@ def human_row(record: dict) -> dict:
 
 # ---------------------------------------------------------------- files
 
+_BATCH = 1024  # records per batch read from a parquet file or a saved Hugging Face dataset
+
+
 def _hf_records(path: str, split: str) -> Iterator[dict]:
+    """A saved Hugging Face dataset (memory-mapped Arrow) in batches: a batch of records in memory."""
     import datasets
 
     ds = datasets.load_from_disk(path)
@@ -177,33 +181,60 @@ def _hf_records(path: str, split: str) -> Iterator[dict]:
         if split not in ds:
             raise ConfigError(path, f"no split {split!r} (splits: {', '.join(ds)})", f"pass split={next(iter(ds))!r}")
         ds = ds[split]
-    yield from ds
+    for batch in ds.iter(batch_size=_BATCH):  # the same python values as iterating row by row
+        names = list(batch)
+        yield from (dict(zip(names, values)) for values in zip(*(batch[n] for n in names)))
+
+
+def _json_lines(f) -> Iterator[Any]:
+    """JSON lines, one record per non-blank line (a line that is not JSON: a ``bad_json`` RowError)."""
+    for raw in f:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RowError("bad_json", f"not UTF-8 text: {e}")
+            continue
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError as e:
+                yield RowError("bad_json", str(e))
+
+
+def _starts_array(f: io.BufferedReader) -> bool:
+    """Whether the stream's first non-blank byte is ``[`` (a .json file holding one array); leading
+    whitespace is consumed, which changes neither reading."""
+    while True:
+        head = f.peek(1)[:1]
+        if not head or not head.isspace():
+            return head == b"["
+        f.read(1)
 
 
 def _file_records(uri: str) -> Iterator[Any]:
+    """Records of a file, streamed: JSON lines line by line, CSV row by row, parquet by batches of
+    a row group; a .json array is one document and is read whole. ``.gz`` files are decompressed."""
     ext = Path(uri.removesuffix(".gz")).suffix.lower()
-    if ext == ".parquet":
-        fs, path = storage.resolve(uri)
-        yield from pq.read_table(path, filesystem=fs).to_pylist()
-        return
-    text = storage.read_text(uri)
-    if ext == ".csv":
-        yield from csv.DictReader(io.StringIO(text))
-    elif ext == ".json" and text.lstrip().startswith("["):
-        yield from json.loads(text)
-    elif ext in (".jsonl", ".json"):
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as e:
-                    yield RowError("bad_json", str(e))
-    else:
+    if ext not in (".parquet", ".csv", ".json", ".jsonl"):
         raise ConfigError(uri, f"unsupported file type {ext or '(none)'!r}",
                           "use .jsonl, .json, .csv, .parquet or a saved Hugging Face dataset directory")
+    fs, path = storage.resolve(uri)
+    if ext == ".parquet":
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=_BATCH):
+            yield from batch.to_pylist()
+        return
+    with io.BufferedReader(fs.open_input_stream(path, compression="detect"), buffer_size=1 << 20) as f:
+        if ext == ".csv":
+            csv.field_size_limit(2**31 - 1)  # a long answer is one cell
+            yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+        elif ext == ".json" and _starts_array(f):
+            yield from json.loads(f.read().decode("utf-8"))
+        else:
+            yield from _json_lines(f)
 
 
 def _records(path: str, split: str) -> Iterator[Any]:
+    """Every record of ``path`` in order, streamed (see ``_file_records``)."""
     if not storage.is_remote(path) and os.path.isdir(path):
         return _hf_records(path, split)
     if not storage.exists(path):

@@ -20,19 +20,17 @@ from actors import EngineConfig, pool
 from actors.models import resolve_model
 from workflows.constitution import Constitution
 from workflows.core import stage, storage
-from workflows.core.stage import MESSAGES, StageContext
+from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.judging.batch import judge_pairs
 from workflows.judging.config import PreferenceConfig, judge_id
 from workflows.judging.gold import GOLD, gold_figures, load_gold
 from workflows.judging.human import PREFERENCES_SCHEMA
 from workflows.judging.label_cache import LabelCache
-from workflows.judging.pairs import labeled_pair_row
+from workflows.judging.pairs import PAIRS_SCHEMA, labeled_pair_row
 
 LABELS = "labels"
 _I64 = pa.int64()
-PAIRS_SCHEMA = pa.schema([("pair_id", pa.string()), ("prompt_id", pa.string()), ("messages", MESSAGES),
-                          ("response_a", pa.string()), ("response_b", pa.string())])
 LABELS_SCHEMA = pa.schema([*PREFERENCES_SCHEMA, ("principle_p_chosen", pa.list_(pa.float64())),
                            ("principle_agree", pa.list_(pa.bool_()))])
 JUDGE_RAW_SCHEMA = pa.schema([*LABELS_SCHEMA, ("_error", pa.string()), ("_detail", pa.string()),

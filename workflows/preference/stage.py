@@ -57,8 +57,7 @@ benchmarks may swap every engine for their own with ``engine_factory: "module:ca
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -67,14 +66,13 @@ import pyarrow.parquet as pq
 from actors import pool
 from workflows.constitution import Constitution, load_constitution
 from workflows.core import stage, storage
-from workflows.core.reconcile import ReconcileError, check, duplicated
+from workflows.core.reconcile import ReconcileError, duplicated
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict
-from workflows.judging import gold
-from workflows.judging.agreement import agreement_report
+from workflows.judging import agreement, gold
 from workflows.judging.config import PreferenceConfig, judge_id
 from workflows.judging.human import PREFERENCES_SCHEMA
-from workflows.judging.pairs import load_pairs
+from workflows.judging.pairs import DATASET_LABELS, LabelsAt, PairsOut, read_pairs_file
 from workflows.judging.workers import (
     LABELS,
     PAIRS_SCHEMA,
@@ -158,7 +156,7 @@ class MadePairs:
     errors_by_reason: dict
     metrics: dict
     figures: dict  # _SUCCESS "phases"[phase]
-    dataset_labels: list[dict] = field(default_factory=list)  # the file's own choices (chosen/rejected rows)
+    dataset_labels: LabelsAt | None = None  # the file's own choices (chosen/rejected rows), written
 
 
 def _check_pairs(ctx: StageContext) -> int:
@@ -190,17 +188,15 @@ def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
 
 def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     """Phase (a) from ``pairs_from``: no policy; every record of the file becomes a ``pairs`` row
-    or an ``errors`` row (stage ``<name>:pairs``), reconciled: ids(records) = pairs ∪ errors."""
+    or an ``errors`` row (stage ``<name>:pairs``), reconciled: ids(records) = pairs ∪ errors; the
+    file's own choices go to ``_dataset_labels``. Streamed, in the memory of ``ctx.budget``."""
     started = time.time()
-    pf = load_pairs(cfg.pairs_from, stage=f"{ctx.name}:pairs")
-    check(f"{ctx.name}:pairs", pf.rows, pf.kept, [e["id"] for e in pf.errors])
-    stage.write_rows(ctx.path("pairs"), pf.pairs, PAIRS_SCHEMA)
-    stage.write_rows(ctx.path("errors"), pf.errors, ERRORS_SCHEMA)
-    reasons = dict(Counter(e["reason"] for e in pf.errors))
-    figures = {"file": cfg.pairs_from, "rows": len(pf.rows), "row_errors": len(pf.errors), "pairs": len(pf.pairs),
-               "with_dataset_label": len(pf.labels), "seconds": round(time.time() - started, 2)}
-    return MadePairs("pairs_from", len(pf.rows), len(pf.pairs), len(pf.errors), reasons, {},
-                     figures, pf.labels)
+    out = PairsOut(ctx.path("pairs"), ctx.path("errors"), ctx.path(DATASET_LABELS))
+    got = read_pairs_file(cfg.pairs_from, f"{ctx.name}:pairs", out, ctx.budget)
+    figures = {"file": cfg.pairs_from, "rows": got.rows, "row_errors": got.errors, "pairs": got.pairs,
+               "with_dataset_label": got.labels, "seconds": round(time.time() - started, 2)}
+    return MadePairs("pairs_from", got.rows, got.pairs, got.errors, got.errors_by_reason, {}, figures,
+                     LabelsAt(out.labels, got.labels, ctx.budget) if got.labels else None)
 
 
 def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
@@ -233,13 +229,13 @@ def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) 
     return jctx, fin
 
 
-def dataset_agreement(labels_uri: str, dataset_labels: list[dict]) -> dict | None:
+def dataset_agreement(labels_uri: str, dataset_labels: LabelsAt | None) -> dict | None:
     """How often the AI labels pick the answer the pairs file itself prefers
-    (``agreement.agreement_report``; accuracy with its Wilson 95% interval). None without such labels."""
+    (``agreement.dataset_agreement``, streamed: the figures of ``agreement_report``; accuracy with
+    its Wilson 95% interval). None without such labels."""
     if not dataset_labels:
         return None
-    fs, path = storage.resolve(labels_uri)
-    r = agreement_report(pq.read_table(path, filesystem=fs).to_pylist(), dataset_labels)
+    r = agreement.dataset_agreement(labels_uri, dataset_labels.uri, dataset_labels.budget)
     ci = wilson(r["n_correct"], r["n_matched"])
     return {**{k: v for k, v in r.items() if k != "bins"}, "accuracy_lo": ci.lo if r["n_matched"] else None,
             "accuracy_hi": ci.hi if r["n_matched"] else None}
