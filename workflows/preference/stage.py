@@ -18,7 +18,7 @@ in the ``workers.JudgeWorker`` pool, the same one the gold gate and the evaluate
 Two optional paths around them:
 
 - Existing pairs (``pairs_from``): phase (a) is not run and no policy engine is built;
-  ``judging.pairs.load_pairs`` turns every record of the file (prompt/chosen/rejected, HH transcripts,
+  ``judging.pairs.read_pairs_file`` streams every record of the file (prompt/chosen/rejected, HH transcripts,
   or prompt + response_a/response_b) into a ``pairs`` row or an error row (stage
   "<name>:pairs": missing field, empty or identical responses, ``duplicate`` pair). A
   chosen/rejected row's chosen answer becomes (A) or (B) by a hash of its pair id, and its
