@@ -36,7 +36,8 @@ compaction. Safe while readers and writers run; only one compactor at a time (th
 Memory per reader: the footers of the current runs (~3 KB per row group of ``ROW_GROUP`` rows:
 ~30 MB at 10M entries), the unfolded deltas' ``fields`` (~24 bytes an entry for ``p_a``; bounded
 by compaction ticks) and one block's row groups while it reads them (~12 MB for 512 keys).
-``benchmarks/label_cache.py`` measures a fresh reader's RSS growth over 100k lookups (1M entries: ~35 MB).
+``benchmarks/label_cache.py``: a fresh reader's RSS grows 34 MB over 100k lookups at 1M entries,
+99 MB at 10M (2-core Xeon: 47k and 33k lookups/s).
 A compaction holds at most ``FOLD_BYTES`` of input at once (more: several passes, each over a
 range of partitions, reading only the runs' row groups in that range) plus what it writes of it.
 A legacy shard is read whole by a reader: ``compacting()`` folds them in before actors start.
@@ -60,7 +61,7 @@ from workflows.judging.label_store import CURRENT, DELTA, LEGACY, MANIFESTS, ROW
 
 __all__ = ["LabelCache", "compacting", "ROW_GROUP", "FOLD_BYTES", "TIER", "MAX_RUNS"]
 log = logging.getLogger(__name__)
-FOLD_BYTES = 64 << 20  # input a compaction holds at once
+FOLD_BYTES = 32 << 20  # input a compaction holds at once (in files; ~4x that in memory)
 TIER, MAX_RUNS = 1, 8  # merge the newest run into the one before while that is ≤ TIER × as big, or > MAX_RUNS
 
 
@@ -106,7 +107,7 @@ class LabelCache:
         extra = pa.table(dict(zip(("k0", "k1"), lk.checked_key_columns(list(self._pending)))))
         sizes = {n: self.store.size(n) for n in [*self._runs, *self._deltas]}
         return sum(lk.newest(pa.concat_tables([t.select(["k0", "k1"]) for t in tables]
-                                              + [_window(extra, lo, hi)])).num_rows
+                                              + [lk.window(extra, lo, hi)])).num_rows
                    for lo, hi, tables in self._windows(list(sizes), sizes, []))
 
     __len__ = entries
@@ -122,9 +123,9 @@ class LabelCache:
         for run in list(self._runs):  # oldest first: later ones win
             table = self._run_rows(run, q0, gone_ok)
             if table is not None:
-                found.update(_found(table, table["k0"].to_numpy(), table["k1"].to_numpy(), q0, q1))
+                found.update(lk.found(table, table["k0"].to_numpy(), table["k1"].to_numpy(), q0, q1))
         for delta in self._deltas.values():
-            found.update(_found(*delta, q0, q1))
+            found.update(lk.found(*delta, q0, q1))
         return found
 
     def _run_rows(self, run: str, q0, gone_ok: bool) -> pa.Table | None:
@@ -234,6 +235,7 @@ class LabelCache:
         with self.store.run_writer(name) as write:
             for _, _, tables in self._windows(list(sizes), sizes, ok):
                 table = lk.newest(pa.concat_tables(tables))
+                tables.clear()  # the inputs go before the output is written
                 write(table)
                 rows += table.num_rows
         if not rows:
@@ -259,9 +261,9 @@ class LabelCache:
                         groups = np.flatnonzero((lk.partition_of(maxs) >= lo) & (lk.partition_of(mins) < hi))
                         if len(groups):
                             t = self.store.read_groups(src, meta, groups.tolist(), lk.SCHEMA.names)
-                            tables.append(_window(t, lo, hi))
+                            tables.append(lk.window(t, lo, hi))
                     else:
-                        tables += [_window(t, lo, hi) for t in self.store.batches(src)]
+                        tables += [lk.window(t, lo, hi) for t in self.store.batches(src)]
                 except FileNotFoundError:  # set aside by a reader
                     bad.add(src)
                 except UNREADABLE:
@@ -269,17 +271,6 @@ class LabelCache:
                     bad.add(src)
             yield lo, hi, tables
         ok += [s for s in sources if s not in bad]
-
-
-def _window(table: pa.Table, lo: int, hi: int) -> pa.Table:
-    parts = lk.partition_of(table["k0"].to_numpy())
-    return table.filter(pa.array((parts >= lo) & (parts < hi)))
-
-
-def _found(table: pa.Table, k0, k1, q0, q1) -> dict[int, dict]:
-    rows = lk.find(k0, k1, q0, q1)
-    hit = np.flatnonzero(rows >= 0)
-    return dict(zip(hit.tolist(), lk.values_at(table, rows[hit])))
 
 
 @contextlib.contextmanager

@@ -119,6 +119,16 @@ def find(k0: np.ndarray, k1: np.ndarray, q0: np.ndarray, q1: np.ndarray) -> np.n
     return out.astype(np.int64)
 
 
-def values_at(table: pa.Table, idx: np.ndarray) -> list[dict]:
-    """The values (every column but the key's) of ``table``'s rows ``idx`` as dicts."""
-    return table.drop_columns(["k0", "k1"]).take(pa.array(idx, pa.int64())).to_pylist()
+def found(table: pa.Table, k0: np.ndarray, k1: np.ndarray, q0: np.ndarray, q1: np.ndarray) -> dict[int, dict]:
+    """``{query index: value}`` (every column but the key's) of the query keys in ``table``
+    (sorted, one row per key; ``k0``, ``k1`` its key columns)."""
+    rows = find(k0, k1, q0, q1)
+    hit = np.flatnonzero(rows >= 0)
+    values = table.drop_columns(["k0", "k1"]).take(pa.array(rows[hit], pa.int64())).to_pylist()
+    return dict(zip(hit.tolist(), values))
+
+
+def window(table: pa.Table, lo: int, hi: int) -> pa.Table:
+    """The rows of partitions ``lo`` to ``hi - 1``."""
+    parts = partition_of(table["k0"].to_numpy())
+    return table.filter(pa.array((parts >= lo) & (parts < hi)))
