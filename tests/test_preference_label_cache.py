@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from workflows.core import stage, storage
-from workflows.judging import label_keys
+from workflows.judging import label_cache, label_keys
 from workflows.judging.label_cache import LabelCache, compacting
 from workflows.judging.workers import ActorCache
 
@@ -82,7 +82,7 @@ def test_two_actors_see_each_other_between_blocks_and_runs(tmp_path):
     assert again.compact() == 1 and LabelCache(uri).get(key(3))["p_a"] == 0.7
 
 
-def test_compaction_while_another_actor_writes_loses_nothing(tmp_path):
+def test_compaction_while_another_actor_writes_loses_nothing(tmp_path, monkeypatch):
     uri = str(tmp_path / "label_cache")
     writer, reader, compactor = LabelCache(uri), LabelCache(uri), LabelCache(uri)
     stop, written = threading.Event(), []
@@ -117,6 +117,10 @@ def test_compaction_while_another_actor_writes_loses_nothing(tmp_path):
     compactor.compact()                                    # nothing new: what the grace period kept goes
     assert {n for n, _ in store.listing("delta/")} <= set(store.manifest(store.gen())["folded"])
     assert len(store.listing("runs/")) <= 2 and len(store.listing("manifests/", ".json")) <= 2
+    monkeypatch.setattr(label_cache, "GRACE_S", 0.0)     # no reader can be a generation behind any more:
+    assert compactor.compact() is None                     # only the current generation's files stay
+    assert store.listing("delta/") == [] and len(store.listing("runs/")) == 1
+    assert len(store.listing("manifests/", ".json")) == 1
     assert reader.get_many([key(0), key("rewritten")])[key("rewritten")]["p_a"] == got[key("rewritten")]["p_a"]
 
 

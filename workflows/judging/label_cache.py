@@ -30,16 +30,18 @@ newer or more than ``MAX_RUNS`` are left, so a tick costs about what was written
 whole cache (``full=True``: everything into one run). The manifest, then ``CURRENT`` are written;
 then the deltas the previous generation skipped, and the runs and manifests neither this nor the
 previous generation names, are deleted: a reader that read ``CURRENT`` a moment earlier still
-finds its files. A delta written meanwhile is not in the manifest: it stays a delta until the next
-compaction. Safe while readers and writers run; only one compactor at a time (the stage's driver).
+finds its files (``GRACE_S`` later, a compaction with nothing to fold drops the rest). A delta
+written meanwhile is not in the manifest: it stays a delta until the next compaction. Safe while
+readers and writers run; only one compactor at a time (the stage's driver).
 
 Memory per reader: the footers of the current runs (~3 KB per row group of ``ROW_GROUP`` rows:
 ~30 MB at 10M entries), the unfolded deltas' ``fields`` (~24 bytes an entry for ``p_a``; bounded
-by compaction ticks) and one block's row groups while it reads them (~12 MB for 512 keys).
-``benchmarks/label_cache.py``: a fresh reader's RSS grows 34 MB over 100k lookups at 1M entries,
-99 MB at 10M (2-core Xeon: 47k and 33k lookups/s).
-A compaction holds at most ``FOLD_BYTES`` of input at once (more: several passes, each over a
-range of partitions, reading only the runs' row groups in that range) plus what it writes of it.
+by compaction ticks) and ``READ_GROUPS`` row groups at a time while it reads a block's.
+``benchmarks/label_cache.py`` (2-core Xeon): over 100k lookups a fresh reader's RSS grows 29 MB
+at 1M entries (~48k lookups/s), 89 MB at 10M (~36k/s); 127 MB at 1M when it reads every field
+and each entry has 200 characters of chain-of-thought text (~8k/s).
+A compaction holds at most ``FOLD_BYTES`` of input files at once (more: several passes, each over
+a range of partitions, reading only the runs' row groups in that range): ~4-5x that in memory.
 A legacy shard is read whole by a reader: ``compacting()`` folds them in before actors start.
 
 A file that cannot be read (cut short, corrupted) is renamed ``*.unreadable`` and its judgments
@@ -59,9 +61,11 @@ import pyarrow as pa
 from workflows.judging import label_keys as lk
 from workflows.judging.label_store import CURRENT, DELTA, LEGACY, MANIFESTS, ROW_GROUP, RUNS, UNREADABLE, Store
 
-__all__ = ["LabelCache", "compacting", "ROW_GROUP", "FOLD_BYTES", "TIER", "MAX_RUNS"]
+__all__ = ["LabelCache", "compacting", "ROW_GROUP", "READ_GROUPS", "FOLD_BYTES", "TIER", "MAX_RUNS", "GRACE_S"]
 log = logging.getLogger(__name__)
 FOLD_BYTES = 32 << 20  # input a compaction holds at once (in files; ~4x that in memory)
+READ_GROUPS = 64  # row groups a lookup holds at once
+GRACE_S = 60.0  # how long a generation's predecessor is kept for readers (a lookup takes far less)
 TIER, MAX_RUNS = 1, 8  # merge the newest run into the one before while that is ≤ TIER × as big, or > MAX_RUNS
 
 
@@ -121,15 +125,14 @@ class LabelCache:
         self._refresh(gone_ok)
         found: dict[int, dict] = {}
         for run in list(self._runs):  # oldest first: later ones win
-            table = self._run_rows(run, q0, gone_ok)
-            if table is not None:
-                found.update(lk.found(table, table["k0"].to_numpy(), table["k1"].to_numpy(), q0, q1))
+            found.update(self._run_found(run, q0, q1, gone_ok))
         for delta in self._deltas.values():
             found.update(lk.found(*delta, q0, q1))
         return found
 
-    def _run_rows(self, run: str, q0, gone_ok: bool) -> pa.Table | None:
-        """The row groups of ``run`` whose k0 range holds one of ``q0``."""
+    def _run_found(self, run: str, q0, q1, gone_ok: bool) -> dict[int, dict]:
+        """The query keys found in ``run``: only the row groups whose k0 range holds one are read,
+        ``READ_GROUPS`` at a time (chain-of-thought text makes a row group large)."""
         try:
             if run not in self._footers:
                 self._footers[run] = self.store.footer(run)
@@ -138,14 +141,18 @@ class LabelCache:
             groups = set(first[stop - first == 1].tolist())
             for i in np.flatnonzero(stop - first > 1):  # a key at a row-group boundary: never in practice
                 groups.update(range(first[i], stop[i]))
-            return self.store.read_groups(run, meta, sorted(groups), ["k0", "k1", *self.fields]) if groups else None
+            groups, found = sorted(groups), {}
+            for at in range(0, len(groups), READ_GROUPS):
+                t = self.store.read_groups(run, meta, groups[at:at + READ_GROUPS], ["k0", "k1", *self.fields])
+                found.update(lk.found(t, t["k0"].to_numpy(), t["k1"].to_numpy(), q0, q1))
+            return found
         except FileNotFoundError:
             if not gone_ok:  # deleted by compactions: start over; else set aside by another reader
                 raise _Gone(run) from None
         except UNREADABLE:
             self.store.set_aside(run)
         self._runs.remove(run)
-        return None
+        return {}
 
     def _refresh(self, gone_ok: bool) -> None:
         """Catch up with ``CURRENT`` and ``delta/``: read the new deltas, drop the folded ones."""
@@ -211,20 +218,32 @@ class LabelCache:
                     merged, _ = self._merge(runs[-2:], {})
                     runs[-2:] = [merged] if merged else []
             gen += 1
-            store.write_json({"gen": gen, "runs": runs, "folded": folded, "deltas": folded + old["folded"]},
-                             f"{MANIFESTS}{gen:06d}.json")
+            store.write_json({"gen": gen, "runs": runs, "folded": folded, "deltas": folded + old["folded"],
+                              "written": time.time()}, f"{MANIFESTS}{gen:06d}.json")
             store.write_json({"gen": gen}, CURRENT)
-        # readers of the previous generation skip what it folded; those of this one skip it too
-        for name in set(old["deltas"]) - (set() if gen != old["gen"] else set(old["folded"])):
+        self._clean(gen, old, runs)
+        return gen if gen != old["gen"] else None
+
+    def _clean(self, gen: int, old: dict, runs: list[dict]) -> None:
+        """Delete what no reader of generation ``gen`` or of its predecessor reads (``old``: the
+        generation before this compaction): runs, manifests, and deltas readers skip. A predecessor
+        older than ``GRACE_S`` has no readers left: then only ``gen``'s own files stay."""
+        store, grown = self.store, gen != old["gen"]
+        settled = not grown and time.time() - old.get("written", 0) > GRACE_S
+        before = old if grown or settled else store.manifest(0)
+        if not grown and not settled and gen > 1:
+            with contextlib.suppress(FileNotFoundError):
+                before = store.manifest(gen - 1)
+        skipped = set(old["deltas"]) if grown or settled else set(old["deltas"]) - set(old["folded"])
+        for name in skipped:  # skipped by readers of gen and of its predecessor
             store.delete(name)
-        keep = {r["name"] for r in runs + old["runs"]}
+        keep = {r["name"] for r in runs + ([] if settled else before["runs"])}
         for name, _ in store.listing(RUNS):
-            if name not in keep:  # merged before the previous generation, or left by a compaction that died
+            if name not in keep:  # merged before, or left by a compaction that died
                 store.delete(name)
         for name, _ in store.listing(MANIFESTS, ".json"):
-            if int(name[len(MANIFESTS):-5]) < old["gen"]:
+            if int(name[len(MANIFESTS):-5]) < gen - (0 if settled else 1):
                 store.delete(name)
-        return gen if gen != old["gen"] else None
 
     def _merge(self, runs: list[dict], files: dict[str, int]) -> tuple[dict | None, list[str]]:
         """One new run: ``runs`` (oldest first) updated by the delta and legacy ``files`` (oldest
