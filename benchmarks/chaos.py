@@ -17,8 +17,8 @@ Faults (``FAULTS``):
   command run again: finished stages skipped, the interrupted one redoes at most its in-flight blocks.
 - ``torn_raw_file``: as ``driver_kill``, and one raw file the killed run left is cut in half before
   the rerun: set aside as ``*.unreadable``, counted in the summary, its rows redone.
-- ``torn_cache_shard``: a label-cache shard cut in half, then the preference stage redone: the
-  shard is set aside and counted, its judgments made again.
+- ``torn_cache_shard``: a label-cache file (a compacted run, else the oldest delta) cut in half, then
+  the preference stage redone: the file is set aside and counted, its judgments made again.
 - ``train_worker``, ``train_reward``, ``train_dpo``, ``train_ppo``: the Ray Train worker killed
   (SIGKILL) in SFT, reward, DPO and PPO the moment its first checkpoint is whole on storage (mid-step:
   a tiny model's steps take tens of milliseconds, so the kill waits on that event, not on a delay):
