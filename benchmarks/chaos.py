@@ -17,8 +17,8 @@ Faults (``FAULTS``):
   command run again: finished stages skipped, the interrupted one redoes at most its in-flight blocks.
 - ``torn_raw_file``: as ``driver_kill``, and one raw file the killed run left is cut in half before
   the rerun: set aside as ``*.unreadable``, counted in the summary, its rows redone.
-- ``torn_cache_shard``: a label-cache shard cut in half, then the preference stage redone: the
-  shard is set aside and counted, its judgments made again.
+- ``torn_cache_shard``: a label-cache file (a compacted run, else the oldest delta) cut in half, then
+  the preference stage redone: the file is set aside and counted, its judgments made again.
 - ``train_worker``, ``train_reward``, ``train_dpo``, ``train_ppo``: the Ray Train worker killed
   (SIGKILL) in SFT, reward, DPO and PPO the moment its first checkpoint is whole on storage (mid-step:
   a tiny model's steps take tens of milliseconds, so the kill waits on that event, not on a delay):
@@ -57,9 +57,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.chaos_harness import (  # noqa: E402 — after the path insert
-    LOG_ENV, ROOT, CaiRun, FlakyS3, attempts, audit, console_tails, engine, failed_checks, free_port, head, ids,
-    ids_in, kill_driver_mid_stage, preference_stage, prompts_file, raw_files, redone, sl_cai_recipe, started_engines,
-    table, tear, tiny_model, wait_until, whole_checkpoint)
+    LOG_ENV, ROOT, CaiRun, FlakyS3, attempts, audit, cache_files, console_tails, engine, failed_checks, free_port,
+    head, ids, kill_driver_mid_stage, preference_stage, prompts_file, raw_files, redone, rows_in, sl_cai_recipe,
+    started_engines, table, tear, tiny_model, wait_until, whole_checkpoint)
 
 
 def fault_actor_sl_cai(work: Path, model: str, n: int, starting: bool = False, backend: str = "auto") -> dict:
@@ -175,8 +175,8 @@ def fault_torn_cache_shard(work: Path, model: str, n: int) -> dict:
         run.start()
         first = run.wait(600)
         judged = sum(attempts(run.log, "j").values())
-        shards = sorted((work / "run" / "label_cache").rglob("*.parquet"))
-        victim, kept = shards[0], sum(len(ids_in(f, "key")) for f in shards[1:])
+        shards = cache_files(work / "run" / "label_cache")  # the files a reader reads: runs, then deltas
+        victim, kept = shards[0], sum(rows_in(f) for f in shards[1:])
         tear(victim)
         run.log.unlink()
         run.start("--restart-from", "preference")

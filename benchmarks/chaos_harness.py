@@ -212,10 +212,17 @@ def ids(dataset: Path, column: str) -> list[str]:
     return out
 
 
-def ids_in(path: Path, column: str) -> list[str]:
+def rows_in(path: Path) -> int:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=[column])[column].to_pylist()
+    return pq.read_metadata(path).num_rows
+
+
+def cache_files(cache_dir: Path) -> list[Path]:
+    """The label cache's files a reader reads now (compacted runs, then deltas)."""
+    from workflows.judging.label_cache import LabelCache
+
+    return [Path(f) for f in LabelCache(str(cache_dir)).files()]
 
 
 def audit(fault: str, stage_dir: Path, dataset: str, id_col: str, input_ids: list[str],

@@ -43,14 +43,15 @@ def template_version(cfg: PreferenceConfig) -> str:
 def judge_pairs(judges: list, rows: list[dict], cfg: PreferenceConfig, constitution: Constitution, seed: int,
                 cache=None) -> list[dict]:
     """Phase (b) on a batch of pair rows; one raw row per pair, in order. ``judges``: engines or
-    (engine, cache id) tuples. Judgments found in ``cache`` (``get``/``put_many``) cost nothing;
-    the misses go to each judge in one batched call (CoT: ``generate`` then ``choice_logprobs``)."""
+    (engine, cache id) tuples. Judgments found in ``cache`` (one ``get_many`` for the whole batch,
+    then ``put_many``) cost nothing; the misses go to each judge in one batched call (CoT:
+    ``generate`` then ``choice_logprobs``)."""
     judges = [j if isinstance(j, tuple) else (j, j.name) for j in judges]
     orders = (0, 1) if cfg.both_orders else (0,)
     tmpl, n = template_version(cfg), len(rows)
     hits, misses, calls = [0] * n, [0] * n, [0] * n
-    plans, want, got, owner = [], {}, {}, {}
-    for i, r in enumerate(rows):
+    plans, asks, want, got, owner = [], {}, {}, {}, {}
+    for r in rows:
         a, b, msgs = r.get("response_a") or "", r.get("response_b") or "", r.get("messages") or []
         if not (a.strip() and b.strip() and msgs):
             plans.append(RowError("bad_pair", "empty response or prompt"))
@@ -62,14 +63,18 @@ def judge_pairs(judges: list, rows: list[dict], cfg: PreferenceConfig, constitut
                 for o in orders:
                     x, y = (a, b) if o == 0 else (b, a)
                     k = keys[(j, s, o)] = cache_key(msgs, x, y, principle_key(p), jid, tmpl, cfg.cot)
-                    if k in got or k in want:
-                        continue
-                    hit = cache.get(k) if cache is not None else None
-                    if hit is not None:
-                        got[k], hits[i] = hit["p_a"], hits[i] + 1
-                    else:
-                        want[k], owner[k], misses[i] = (j, msgs, x, y, p), i, misses[i] + 1
+                    asks.setdefault(k, (j, msgs, x, y, p))
         plans.append((pids, keys))
+    cached = cache.get_many(list(asks)) if cache is not None and asks else {}
+    for i, plan in enumerate(plans):
+        for k in () if isinstance(plan, RowError) else plan[1].values():
+            if k in got or k in want:
+                continue
+            hit = cached.get(k)
+            if hit is not None:
+                got[k], hits[i] = hit["p_a"], hits[i] + 1
+            else:
+                want[k], owner[k], misses[i] = asks[k], i, misses[i] + 1
     sent = _ask_judges(judges, want, got, cfg, cache)
     for k, c in sent.items():
         calls[owner[k]] += c

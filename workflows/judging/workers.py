@@ -2,7 +2,7 @@
 (``judge_gold``, also run by the ``evaluate`` stage) share.
 
 ``JudgeWorker`` is the Ray Data actor-pool UDF: every judge engine in each actor (built on first
-use, ``LazyEngine``), the label cache loaded once per actor (``ActorCache``), and
+use, ``LazyEngine``), the shared label cache read per block (``ActorCache``), and
 ``judging.batch.judge_pairs`` per batch of ``PAIRS_SCHEMA`` rows → ``JUDGE_RAW_SCHEMA`` raw rows;
 ``route_labels`` keeps the good ones as ``LABELS`` (``LABELS_SCHEMA``). ``judge_pool`` sizes the
 actors, ``judge_kwargs`` builds the worker's arguments from the stage's config. ``judge_gold``
@@ -38,24 +38,14 @@ JUDGE_RAW_SCHEMA = pa.schema([*LABELS_SCHEMA, ("_error", pa.string()), ("_detail
                               ("_judge_calls", _I64)])
 
 
-class ActorCache:
-    """The label cache as one actor uses it: loaded once at start (read-only), each batch's new
-    labels written as one new shard by a fresh writer, so actor memory does not grow."""
+class ActorCache(LabelCache):
+    """The label cache as one actor uses it: nothing read at start; each block's keys looked up in
+    one ``get_many`` (the row groups of the compacted runs that can hold them, the deltas other
+    actors flushed since), reading ``p_a`` only — all ``judge_pairs`` uses of a hit; each block's
+    new labels written as one delta by ``flush()``. Memory stays bounded whatever the cache holds."""
 
     def __init__(self, uri: str):
-        self.uri, self.reader = uri, LabelCache(uri)
-        self.reader.load()
-        self.writer = LabelCache(uri)
-
-    def get(self, key: str) -> dict | None:
-        return self.reader.get(key)
-
-    def put_many(self, values: dict) -> None:
-        self.writer.put_many(values)
-
-    def flush(self) -> None:
-        self.writer.flush()
-        self.writer = LabelCache(self.uri)
+        super().__init__(uri, fields=("p_a",))
 
 
 class LazyEngine:
