@@ -230,7 +230,7 @@ def main() -> None:
         resumed["ratio"] = resumed["seconds"] / fresh["seconds"]
         print(json.dumps({"resumed": resumed}), flush=True)
     entries = 2 * sizes[-1] if args.cache_entries is None else args.cache_entries
-    cache = cache_figures(entries, args) if entries else {"entries": 0, "mb_per_actor": float("nan")}
+    cache = cache_figures(entries, args) if entries else {"entries": 0, "rss_growth_mb": float("nan")}
     print(json.dumps({"label_cache": cache}), flush=True)
     a, b = runs[0], runs[-1]
     print("finalize + reconcile on one core: " + ", ".join(f"{r['n']} pairs {r['finalize_rows_s']:,.0f} rows/s"
@@ -240,7 +240,7 @@ def main() -> None:
           f"{b['driver_peak_mb']:.0f} MB (ratio {b['driver_peak_mb'] / a['driver_peak_mb']:.2f}); rows/s "
           f"{a['rows_per_s']:.0f} -> {b['rows_per_s']:.0f} (ratio {b['rows_per_s'] / a['rows_per_s']:.2f}); "
           f"resume after 50%: {r3}x of a fresh run; label cache {cache['entries']} entries: "
-          f"{cache['mb_per_actor']:.0f} MB per actor")
+          f"{cache['rss_growth_mb']:.0f} MB per actor")
 
 
 if __name__ == "__main__":

@@ -49,13 +49,16 @@ made pairs) and "<name>:human" (unusable human rows). All AI labels, before mixi
 revision pairs (``revisions``: an SL-CAI revision chosen over its initial answer) when set.
 
 Label cache: ``<run_dir>/label_cache/`` (or ``cache_uri``), keyed by ``pairwise.cache_key``
-(prompt, ordered responses, principle text, judge identity, template, CoT). Each judging
-actor loads it once; a re-run over the same pairs (or gold pairs) calls no judge. Tests and
+(prompt, ordered responses, principle text, judge identity, template, CoT): an on-disk store all
+actors share (``judging.label_cache``). Each judging actor looks up a whole block's keys at once,
+seeing what other actors flushed in earlier blocks; the driver compacts it during judging and in
+full at the end; a re-run over the same pairs (or gold pairs) calls no judge. Tests and
 benchmarks may swap every engine for their own with ``engine_factory: "module:callable"``
 (EngineConfig → Engine). Outputs, plots and the report are written by ``workflows.preference.report``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 
@@ -72,6 +75,7 @@ from workflows.core.typed import from_dict
 from workflows.judging import agreement, gold
 from workflows.judging.config import PreferenceConfig, judge_id
 from workflows.judging.human import PREFERENCES_SCHEMA
+from workflows.judging.label_cache import compacting
 from workflows.judging.pairs import DATASET_LABELS, LabelsAt, PairsOut, read_pairs_file
 from workflows.judging.workers import (
     LABELS,
@@ -221,9 +225,12 @@ def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constituti
 def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> tuple[StageContext, stage.Finalized]:
     """Phase (b): every pair of ``pairs`` judged in ``<stage>/_judging``, reconciled against them."""
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed, budget=ctx.budget)
-    pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
-                             judge_kwargs(cfg, ctx, constitution), checkpoint_rows=cfg.checkpoint_rows,
-                             check=not cfg.engine_factory)
+    cache_uri = cache_location(cfg, ctx)
+    # the driver is the label cache's only compactor: new entries folded every 30 s, and in full at the end
+    with compacting(cache_uri) if cache_uri else contextlib.nullcontext():
+        pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
+                                 judge_kwargs(cfg, ctx, constitution), checkpoint_rows=cfg.checkpoint_rows,
+                                 check=not cfg.engine_factory)
     fin = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS],
                          inputs=stage.ids_in(ctx.path("pairs"), "pair_id"), budget=ctx.budget)
     return jctx, fin
