@@ -6,14 +6,14 @@ the dataflow is measured. Each size runs in a fresh process with its own local R
   sampled every 0.25 s; pairs/s end to end (sampling and judging, finalize and report included);
 - finalize + reconcile alone: the judging phase's finalize run again on its raw rows, on one core
   (Arrow's thread pools set to 1), as rows/s;
-- at ``--resume-at`` pairs (default: the smallest size): a run killed (SIGKILL, driver and its
-  Ray processes, by pid) once half of the stage's blocks are saved, then run again: the resumed
-  run's seconds against the fresh run's at that size;
+- at ``--resume-at`` pairs (default: the largest size): a run killed (SIGKILL, driver and its
+  Ray processes, by pid) half a fresh run's time after its stage started, then run again: the
+  resumed run's seconds against the fresh run's at that size (and the share of blocks saved);
 - the label cache at the largest size's judgment count (``benchmarks.label_cache.measure``:
   memory per reader, lookups/s, hit rate on a re-run).
 
     python benchmarks/scale.py                                   # --pairs 100000,1000000
-    python benchmarks/scale.py --pairs 10000000 --resume-at 0    # by hand: 10M (about an hour)
+    python benchmarks/scale.py --pairs 1000000,10000000 --resume-at 0 --cache-entries 0  # by hand: 10M (~25 min)
     python benchmarks/scale.py --pairs 2000,20000 --cache-entries 20000   # a quick check
 
 Goals: driver RSS ratio ≤ 1.2, rows/s ratio ≥ 0.8, resume ≤ 0.6 of a fresh run, label cache
@@ -165,17 +165,23 @@ def _end_tree(pid: int, temp_dir: str) -> None:
                 pass
 
 
-def killed_and_resumed(n: int, args) -> dict:
-    """Kill a run once half its blocks are saved; run it again; the second run's figures."""
+def killed_and_resumed(n: int, fresh_s: float, args) -> dict:
+    """Kill a run half way through — ``fresh_s``/2 after its stage started (a fresh run's seconds at
+    this size; judging costs more per block than sampling, so half the blocks is not half the
+    work) — then run it again: the second run's figures, and the share of blocks the first saved."""
     work = tempfile.mkdtemp(prefix="cai-scale-", dir="/tmp")
     try:
-        proc = subprocess.Popen(_cmd(n, work, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        proc = subprocess.Popen(_cmd(n, work, args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
                                 start_new_session=True)
         run_dir = os.path.join(work, "run")
-        while _saved_share(run_dir) < 0.5:
+        plan = os.path.join(run_dir, "preference", "_raw", "_plan.json")
+        started = None
+        while started is None or time.time() < started + fresh_s / 2:
             if proc.poll() is not None:
                 raise RuntimeError(f"the run to kill ended first:\n{proc.stderr.read().decode()[-3000:]}")
-            time.sleep(0.1)
+            if started is None and os.path.exists(plan):
+                started = time.time()
+            time.sleep(0.05)
         share = _saved_share(run_dir)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -202,7 +208,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="100000,1000000", help="sizes in pairs (= prompts), comma-separated")
-    ap.add_argument("--resume-at", type=int, help="size of the killed-and-resumed run (default: the smallest; 0: skip)")
+    ap.add_argument("--resume-at", type=int,
+                    help="size of the killed-and-resumed run (default: the largest, where start-up costs least; 0: skip)")
     ap.add_argument("--cache-entries", type=int,
                     help="label cache size (default: the largest size's judgments: 2 per pair; 0: skip)")
     ap.add_argument("--checkpoint-rows", type=int, default=8192, help="rows per block (the stage's checkpoint_rows)")
@@ -222,11 +229,11 @@ def main() -> None:
     for n in sizes:
         runs.append(size(n, args))
         print(json.dumps(runs[-1]), flush=True)
-    resume_at = sizes[0] if args.resume_at is None else args.resume_at
+    resume_at = sizes[-1] if args.resume_at is None else args.resume_at
     resumed = None
     if resume_at:
         fresh = next((r for r in runs if r["n"] == resume_at), None) or size(resume_at, args)
-        resumed = killed_and_resumed(resume_at, args)
+        resumed = killed_and_resumed(resume_at, fresh["seconds"], args)
         resumed["ratio"] = resumed["seconds"] / fresh["seconds"]
         print(json.dumps({"resumed": resumed}), flush=True)
     entries = 2 * sizes[-1] if args.cache_entries is None else args.cache_entries

@@ -1,7 +1,7 @@
 """Row ids: content hashes of at least 96 bits.
 
 Prompt and pair ids are the first ``ID_HEX`` hex digits of a sha256 (96 bits): at a billion rows
-the chance that any two share an id is about 6·10⁻¹³ (birthday bound n²/2^97), where 64-bit ids —
+the chance that any two share an id is about 6·10⁻¹² (birthday bound n²/2^97), where 64-bit ids —
 what earlier versions wrote — collide with a 3 % chance. Judgment ids (label cache keys) are
 whole sha256 digests.
 
