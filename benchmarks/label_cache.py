@@ -96,7 +96,9 @@ def reader(uri: str, entries: int, lookups: int, batch: int, fields: tuple[str, 
     rerun_s = time.perf_counter() - started
     done.set()
     peak[0] = max(peak[0], proc.memory_info().rss)
-    return {"rss_growth_mb": round((peak[0] - base_rss) / 2**20, 1),
+    indexes = list(cache._indexes.values())
+    return {"index_bytes": sum(i.nbytes() for i in indexes), "row_groups": sum(len(i.lo) for i in indexes),
+            "rss_growth_mb": round((peak[0] - base_rss) / 2**20, 1),
             "uss_growth_mb": round((proc.memory_full_info().uss - base_uss) / 2**20, 1),
             "lookups_per_s": round(len(asks) / first_s), "found_share": round(found / len(asks), 4),
             "rerun_lookups_per_s": round(len(present) / rerun_s), "hit_rate": round(again / len(present), 4)}
@@ -139,7 +141,8 @@ def measure(entries: int, workdir: str, lookups: int = 100_000, batch: int = 512
     print(f"processor: {figures['processor']} ({os.cpu_count()} cores); reader reads {','.join(fields)}; filled as {-(-entries // (2 * batch))} "
           f"deltas in {figures['fill_s']} s ({figures['ticks_s']} s of it in compactions every {tick} deltas, "
           f"at most {figures['most_runs']} runs), compacted at the end in {figures['compact_s']} s into {figures['base_mb']} MB; "
-          f"reader USS growth {figures['uss_growth_mb']} MB; re-run {figures['rerun_lookups_per_s']} lookups/s")
+          f"reader USS growth {figures['uss_growth_mb']} MB; run indexes {figures['index_bytes']} bytes for "
+          f"{figures['row_groups']} row groups ({figures['index_bytes'] / max(1, figures['row_groups']):.1f} bytes each); re-run {figures['rerun_lookups_per_s']} lookups/s")
     print(f"label cache: {entries} entries, {figures['rss_growth_mb']} MB per actor (RSS growth), "
           f"{figures['lookups_per_s']} lookups/s, hit rate {figures['hit_rate']}")
     return figures

@@ -116,10 +116,10 @@ def test_compaction_while_another_actor_writes_loses_nothing(tmp_path, monkeypat
     assert len(store.manifest(store.gen())["runs"]) == 1 and len(LabelCache(uri)) == n * 10 + 1
     compactor.compact()                                    # nothing new: what the grace period kept goes
     assert {n for n, _ in store.listing("delta/")} <= set(store.manifest(store.gen())["folded"])
-    assert len(store.listing("runs/")) <= 2 and len(store.listing("manifests/", ".json")) <= 2
+    assert len(store.listing("runs/", ".ipc")) <= 2 and len(store.listing("manifests/", ".json")) <= 2
     monkeypatch.setattr(label_cache, "GRACE_S", 0.0)     # no reader can be a generation behind any more:
     assert compactor.compact() is None                     # only the current generation's files stay
-    assert store.listing("delta/") == [] and len(store.listing("runs/")) == 1
+    assert store.listing("delta/") == [] and len(store.listing("runs/", ".ipc")) == 1
     assert len(store.listing("manifests/", ".json")) == 1
     assert reader.get_many([key(0), key("rewritten")])[key("rewritten")]["p_a"] == got[key("rewritten")]["p_a"]
 
@@ -178,7 +178,7 @@ def test_reader_memory_is_bounded(tmp_path):
     writer.compact()
     run_bytes = sum(os.path.getsize(f) for f in writer.files())
     reader = LabelCache(uri)
-    reader.get_many([key(-1)])                             # footers: once per run
+    reader.get_many([key(-1)])                             # run indexes: once per run
     tracemalloc.start()
     try:
         got = reader.get_many([key(i) for i in range(0, 400_000, 400)])  # 1,000 keys, half present
@@ -192,6 +192,44 @@ def test_reader_memory_is_bounded(tmp_path):
     with open("/proc/self/io") as f:
         read = int(next(line for line in f if line.startswith("rchar")).split()[1]) - before
     assert read < run_bytes / 8, (read, run_bytes)        # 16 keys read 16 row groups, not the file
+
+
+def parquet_run(uri, name, table) -> dict:
+    """A run as earlier versions wrote it: parquet, each partition in row groups of its own, k0 statistics."""
+    path = os.path.join(uri, "runs", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    parts = label_keys.partition_of(table["k0"].to_numpy())
+    with pq.ParquetWriter(path, label_keys.SCHEMA, write_statistics=["k0"]) as w:
+        for p in sorted(set(parts.tolist())):
+            w.write_table(table.filter(pa.array(parts == p)), row_group_size=label_cache.ROW_GROUP)
+    return {"name": f"runs/{name}", "rows": table.num_rows, "bytes": os.path.getsize(path)}
+
+
+def test_runs_written_as_parquet_are_still_read_then_rewritten(tmp_path, monkeypatch):
+    uri = str(tmp_path / "label_cache")
+    old = {key(i): value(0.5, "old" if i % 2 else None) for i in range(3000)}
+    runs = [parquet_run(uri, "00000000000000000001-aaaaaaaaaaaa.parquet", label_keys.rows(old)),
+            parquet_run(uri, "00000000000000000002-bbbbbbbbbbbb.parquet", label_keys.rows(values(2990, 3010, p=0.9)))]
+    storage.write_bytes(os.path.join(uri, "manifests", "000001.json"),
+                        json.dumps({"gen": 1, "runs": runs, "folded": [], "deltas": [], "written": 0}).encode())
+    storage.write_bytes(os.path.join(uri, "CURRENT"), b'{"gen": 1}')
+    cache = LabelCache(uri)
+    got = cache.get_many([key(i) for i in range(3020)])
+    assert len(got) == 3010 and got[key(3)] == value(0.5, "old") and got[key(2995)]["p_a"] == 0.9  # newer run wins
+    assert ActorCache(uri).get_many([key(7), key(2999)]) == {key(7): {"p_a": 0.5}, key(2999): {"p_a": 0.9}}
+    cache.put_many({key(4): value(0.1)})
+    cache.flush()
+    assert cache.compact(full=False) == 2                  # a tick: a new IPC run beside the parquet ones
+    names = [r["name"] for r in cache.store.manifest(2)["runs"]]
+    assert names[-1].endswith(".ipc") and LabelCache(uri).get(key(4))["p_a"] == 0.1 and len(cache) == 3010
+    assert cache.compact() == 3                            # in full: rewritten as one IPC run
+    [run] = cache.store.manifest(3)["runs"]
+    assert run["name"].endswith(".ipc") and run["rows"] == 3010
+    fresh = LabelCache(uri).get_many([key(i) for i in range(3020)])
+    assert {k: v for k, v in fresh.items() if k != key(4)} == {k: v for k, v in got.items() if k != key(4)}
+    monkeypatch.setattr(label_cache, "GRACE_S", 0.0)
+    cache.compact()
+    assert not [n for n in os.listdir(os.path.join(uri, "runs")) if n.endswith(".parquet")]
 
 
 def test_compacting_in_the_background_survives_a_failed_tick(tmp_path, caplog):

@@ -5,16 +5,20 @@ Layout under the cache URI (local path or ``s3://...``; rows as ``label_keys`` d
 keys as two uint64, 256 partitions by the key's first byte — files through ``label_store``):
 
 - ``delta/<time_ns>-<random>.parquet``: one per ``flush()`` (one block of one actor), sorted, written whole.
-- ``runs/<time_ns>-<random>.parquet``: a sorted run made by compaction, every partition in row
-  groups of its own of at most ``ROW_GROUP`` rows, with ``k0`` statistics: the compacted cache.
+- ``runs/<time_ns>-<random>.ipc``: a sorted run made by compaction, every partition in row groups
+  of its own of at most ``ROW_GROUP`` rows, as Arrow IPC messages (keys and numbers, then the
+  reasoning text) and an index of each row group's first ``k0`` and offsets: the compacted cache.
+  Runs of earlier versions (``runs/*.parquet``, ``k0`` statistics) are read through their footers
+  until a compaction rewrites them.
 - ``manifests/<gen>.json``: generation ``gen``: its runs (oldest first) and the deltas it folded.
 - ``CURRENT``: ``{"gen": N}``, written whole after everything it names; none: nothing compacted.
 - ``shard-*.parquet``: the legacy layout (a shard per flush, string keys) of run directories made
   by earlier versions: read as the oldest deltas, so they keep their hits; compaction folds them in.
 
 Reading (``get_many``, one call per block): ``CURRENT`` (and its manifest when it changed); in
-each run, the row groups whose ``k0`` range can hold a wanted key (footers kept per actor and
-run; on S3 exact-range reads, several at once); then every delta not folded yet — listed on every
+each run, the row groups whose ``k0`` range can hold a wanted key (run indexes kept per actor and
+run; on S3 exact-range reads, several at once; only the keys-and-numbers message unless
+``reasoning`` is wanted); then every delta not folded yet — listed on every
 call, so what other actors flushed in earlier blocks is seen. Later values win: newer delta, older
 delta, newer run, older run. ``fields`` picks the value columns read (a judging actor reads only
 ``p_a``; the chain-of-thought text stays on disk). A file gone meanwhile (two compactions in
@@ -34,12 +38,14 @@ finds its files (``GRACE_S`` later, a compaction with nothing to fold drops the 
 written meanwhile is not in the manifest: it stays a delta until the next compaction. Safe while
 readers and writers run; only one compactor at a time (the stage's driver).
 
-Memory per reader: the footers of the current runs (~3 KB per row group of ``ROW_GROUP`` rows:
-~30 MB at 10M entries), the unfolded deltas' ``fields`` (~24 bytes an entry for ``p_a``; bounded
-by compaction ticks) and ``READ_GROUPS`` row groups at a time while it reads a block's.
-``benchmarks/label_cache.py`` (2-core Xeon): over 100k lookups a fresh reader's RSS grows 29 MB
-at 1M entries (~48k lookups/s), 89 MB at 10M (~36k/s); 127 MB at 1M when it reads every field
-and each entry has 200 characters of chain-of-thought text (~8k/s).
+Memory per reader: the indexes of the current runs (24 bytes per row group of ``ROW_GROUP``
+rows, ~0.024 bytes an entry: ~0.24 MB at 10M entries, ~5 MB at 200M, ~47 MB at 2B — a parquet
+footer took ~3 KB per row group: ~600 MB at 200M), the unfolded deltas' ``fields`` (~24 bytes an
+entry for ``p_a``; bounded by compaction ticks) and ``READ_GROUPS`` row groups at a time while it
+reads a block's. ``benchmarks/label_cache.py`` (2-core Xeon): over 100k lookups a fresh
+reader's RSS grows 16 MB at 1M entries (~38k lookups/s), 16 MB at 10M (~29k/s; parquet runs: 28 MB,
+~42k/s and 87 MB, ~34k/s); 124 MB at 1M when it reads every field and each entry has 200
+characters of chain-of-thought text (~5k/s, measured beside other work).
 A compaction holds at most ``FOLD_BYTES`` of input files at once (more: several passes, each over
 a range of partitions, reading only the runs' row groups in that range): ~4-5x that in memory.
 A legacy shard is read whole by a reader: ``compacting()`` folds them in before actors start.
@@ -59,7 +65,19 @@ import numpy as np
 import pyarrow as pa
 
 from workflows.judging import label_keys as lk
-from workflows.judging.label_store import CURRENT, DELTA, LEGACY, MANIFESTS, ROW_GROUP, RUNS, UNREADABLE, Store
+from workflows.judging.label_store import (
+    CURRENT,
+    DELTA,
+    LEGACY,
+    MANIFESTS,
+    PARQUET_RUN,
+    ROW_GROUP,
+    RUN_EXT,
+    RUNS,
+    UNREADABLE,
+    RunIndex,
+    Store,
+)
 
 __all__ = ["LabelCache", "compacting", "ROW_GROUP", "READ_GROUPS", "FOLD_BYTES", "TIER", "MAX_RUNS", "GRACE_S"]
 log = logging.getLogger(__name__)
@@ -80,7 +98,7 @@ class LabelCache:
         self.uri, self.store, self.fields = uri, Store(uri), list(fields)
         self._pending: dict[str, dict] = {}
         self._gen, self._skip, self._runs, self._legacy = -1, frozenset(), [], []
-        self._footers: dict[str, tuple] = {}  # run → (metadata, k0 mins, k0 maxs)
+        self._indexes: dict[str, RunIndex] = {}  # run → its index (24 bytes per row group)
         self._deltas: dict[str, tuple] = {}   # delta → (table, k0, k1), oldest first
 
     # ------------------------------------------------------------ reading
@@ -134,16 +152,12 @@ class LabelCache:
         """The query keys found in ``run``: only the row groups whose k0 range holds one are read,
         ``READ_GROUPS`` at a time (chain-of-thought text makes a row group large)."""
         try:
-            if run not in self._footers:
-                self._footers[run] = self.store.footer(run)
-            meta, lo, hi = self._footers[run]
-            first, stop = np.searchsorted(hi, q0, "left"), np.searchsorted(lo, q0, "right")
-            groups = set(first[stop - first == 1].tolist())
-            for i in np.flatnonzero(stop - first > 1):  # a key at a row-group boundary: never in practice
-                groups.update(range(first[i], stop[i]))
-            groups, found = sorted(groups), {}
+            if run not in self._indexes:
+                self._indexes[run] = self.store.index(run)
+            index = self._indexes[run]
+            groups, found = index.groups(q0), {}
             for at in range(0, len(groups), READ_GROUPS):
-                t = self.store.read_groups(run, meta, groups[at:at + READ_GROUPS], ["k0", "k1", *self.fields])
+                t = self.store.read_groups(run, index, groups[at:at + READ_GROUPS], ["k0", "k1", *self.fields])
                 found.update(lk.found(t, t["k0"].to_numpy(), t["k1"].to_numpy(), q0, q1))
             return found
         except FileNotFoundError:
@@ -165,7 +179,7 @@ class LabelCache:
                     raise _Gone(gen) from None
                 man = self.store.manifest(0)
             self._gen, self._skip, self._runs = gen, frozenset(man["deltas"]), [r["name"] for r in man["runs"]]
-            self._footers = {r: f for r, f in self._footers.items() if r in self._runs}
+            self._indexes = {r: f for r, f in self._indexes.items() if r in self._runs}
             self._legacy = [n for n, _ in self.store.listing(LEGACY)]  # nothing writes them any more
         live = [n for n in self._legacy + [n for n, _ in self.store.listing(DELTA)] if n not in self._skip]
         for name in live:
@@ -238,7 +252,7 @@ class LabelCache:
         for name in skipped:  # skipped by readers of gen and of its predecessor
             store.delete(name)
         keep = {r["name"] for r in runs + ([] if settled else before["runs"])}
-        for name, _ in store.listing(RUNS):
+        for name, _ in store.listing(RUNS, (RUN_EXT, PARQUET_RUN)):
             if name not in keep:  # merged before, or left by a compaction that died
                 store.delete(name)
         for name, _ in store.listing(MANIFESTS, ".json"):
@@ -249,7 +263,7 @@ class LabelCache:
         """One new run: ``runs`` (oldest first) updated by the delta and legacy ``files`` (oldest
         first; their sizes), the newest value per key. Returns its manifest entry (None: no rows)
         and the files it folded (an unreadable one is set aside instead)."""
-        name, rows, ok = f"{RUNS}{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet", 0, []
+        name, rows, ok = f"{RUNS}{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{RUN_EXT}", 0, []
         sizes = {**{r["name"]: r["bytes"] for r in runs}, **files}
         with self.store.run_writer(name) as write:
             for _, _, tables in self._windows(list(sizes), sizes, ok):
@@ -276,10 +290,10 @@ class LabelCache:
                     continue
                 try:
                     if src.startswith(RUNS):
-                        meta, mins, maxs = self.store.footer(src)
-                        groups = np.flatnonzero((lk.partition_of(maxs) >= lo) & (lk.partition_of(mins) < hi))
+                        index = self.store.index(src)
+                        groups = index.in_partitions(lo, hi)
                         if len(groups):
-                            t = self.store.read_groups(src, meta, groups.tolist(), lk.SCHEMA.names)
+                            t = self.store.read_groups(src, index, groups.tolist(), lk.SCHEMA.names)
                             tables.append(lk.window(t, lo, hi))
                     else:
                         tables += [lk.window(t, lo, hi) for t in self.store.batches(src)]
