@@ -72,10 +72,13 @@ def load_plan(raw_dir: str, rows: int, block_rows: int, stage: str) -> Plan:
 
 @dataclass(frozen=True)
 class InputIndex:
-    """Where every input row lives: the dataset's files and their row groups' sizes (from the
-    parquet footers). Small: one integer per row group. Sent to the actors, which read blocks."""
+    """Where every input row lives: the dataset's filesystem (resolved on the driver: it carries
+    the S3 endpoint and region, never credentials — see ``storage``), its files' paths and their row
+    groups' sizes (from the parquet footers). Small: one integer per row group. Sent to the
+    actors, which read blocks."""
 
-    files: tuple[str, ...]
+    fs: object
+    files: tuple[str, ...]  # paths inside ``fs``
     groups: tuple[tuple[int, ...], ...]  # rows per row group, per file
 
     @property
@@ -85,7 +88,7 @@ class InputIndex:
     def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Input rows [start, stop), reading only the row groups that hold them."""
         parts, at = [], 0
-        for uri, groups in zip(self.files, self.groups):
+        for path, groups in zip(self.files, self.groups):
             ends, total = [], at
             for n in groups:
                 total += n
@@ -93,8 +96,7 @@ class InputIndex:
             if total > max(start, at) and at < stop:
                 first = bisect_right(ends, start)
                 last = min(bisect_right(ends, stop - 1), len(groups) - 1)
-                fs, path = storage.resolve(uri)
-                t = pq.ParquetFile(path, filesystem=fs).read_row_groups(list(range(first, last + 1)), columns=columns)
+                t = pq.ParquetFile(path, filesystem=self.fs).read_row_groups(list(range(first, last + 1)), columns=columns)
                 begin = ends[first] - groups[first]
                 parts.append(t.slice(max(start - begin, 0), stop - max(start, begin)))
             at = total
@@ -104,13 +106,14 @@ class InputIndex:
 
 
 def input_index(uri: str) -> InputIndex:
-    files = storage.list_files(uri, ".parquet")
-    groups = []
-    for f in files:
-        fs, path = storage.resolve(f)
+    fs, _ = storage.resolve(uri)
+    paths, groups = [], []
+    for f in storage.list_files(uri, ".parquet"):
+        path = storage.resolve(f)[1]
         meta = pq.read_metadata(path, filesystem=fs)
+        paths.append(path)
         groups.append(tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
-    return InputIndex(tuple(files), tuple(groups))
+    return InputIndex(fs, tuple(paths), tuple(groups))
 
 
 def count_rows(uri: str) -> int:
