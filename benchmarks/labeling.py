@@ -187,24 +187,25 @@ def write_prompts(out_dir: str, n: int, per_file: int = 100_000) -> None:
 
 
 class PeakRSS(threading.Thread):
-    """Samples the summed RSS of this process and all its descendants (the Ray processes)."""
+    """Samples RSS every ``every`` seconds: peaks of this process alone (``driver``), of all its
+    descendants summed (``ray``: the Ray processes it started) and of both together (``peak``)."""
 
     def __init__(self, every: float = 0.25):
         super().__init__(daemon=True)
-        self.every, self.peak, self.stop = every, 0, threading.Event()
+        self.every, self.peak, self.driver, self.ray, self.stop = every, 0, 0, 0, threading.Event()
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
         while not self.stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
+            mine, rest = me.memory_info().rss, 0
+            for p in me.children(recursive=True):
                 try:
-                    total += p.memory_info().rss
+                    rest += p.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.driver, self.ray, self.peak = max(self.driver, mine), max(self.ray, rest), max(self.peak, mine + rest)
             self.stop.wait(self.every)
 
 

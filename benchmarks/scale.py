@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,32 +38,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CAI_ALLOW_RECIPE_CODE", "1")  # the instant engine is recipe code
 
 
-class PeakRSS(threading.Thread):
-    """Peak RSS of this process, and peak summed RSS of its descendants (the Ray processes)."""
-
-    def __init__(self, every: float = 0.25):
-        super().__init__(daemon=True)
-        self.every, self.driver, self.ray, self.stop = every, 0, 0, threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self.stop.is_set():
-            self.driver = max(self.driver, me.memory_info().rss)
-            total = 0
-            for p in me.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.ray = max(self.ray, total)
-            self.stop.wait(self.every)
-
-
 def recipe(work: str, args):
-    from workflows.driver import Recipe
     from workflows.core.spill import Budget
+    from workflows.driver import Recipe
 
     engine = {"batch_size": args.batch, "concurrency": 2, "num_cpus": 1}
     return Recipe(name="scale", run_dir=os.path.join(work, "run"), bookkeeping=Budget(args.memory_mb), stages=[
@@ -95,7 +71,7 @@ def child(n: int, work: str, args) -> None:
     """One run of the stage on ``n`` prompts (one pair each) in this fresh process: one JSON line."""
     import ray
 
-    from benchmarks.labeling import write_prompts
+    from benchmarks.labeling import PeakRSS, write_prompts
     from workflows.driver import run_recipe
 
     if not os.path.isdir(os.path.join(work, "prompts")):
