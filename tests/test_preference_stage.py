@@ -345,6 +345,25 @@ def test_rerun_reads_every_judgment_from_the_cache(labeled):
     assert after == pytest.approx(before)
 
 
+def test_a_resumed_stage_does_not_finalize_sampling_again(labeled, capsys):
+    """Judging cut short after sampling finished: the run goes straight to judging (the marker
+    written last), and the stage ends with the same pairs and labels."""
+    from workflows.driver import run_recipe
+
+    d, recipe, first = labeled
+    pref = d / "run" / "preference"
+    pairs = sorted(table(pref / "pairs")["pair_id"].to_pylist())
+    (pref / "_SUCCESS").unlink()
+    for f in sorted((pref / "_judging" / "_raw").glob("b*.parquet"))[1:]:
+        f.unlink()  # as if killed after one judged block
+    torn = sorted((pref / "_raw").glob("b*.parquet"))[0]
+    torn.write_bytes(b"cut short")  # finalizing sampling again would fail on it; resuming never reads it
+    again = run_recipe(recipe)["preference"]
+    out = capsys.readouterr().out
+    assert f"sampling already finished ({len(pairs)} pairs from 5 prompts)" in out
+    assert again["datasets"]["pairs"] == len(pairs) and again["outputs"] == first["outputs"]
+
+
 def test_route_export_and_merge(tmp_path):
     from workflows.preference.cli import export_uncertain, merge_labels
     from workflows.judging.human import preference_row, to_table

@@ -93,7 +93,7 @@ from workflows.preference.batch import sample_pairs
 from workflows.preference.revisions import split_pairs
 from workflows.stats import wilson
 
-JUDGING, NOTES = "_judging", "_sample_notes"
+JUDGING, NOTES, SAMPLED = "_judging", "_sample_notes", "_sampled.json"
 _PAIR = pa.struct([("pair_id", pa.string()), ("response_a", pa.string()), ("response_b", pa.string())])
 _NOTE = pa.struct([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 _I64 = pa.int64()
@@ -176,7 +176,14 @@ def _check_pairs(ctx: StageContext) -> int:
 def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     """Phase (a) by sampling: K responses per prompt from the policy, pairs chosen → ``pairs``.
     Reconciled: prompts = prompts that made pairs ∪ prompts in errors (each good prompt made at
-    least one pair: ``SamplingRoute`` checks), and the pair ids are unique."""
+    least one pair: ``SamplingRoute`` checks), and the pair ids are unique. ``_sampled.json``,
+    written last, lets a resumed stage go straight to judging without reading the phase again."""
+    done = ctx.path(SAMPLED)
+    if storage.exists(done):
+        made = storage.read_json(done, f"delete it (sampling is finalized again from its saved rows), or rerun "
+                                       f"with --restart-from {ctx.name}")
+        print(f"[{ctx.name}] sampling already finished ({made['pairs']} pairs from {made['inputs']} prompts)")
+        return MadePairs("sampling", **made)
     started = time.time()
     prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
@@ -187,7 +194,9 @@ def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     n_pairs = _check_pairs(ctx)
     figures = {"prompts": fin.rec.inputs, "prompt_errors": fin.errors, "pairs": n_pairs,
                "seconds": round(time.time() - started, 2)}
-    return MadePairs("sampling", fin.rec.inputs, n_pairs, fin.errors, fin.errors_by_reason, fin.metrics, figures)
+    made = MadePairs("sampling", fin.rec.inputs, n_pairs, fin.errors, fin.errors_by_reason, fin.metrics, figures)
+    storage.write_json(done, {k: v for k, v in vars(made).items() if k not in ("phase", "dataset_labels")})
+    return made
 
 
 def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
