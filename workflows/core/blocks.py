@@ -116,11 +116,6 @@ def input_index(uri: str) -> InputIndex:
     return InputIndex(fs, tuple(paths), tuple(groups))
 
 
-def count_rows(uri: str) -> int:
-    """Rows of a parquet dataset, from its footers."""
-    return input_index(uri).rows
-
-
 def _readable(uri: str) -> bool:
     fs, path = storage.resolve(uri)
     try:

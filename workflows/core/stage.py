@@ -153,7 +153,7 @@ def ids_in(dataset_uri: str, id_col: str, batch_size: int = 65536) -> Ids:
             for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=batch_size, columns=[id_col]):
                 yield batch.column(0)
 
-    return Ids(chunks, sum(_num_rows(f) for f in files))
+    return Ids(chunks, sum(num_rows(f) for f in files))
 
 
 def column_counts(dataset_uri: str, col: str) -> dict:
@@ -290,7 +290,7 @@ def _first_copies(files: list[str], id_col: str, inputs, budget: Budget) -> tupl
     """Pass 1 of ``finalize``: {file index: rows that repeat an id seen earlier}, and the
     reconciliation of the first copies against ``inputs`` (None without inputs)."""
     inputs = as_ids(inputs) if inputs is not None else None
-    rows = (inputs.rows if inputs is not None else 0) + sum(_num_rows(f) for f in files)
+    rows = (inputs.rows if inputs is not None else 0) + sum(num_rows(f) for f in files)
     parts = budget.parts_for(rows)
     drops: dict[int, list] = {}
     total = Reconciliation(0, 0, 0) if inputs is not None else None
@@ -338,9 +338,13 @@ def _mark_copies(raw: pa.Table, drops: dict[int, list]) -> pa.Array:
     return pa.array(keep)
 
 
-def _num_rows(uri: str) -> int:
-    fs, path = storage.resolve(uri)
-    return pq.read_metadata(path, filesystem=fs).num_rows
+def num_rows(uri: str) -> int:
+    """Rows of a parquet file, or of every file of a dataset directory, from the footers alone."""
+    total = 0
+    for f in storage.list_files(uri, ".parquet"):
+        fs, path = storage.resolve(f)
+        total += pq.read_metadata(path, filesystem=fs).num_rows
+    return total
 
 
 def _duplicate_errors(writer: "_RollingWriter", stage: str, dups: pa.Table, id_col: str) -> int:

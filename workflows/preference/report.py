@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workflows.core import storage, summary
-from workflows.core.stage import ERRORS_SCHEMA, _RollingWriter
+from workflows.core.stage import ERRORS_SCHEMA, _RollingWriter, num_rows
 from workflows.judging.gold import describe
 from workflows.judging.human import PREFERENCES_SCHEMA, load_human, mix_plan, to_table
 
@@ -133,13 +133,8 @@ def assemble(ctx, labels_uri: str, notes_name: str, judge_errors_uri: str, given
     for name, (_, errors, _) in given.items():
         if errors:
             _write(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), storage.join(errors_uri, f"{name}-00000.parquet"))
-    n_err = sum(_num_rows(f) for f in storage.list_files(errors_uri, ".parquet"))
+    n_err = num_rows(errors_uri)
     return {"preferences": n_pref, "errors": n_err, "mix": mix, "stats": stats, "notes_by_reason": notes}
-
-
-def _num_rows(uri: str) -> int:
-    fs, path = storage.resolve(uri)
-    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
 
 
 def _write(table: pa.Table, uri: str) -> None:
@@ -153,7 +148,7 @@ def append_parts(src_uri: str, dst_uri: str, prefix: str) -> dict[str, int]:
     (streamed); returns counts by ``reason``."""
     reasons: dict[str, int] = {}
     for k, f in enumerate(storage.list_files(src_uri, ".parquet")):
-        if _num_rows(f) == 0:
+        if num_rows(f) == 0:
             continue
         fs, path = storage.resolve(storage.join(dst_uri, f"{prefix}-{k:05d}.parquet"))
         with pq.ParquetWriter(path, ERRORS_SCHEMA, filesystem=fs) as w:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from workflows.core import stage, storage, summary
 from workflows.core.reconcile import ReconcileError
@@ -18,21 +17,13 @@ PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("messages", MESSAGES), 
 route = stage.select_route("prompts", PROMPTS_SCHEMA)
 
 
-def _raw_count(stage_dir: str) -> int:
-    total = 0
-    for uri in stage.raw_files(stage_dir):
-        fs, path = storage.resolve(uri)
-        total += pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-    return total
-
-
 def run(cfg: PromptsConfig, ctx: StageContext) -> dict:
     started = time.time()
     storage.delete(ctx.path(stage.RAW))  # cheap to redo whole; partial raw rows have no stable ids
     raw_fs, raw_path = storage.resolve(ctx.path(stage.RAW))
     read_prompts(cfg).write_parquet(raw_path, filesystem=raw_fs, min_rows_per_file=stage.ROWS_PER_FILE)
     fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, ["prompts"], on_duplicate="error", budget=ctx.budget)
-    records = _raw_count(ctx.dir)
+    records = stage.num_rows(ctx.path(stage.RAW))
     if records != fin.outputs + fin.errors:
         raise ReconcileError(f"stage {ctx.name}: {records} records read but {fin.outputs} prompts + "
                              f"{fin.errors} errors written")
