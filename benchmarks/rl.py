@@ -1,9 +1,9 @@
-"""RL-CAI (the ``ppo`` stage) with the embedded model: where an iteration's time goes, how fast the
+"""RL-CAI (the ``ppo`` and ``grpo`` stages) with the embedded model: where an iteration's time goes, how fast the
 engine actors roll out against the trainer generating by itself, and what a weight sync costs by
 model size — each measured in one run.
 
     python benchmarks/rl.py [--iterations 4] [--prompts 8] [--samples 2] [--max-new-tokens 48]
-                            [--backends transformers,vllm]
+                            [--backends transformers,vllm] [--algorithms ppo,grpo]
 
 1. The ``ppo`` stage runs ``--iterations`` on 2 workers (ZeRO-2, ``precision: auto``) with a
    reward model made of the embedded backbone and a fixed random head; the first iteration is a
@@ -13,7 +13,9 @@ model size — each measured in one run.
 2. Rollout tokens/s of the engine actor (from the same run) versus the trainer calling
    ``model.generate`` on its own training copy of the model (float32, loaded as the training jobs
    load it, ``use_cache`` off as training leaves it), same prompts, same thread count.
-3. Weight-sync seconds versus model size: a tiny model and the embedded one, each pushed to a
+3. ``--algorithms ppo,grpo``: the ``grpo`` stage the same way (GRPO's defaults: k3 KL in the
+   loss, group-scaled advantages), its iteration split into the same four shares.
+4. Weight-sync seconds versus model size: a tiny model and the embedded one, each pushed to a
    fresh rollout actor through the object store.
 
 ``--backends``: 1 and 3 once per rollout engine backend (``vllm`` where vLLM is installed), the
@@ -64,20 +66,28 @@ def prompts_dataset(out: str, n: int) -> tuple[str, list]:
     return out, rows
 
 
-def stage_run(model: str, rm: str, prompts: str, run_dir: str, args, backend: str = "transformers") -> list[dict]:
+def stage_run(model: str, rm: str, prompts: str, run_dir: str, args, backend: str = "transformers",
+              algorithm: str = "ppo") -> list[dict]:
+    """The ``ppo`` stage (or ``grpo``: the same job, GRPO's defaults) on the benchmark's prompts."""
     from training import ppo
-    from training.config import PPOConfig
+    from training.config import GRPOConfig, PPOConfig
     from workflows.core.stage import StageContext
     from workflows.core.typed import from_dict
 
-    cfg = from_dict(PPOConfig, {
+    cfg = from_dict(GRPOConfig if algorithm == "grpo" else PPOConfig, {
         "model": model, "reward_model": rm, "input": prompts, "iterations": args.iterations,
         "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
         "num_workers": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 2e-6, "checkpoint_every": 0,
         "rollout": {"backend": backend, "batch_size": args.prompts * args.samples}}, "benchmark")
-    ppo.run(cfg, StageContext(run_dir, "ppo", seed=0))
-    with open(os.path.join(run_dir, "ppo", "metrics.jsonl")) as f:
+    (ppo.run_grpo if algorithm == "grpo" else ppo.run)(cfg, StageContext(run_dir, algorithm, seed=0))
+    with open(os.path.join(run_dir, algorithm, "metrics.jsonl")) as f:
         return [json.loads(x) for x in f]
+
+
+def shares(per: dict) -> str:
+    """An iteration's seconds and the share of each part."""
+    return (f"{per['seconds']:.1f} s = " + " + ".join(f"{k[:-2]} {per[k]:.1f} s ({per[k] / per['seconds']:.0%})"
+                                                     for k in ("generate_s", "score_s", "train_s", "sync_s")))
 
 
 def trainer_generate(model: str, rows: list, args, threads: int) -> float:
@@ -140,8 +150,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--backends", default="transformers", help="rollout engine backends, comma-separated")
+    p.add_argument("--algorithms", default="ppo,grpo", help="stages to run, comma-separated (ppo first: the "
+                   "rollout and sync figures come from it)")
     args = p.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if not algorithms or algorithms[0] != "ppo" or not set(algorithms) <= {"ppo", "grpo"}:
+        p.error("--algorithms: ppo, then optionally grpo (e.g. ppo,grpo)")
     import ray
 
     from actors.models import prepare_model
@@ -156,18 +171,25 @@ def main() -> None:
         prompts, rows = prompts_dataset(os.path.join(tmp, "prompts"), args.prompts * 2)
         rm = reward_dir(model, os.path.join(tmp, "rm"))
         tiny = tiny_model(os.path.join(tmp, "tiny"), model)
+        grpo: dict[str, dict] = {}
         for backend in backends:
-            hist = stage_run(model, rm, prompts, os.path.join(tmp, f"run-{backend}"), args, backend)
-            steady = hist[1:] or hist
-            per = {k: sum(h[k] for h in steady) / len(steady)
-                   for k in ("seconds", "generate_s", "score_s", "train_s", "sync_s")}
-            tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
-            per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
+            for algorithm in algorithms:
+                hist = stage_run(model, rm, prompts, os.path.join(tmp, f"run-{backend}"), args, backend, algorithm)
+                steady = hist[1:] or hist
+                per = {k: sum(h[k] for h in steady) / len(steady)
+                       for k in ("seconds", "generate_s", "score_s", "train_s", "sync_s")}
+                tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
+                per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
+                print(f"[{backend}] {algorithm} iteration (steady, {len(steady)} of {len(hist)}): {shares(per)}"
+                      + ("; goal: sync < 10%" if algorithm == "ppo" else ""), flush=True)
+                if algorithm == "ppo":
+                    figures[backend] = per
+                else:
+                    grpo[backend] = per
+            if backend not in figures:
+                continue
+            per = figures[backend]
             per["sizes"] = [sync_cost(tiny, backend), sync_cost(model, backend)]
-            figures[backend] = per
-            print(f"[{backend}] ppo iteration (steady, {len(steady)} of {len(hist)}): {per['seconds']:.1f} s = "
-                  f"generate {per['generate_s']:.1f} + score {per['score_s']:.1f} + train {per['train_s']:.1f} + sync "
-                  f"{per['sync_s']:.1f} s (sync {per['sync_s'] / per['seconds']:.1%} of the iteration; goal < 10%)")
             for mb, s in per["sizes"]:
                 print(f"[{backend}] weight sync: {mb:.0f} MB in {s:.2f} s ({mb / s:.0f} MB/s)")
         trainer_tps = trainer_generate(model, rows, args, threads=1)
@@ -178,6 +200,8 @@ def main() -> None:
     line = (f"rl: iteration {first['seconds']:.1f} s, sync {first['sync_s'] / first['seconds']:.1%} of it (goal < 10%); "
             f"engine-actor rollouts {first['actor_tps'] / trainer_tps:.2f}x the trainer's own generate; "
             f"weight sync {mb / s:.0f} MB/s at {mb:.0f} MB")
+    for backend, per in grpo.items():
+        line += f"; grpo ({backend}) iteration {shares(per)}"
     if {"transformers", "vllm"} <= set(figures):
         v, t = figures["vllm"], figures["transformers"]
         line += (f"; rollouts vllm {v['actor_tps']:.1f} vs transformers {t['actor_tps']:.1f} tok/s = "

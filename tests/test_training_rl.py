@@ -1,4 +1,4 @@
-"""The pure parts of PPO and RLOO (``training.rl`` and the PPO losses of ``training.losses``),
+"""The pure parts of PPO, RLOO and GRPO (``training.rl`` and the PPO losses of ``training.losses``),
 on hand-computed examples."""
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from training.losses import gae, kl_penalty, masked_whiten, ppo_policy_loss, token_rewards
+from training.losses import aggregate, gae, kl_penalty, masked_whiten, ppo_policy_loss, token_rewards
 from training.rl import (
     AdaptiveKL,
     end_penalty,
     entropy,
     explained_variance,
+    flat_groups,
+    grpo_advantages,
     rloo_advantages,
     sequence_rewards,
     token_logprobs,
@@ -114,3 +116,49 @@ def test_weights_travel_in_size_capped_buckets_in_order():
     assert buckets(sd, 100) == [["a", "b"], ["big"], ["c"]]
     assert buckets(sd, 10**6) == [["a", "b", "big", "c"]]
     assert [k for b in buckets(sd, 1) for k in b] == list(sd)
+
+
+def test_grpo_advantages_on_a_hand_example():
+    # two prompts, three samples each: rewards [1, 2, 3] and [5, 5, 5]
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    # group: (r - 2) / std([1, 2, 3]) = (r - 2) / 1 (unbiased); the flat group gets 0
+    assert grpo_advantages(r, 3, "group").tolist() == pytest.approx([-1, 0, 1, 0, 0, 0], abs=1e-3)
+    # none (Dr. GRPO): only the mean comes off
+    assert grpo_advantages(r, 3, "none").tolist() == pytest.approx([-1, 0, 1, 0, 0, 0])
+    # batch: one std over all six rewards
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]).std().item()
+    assert grpo_advantages(r, 3, "batch").tolist() == pytest.approx([-1 / s, 0, 1 / s, 0, 0, 0], rel=1e-3)
+    # the scale matters: a group with small spread is up-weighted by "group", not by "none"
+    small = torch.tensor([0.0, 0.1, 10.0, 20.0])
+    g, n = grpo_advantages(small, 2, "group"), grpo_advantages(small, 2, "none")
+    assert g[1].item() == pytest.approx(g[3].item(), rel=1e-2) and n[3].item() == pytest.approx(100 * n[1].item())
+    assert flat_groups(r, 3) == 1 and flat_groups(small, 2) == 0
+    for bad in [(r, 1, "group"), (r, 4, "group"), (r, 3, "rank")]:
+        with pytest.raises(ValueError):
+            grpo_advantages(*bad)
+
+
+def test_loss_norms_on_a_hand_example():
+    # answer 1 has two tokens (1, 3), answer 2 one token (8); max_len 4
+    x = torch.tensor([[1.0, 3.0, 99.0], [8.0, 99.0, 99.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate(x, mask, "token").item() == pytest.approx((1 + 3 + 8) / 3)
+    assert aggregate(x, mask, "sequence").item() == pytest.approx((2 + 8) / 2)
+    assert aggregate(x, mask, "constant", max_len=4).item() == pytest.approx((1 + 3 + 8) / (2 * 4))
+    with pytest.raises(ValueError):
+        aggregate(x, mask, "constant")
+    with pytest.raises(ValueError):
+        aggregate(x, mask, "per_answer")
+
+
+def test_kl_in_the_loss_pulls_toward_the_reference():
+    # zero advantage: the loss is the k3 KL alone, whose gradient moves logp toward the reference's
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    mask = torch.ones(1, 2)
+    kl = kl_penalty(logp, ref, "k3")
+    loss, _ = ppo_policy_loss(logp, logp.detach(), torch.zeros(1, 2), mask, norm="sequence", extra=0.5 * kl)
+    want = 0.5 * sum(math.exp(r - p) - (r - p) - 1 for p, r in ((-1.0, -1.5), (-2.0, -1.0))) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert logp.grad[0, 0] > 0 and logp.grad[0, 1] < 0  # above the reference: down; below: up

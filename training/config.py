@@ -1,8 +1,8 @@
 """Typed configs of the training jobs (docs/training.md), validated by ``workflows.core.typed.from_dict``.
 
 ``TrainConfig`` holds what every job shares (model, DeepSpeed/ZeRO, optimisation, data,
-checkpoints, Ray resources); ``SFTConfig``, ``RewardConfig``, ``DPOConfig`` and ``PPOConfig`` add
-their own fields. What a worker derives from them (precision, DeepSpeed's config, the lr
+checkpoints, Ray resources); ``SFTConfig``, ``RewardConfig``, ``DPOConfig``, ``PPOConfig`` and
+``GRPOConfig`` add their own fields. What a worker derives from them (precision, DeepSpeed's config, the lr
 schedule) is in ``training.worker``. In a recipe they are flat stage entries::
 
     - stage: dpo
@@ -14,11 +14,13 @@ schedule) is in ``training.worker``. In a recipe they are flat stage entries::
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from actors.config import EngineConfig
 from workflows.core.errors import ConfigError
+from workflows.core.rules import RuleSettings
 from workflows.core.safety import check_name, check_recipe_code
 from workflows.core.typed import check_fields
 
@@ -173,6 +175,8 @@ class PPOConfig(TrainConfig):
     input: str = "prompts"
     output: str = "ppo_model"
     reward_model: str = "reward_model"  # an earlier stage's reward model or its directory
+    reward: Literal["reward_model", "rules"] = "reward_model"  # what scores a rollout (docs/training.md)
+    rules: RuleSettings = field(default_factory=RuleSettings)  # reward: rules — the sources to refuse
     reward_fn: str | None = None  # "module:callable" (messages, response text, token ids) → float, instead
     algorithm: Literal["ppo", "rloo"] = "ppo"
     iterations: int = 20  # rollout → update rounds
@@ -201,6 +205,11 @@ class PPOConfig(TrainConfig):
     checkpoint_every: int = 5  # iterations between checkpoints
     eval_fraction: float = 0.0
     collective_timeout_s: int = 7200  # the other workers wait in a broadcast while rank 0 rolls out
+    # GRPO's settings (fields of GRPOConfig); PPO and RLOO put the KL in the reward and average the
+    # loss over the minibatch's tokens
+    kl_in = "reward"
+    loss_norm = "token"
+    scale_rewards = "none"
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -208,8 +217,9 @@ class PPOConfig(TrainConfig):
             ("iterations", self.iterations < 1, "use 1 or more"),
             ("prompts_per_iteration", self.prompts_per_iteration < self.num_workers
              or self.prompts_per_iteration % self.num_workers, f"use a multiple of num_workers ({self.num_workers})"),
-            ("samples_per_prompt", self.samples_per_prompt < (2 if self.algorithm == "rloo" else 1),
-             "use 2 or more for rloo (its baseline is the other samples of the prompt), 1 or more for ppo"),
+            ("samples_per_prompt", self.samples_per_prompt < (1 if self.algorithm == "ppo" else 2),
+             f"use 2 or more for {self.algorithm} (its baseline is the other samples of the prompt), "
+             "1 or more for ppo"),
             ("max_new_tokens", self.max_new_tokens < 1, "use 1 or more"),
             ("temperature", self.temperature <= 0, "sample with temperature > 0 (RL needs exploration), e.g. 1.0"),
             ("ppo_epochs", self.ppo_epochs < 1, "use 1 or more"),
@@ -224,7 +234,45 @@ class PPOConfig(TrainConfig):
              "use 0 or more, below iterations"),
             ("rollout.backend", self.rollout.backend == "openai",
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
-            ("lora", self.lora is not None, "remove it: ppo trains full weights for now"),
+            ("lora", self.lora is not None, f"remove it: {self.algorithm} trains full weights for now"),
+            ("reward_fn", self.reward == "rules" and self.reward_fn is not None,
+             "remove reward_fn, or reward: rules — one of them scores the rollouts"),
         ]
         check_fields(self, where, checks)
         check_recipe_code(self.reward_fn, where, "reward_fn")
+
+
+# PPO settings GRPO has no use for (no critic, its own advantage scaling): set away from their
+# defaults in a grpo stage they are refused, not silently ignored
+_CRITIC_FIELDS = ("vf_coef", "value_clip_eps", "gamma", "lam", "critic_warmup", "whiten_advantages")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """GRPO (Shao et al. 2024): ``samples_per_prompt`` answers per prompt, each answer's advantage
+    its reward against its group's mean (``scale_rewards``: divided by the group's standard
+    deviation, the batch's, or not at all), the clipped policy loss, no critic. ``kl_in: loss`` adds
+    β × the k3 KL to the reference per token to the loss (the paper's), ``reward`` folds it into
+    each answer's reward as RLOO does. ``loss_norm``: ``sequence`` (the paper's per-answer mean),
+    ``token`` (DAPO) or ``constant`` (Dr. GRPO; with ``scale_rewards: none`` it is Dr. GRPO).
+    Rollout actors, weight sync, versions, checkpoints and the summary are PPO's."""
+
+    output: str = "grpo_model"
+    algorithm: Literal["grpo"] = "grpo"
+    samples_per_prompt: int = 4
+    ppo_epochs: int = 1  # one pass: the ratio starts at 1 and clipping guards a second
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    loss_norm: Literal["sequence", "token", "constant"] = "sequence"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+        check_fields(self, where, [(name, getattr(self, name) != defaults[name],
+                                    "remove it: grpo has no critic and scales its advantages by scale_rewards")
+                                   for name in _CRITIC_FIELDS])
+        check_fields(self, where, [("kl_estimator", self.kl_in == "loss" and self.kl_estimator != "k3",
+                                    "use k3 with kl_in: loss (k1's gradient is that of log p alone, zero in "
+                                    "expectation: it would not pull the policy toward the reference)")])

@@ -129,17 +129,42 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         return adv, (adv + v) * m
 
 
+LOSS_NORMS = ("token", "sequence", "constant")
+
+
+def aggregate(per_token: Tensor, mask: Tensor, norm: str = "token", max_len: int | None = None) -> Tensor:
+    """One loss from ``[B, T]`` per-token terms over the masked tokens:
+
+    - ``token``: the mean over every token of the batch (DAPO; a long answer weighs more);
+    - ``sequence``: each answer's token mean, then the mean over answers (the GRPO paper's 1/|o|,
+      which favours short right answers and long wrong ones — the length bias Dr. GRPO names);
+    - ``constant``: the token sum over ``B × max_len`` (Dr. GRPO): every token weighs the same
+      whatever the answer's length or the batch's."""
+    m = mask.to(per_token.dtype)
+    if norm == "token":
+        return masked_mean(per_token, m)
+    if norm == "sequence":
+        return masked_mean(per_token, m, dim=1).mean()
+    if norm == "constant":
+        if not max_len or max_len < 1:
+            raise ValueError("the constant norm needs max_len, the most tokens an answer may have")
+        return (per_token * m).sum() / (per_token.size(0) * max_len)
+    raise ValueError(f"unknown loss norm {norm!r}; allowed: {', '.join(LOSS_NORMS)}")
+
+
 def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                    clip_eps: float = 0.2) -> tuple[Tensor, dict]:
-    """Clipped surrogate (Schulman et al. 2017): masked mean of
-    ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - old_logp)``. Stats (floats):
-    ``clipfrac`` = fraction of tokens where the clipped term is active, ``approx_kl`` =
-    masked mean of ``0.5 (logp - old_logp)^2``."""
+                    clip_eps: float = 0.2, norm: str = "token", max_len: int | None = None,
+                    extra: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Clipped surrogate (Schulman et al. 2017): ``max(-A r, -A clip(r, 1-eps, 1+eps))`` per token
+    with ``r = exp(logp - old_logp)``, plus ``extra`` per-token terms (a KL penalty in the loss),
+    aggregated by ``norm`` (see ``aggregate``). Stats (floats): ``clipfrac`` = fraction of tokens
+    where the clipped term is active, ``approx_kl`` = masked mean of ``0.5 (logp - old_logp)^2``."""
     log_ratio = logprobs.float() - old_logprobs.float()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate(per_token if extra is None else per_token + extra, mask, norm, max_len)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
                  "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).item()}

@@ -1,4 +1,4 @@
-"""Pure pieces of RL-CAI (PPO and RLOO) that ``training.losses`` does not already hold: no Ray,
+"""Pure pieces of RL-CAI (PPO, RLOO and GRPO) that ``training.losses`` does not already hold: no Ray,
 no DeepSpeed, no models. Shapes: ``[B, T]`` over response tokens unless said.
 
 - ``token_logprobs(logits, tokens, temperature)``: log-probs of the sampled tokens under the
@@ -8,6 +8,9 @@ no DeepSpeed, no models. Shapes: ``[B, T]`` over response tokens unless said.
   loses ``penalty`` from its score;
 - ``rloo_advantages(rewards, n)``: REINFORCE leave-one-out (Ahmadian et al. 2024): each of a
   prompt's ``n`` samples against the mean reward of its ``n - 1`` siblings;
+- ``grpo_advantages(rewards, n, scale)``: each sample against its group's mean, scaled by the
+  group's (or batch's) standard deviation or not at all (Dr. GRPO); ``flat_groups`` counts the
+  groups that carry no signal;
 - ``sequence_rewards(scores, kl, mask, kl_coef)``: RLOO's reward, the score minus the KL summed
   over the response (KL folded into the reward instead of spread per token);
 - ``AdaptiveKL``: the KL coefficient of Ziegler et al. (2019), steered toward a target KL;
@@ -53,6 +56,36 @@ def rloo_advantages(rewards: Tensor, n: int) -> Tensor:
     r = rewards.float().view(-1, n)
     baseline = (r.sum(1, keepdim=True) - r) / (n - 1)
     return (r - baseline).view(-1)
+
+
+SCALES = ("group", "batch", "none")
+
+
+def grpo_advantages(rewards: Tensor, n: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """``[P * n]`` rewards, grouped as ``n`` consecutive samples per prompt → each minus its group's
+    mean (Shao et al. 2024, GRPO), divided by the group's standard deviation (``group``, as in the
+    paper), the whole batch's (``batch``) or nothing (``none``: Dr. GRPO, Liu et al. 2025 — the
+    division up-weights prompts that are nearly solved or nearly hopeless). A group whose samples
+    all scored the same gets 0: it carries no signal (n ≥ 2)."""
+    if n < 2:
+        raise ValueError(f"GRPO needs at least 2 samples per prompt, got n={n}")
+    if rewards.numel() % n:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of n={n}")
+    r = rewards.float().view(-1, n)
+    a = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        a = a / (r.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        a = a / (r.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
+    return a.view(-1)
+
+
+def flat_groups(rewards: Tensor, n: int) -> int:
+    """How many prompts' ``n`` samples all got the same reward (no group-relative signal)."""
+    r = rewards.float().view(-1, n)
+    return int((r.max(1).values - r.min(1).values <= 1e-6).sum())
 
 
 def sequence_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:

@@ -16,6 +16,7 @@ skipped; an interrupted one resumes from its raw rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib
@@ -73,6 +74,8 @@ STAGES: dict[str, StageSpec] = {
                      "DPO / cDPO / IPO against the frozen starting model, on preferences"),
     "ppo": StageSpec("training.config:PPOConfig", "training.ppo:run", ("ppo_model",),
                      "RL-CAI: PPO or RLOO of the policy against the reward model, rollouts from engine actors"),
+    "grpo": StageSpec("training.config:GRPOConfig", "training.ppo:run_grpo", ("grpo_model",),
+                      "RL-CAI: GRPO (group-relative advantages, no critic; Dr. GRPO as an option), ppo's rollouts"),
     "evaluate": StageSpec("workflows.evaluate.config:EvaluateConfig", "workflows.evaluate.stage:run", ("eval_prompts",),
                           "answer held-out prompts with every model, score them, report a verdict against the base"),
     "serve": StageSpec("cluster.serve.stage:ServeStageConfig", "cluster.serve.stage:run", (),
@@ -83,6 +86,9 @@ STAGES: dict[str, StageSpec] = {
 _RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
 _TRANSPORT_FIELDS = ("allow_insecure_http",)
 # Training settings that change how a job runs, not what it learns.
+# Fields added to a config after run directories were made with it: at their default they are left
+# out of the result hash, so a stage an older version half-finished still resumes after an upgrade.
+_ADDED_FIELDS = ("reward", "rules")
 _RUNTIME_FIELDS = ("cpus_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every", "fail_at_step",
                    "collective_timeout_s", "checkpoint_rows")
 
@@ -227,6 +233,11 @@ def _without_resources(data):
 
 def result_hash(cfg, seed: int) -> str:
     data = {k: v for k, v in _without_resources(to_dict(cfg)).items() if k not in _RUNTIME_FIELDS}
+    for f in dataclasses.fields(cfg):  # a field newer than run directories leaves their hash as it was
+        if f.name in _ADDED_FIELDS:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if data.get(f.name) == (to_dict(default) if dataclasses.is_dataclass(default) else default):
+                data.pop(f.name, None)
     return stage_mod.config_hash({**data, "_seed": seed})
 
 
