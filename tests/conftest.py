@@ -223,3 +223,35 @@ def s3_env(monkeypatch):
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="cai")
     yield url
     server.stop()
+
+
+# ---------------------------------------------------------------- RL toy task (ppo, grpo, online_dpo tests)
+
+@pytest.fixture(scope="session")
+def peaked_llama(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with its output layer scaled up: a handful of tokens dominate each next-token
+    distribution, so the same tokens come back across samples and a policy gradient can move them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    out = tmp_path_factory.mktemp("peaked-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prompts_dir(tmp_path_factory):
+    """Eight prompts without a source: the toy reward needs none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("ppo-prompts") / "prompts"
+    out.mkdir()
+    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Tell me fact number {i}."}]}
+            for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
+    return out

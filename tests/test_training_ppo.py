@@ -24,32 +24,6 @@ def lower_half(messages, text, token_ids) -> float:
     return sum(t < VOCAB // 2 for t in token_ids) / max(1, len(token_ids))
 
 
-@pytest.fixture(scope="module")
-def peaked_llama(tiny_llama_dir, tmp_path_factory) -> Path:
-    """The tiny Llama with its output layer scaled up: a handful of tokens dominate each next-token
-    distribution, so the same tokens come back across samples and a policy gradient can move them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
-    out = tmp_path_factory.mktemp("peaked-llama")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def prompts_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ppo-prompts") / "prompts"
-    out.mkdir()
-    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Tell me fact number {i}."}]}
-            for i in range(8)]
-    pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
-    return out
-
-
 def ppo_config(model: Path, prompts: Path, kind: str = "ppo", **over):
     from training.config import GRPOConfig, PPOConfig
 
@@ -160,12 +134,12 @@ ANSWER = "Boil the egg for nine minutes, then cool it in cold water."
 
 def test_rules_score_each_rollout_by_its_prompts_category():
     from training.config import GRPOConfig
-    from training.ppo import _scores
+    from training.ppo import scores_of
 
     cfg = from_dict(GRPOConfig, {"reward": "rules"}, "grpo")
     samples = [{"harmful": h, "text": t, "messages": [], "token_ids": [1]}
                for h, t in [(True, REFUSAL), (True, ANSWER), (False, REFUSAL), (False, ANSWER), (False, "")]]
-    assert _scores(samples, cfg, None, None).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert scores_of(samples, cfg, None, None).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
     with pytest.raises(ConfigError, match="reward_fn"):
         from_dict(GRPOConfig, {"reward": "rules", "reward_fn": "m:f"}, "grpo")
 

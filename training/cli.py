@@ -1,4 +1,4 @@
-"""Command line of the training jobs: ``cai train sft|reward|dpo|ppo|grpo --config JOB.yaml --out DIR``."""
+"""Command line of the training jobs: ``cai train sft|reward|dpo|ppo|grpo|online_dpo --config JOB.yaml --out DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +26,7 @@ def _cmd_train(args) -> int:
 def register(subparsers) -> None:
     """Add ``train`` to the ``cai`` argument parser's subcommands."""
     sub = subparsers
-    t = sub.add_parser("train", help="train an SFT, reward, DPO, PPO/RLOO or GRPO model with Ray Train + DeepSpeed",
+    t = sub.add_parser("train", help="train an SFT, reward, DPO, PPO/RLOO, GRPO or online DPO model with Ray Train + DeepSpeed",
                        description="Run one training job from a YAML of its settings (`cai stages` lists them). "
                                    "`input` and `model` are paths here (a parquet dataset directory; a model "
                                    "directory, a .gguf file or `embedded`). The model, metrics.jsonl and loss.png "
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                        epilog="example config (sft.yaml):\n  input: runs/demo/critique_revision/sft\n"
                               "  model: embedded\n  zero_stage: 2\n  num_workers: 2\n  epochs: 1\n  lr: 1.0e-5",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("job", choices=["sft", "reward", "dpo", "ppo", "grpo"], help="which job")
+    t.add_argument("job", choices=["sft", "reward", "dpo", "ppo", "grpo", "online_dpo"], help="which job")
     t.add_argument("--config", required=True, help="YAML with the job's settings")
     t.add_argument("--out", required=True, help="run directory (local path or s3://bucket/prefix)")
     t.add_argument("--seed", type=int, default=0, help="seed (default 0)")

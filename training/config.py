@@ -276,3 +276,70 @@ class GRPOConfig(PPOConfig):
         check_fields(self, where, [("kl_estimator", self.kl_in == "loss" and self.kl_estimator != "k3",
                                     "use k3 with kl_in: loss (k1's gradient is that of log p alone, zero in "
                                     "expectation: it would not pull the policy toward the reference)")])
+
+
+@dataclass
+class OnlineDPOConfig(TrainConfig):
+    """Online (iterative) DPO: each round the current policy answers ``prompts_per_round`` prompts
+    ``samples_per_prompt`` times through the rollout engine actors, the ``labeler`` scores the
+    answers — ``rules`` (the prompt's category and the refusal classifier), ``reward_model`` (the
+    reward stage's model, or ``reward_fn``) — and each prompt's best answer is chosen over its
+    worst (a prompt whose answers all tie makes no pair); DPO against the starting model trains on
+    the round's pairs (``dpo_epochs`` passes), the new weights go to the actors, and the next round
+    samples from them. Every round's pairs are a dataset (``pairs/round-NNNN.parquet``, TRL
+    columns); a checkpoint after every ``checkpoint_every`` rounds."""
+
+    model: str = "sft_model"
+    input: str = "prompts"
+    output: str = "online_dpo_model"
+    labeler: Literal["rules", "reward_model"] = "rules"
+    rules: RuleSettings = field(default_factory=RuleSettings)  # labeler: rules — the sources to refuse
+    reward_model: str = "reward_model"  # labeler: reward_model — an earlier stage's reward model or its directory
+    reward_fn: str | None = None  # labeler: reward_model — "module:callable" instead of the reward model
+    rounds: int = 4
+    prompts_per_round: int = 16  # split evenly over the workers
+    samples_per_prompt: int = 4  # answers per prompt; its best and worst make the pair
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    end_penalty: float = 0.0  # subtracted from the score of an answer that never ended
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    dpo_epochs: int = 1  # passes over each round's pairs
+    lr: float = 5e-7
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
+    rollout: EngineConfig = field(default_factory=lambda: EngineConfig(concurrency=1))  # its model: the policy
+    sync_bucket_mb: float = 256
+    checkpoint_every: int = 1  # rounds between checkpoints
+    eval_fraction: float = 0.0
+    collective_timeout_s: int = 7200
+
+    # the names the rollout code shared with ppo reads
+    @property
+    def reward(self) -> str:
+        return self.labeler
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.prompts_per_round
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        check_fields(self, where, [
+            ("rounds", self.rounds < 1, "use 1 or more"),
+            ("prompts_per_round", self.prompts_per_round < self.num_workers
+             or self.prompts_per_round % self.num_workers, f"use a multiple of num_workers ({self.num_workers})"),
+            ("samples_per_prompt", self.samples_per_prompt < 2, "use 2 or more: a pair needs two answers"),
+            ("max_new_tokens", self.max_new_tokens < 1, "use 1 or more"),
+            ("temperature", self.temperature <= 0, "sample with temperature > 0, e.g. 1.0: the answers must differ"),
+            ("beta", self.beta <= 0, "use a positive beta, e.g. 0.1"),
+            ("dpo_epochs", self.dpo_epochs < 1, "use 1 or more"),
+            ("sync_bucket_mb", self.sync_bucket_mb <= 0, "use a positive size in MB, e.g. 256"),
+            ("grad_accum", self.grad_accum != 1, "use 1: raise micro_batch_size (pairs per step) instead"),
+            ("rollout.backend", self.rollout.backend == "openai",
+             "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
+            ("lora", self.lora is not None, "remove it: online_dpo trains full weights for now"),
+            ("reward_fn", self.labeler == "rules" and self.reward_fn is not None,
+             "remove reward_fn, or use labeler: reward_model — the rules label without it"),
+        ])
+        check_recipe_code(self.reward_fn, where, "reward_fn")

@@ -59,7 +59,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, p_chosen: Tensor | None = None
+             label_smoothing: float = 0.0, p_chosen: Tensor | None = None, weights: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
     """DPO family on ``h = (pi_c - ref_c) - (pi_r - ref_r)``; returns (mean loss, chosen_rewards,
     rejected_rewards) with rewards ``beta * (policy - ref)`` detached.
@@ -70,7 +70,9 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     * ``"sigmoid"`` (DPO, Rafailov et al. 2023; cDPO, Mitchell 2023, as in TRL) with ``eps = 1-p``:
       ``-(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``; eps=0 is plain DPO.
     * ``"ipo"`` (Azar et al. 2023): ``(h - (2p-1) / (2 beta))^2``; p=1 is standard IPO's target
-      ``1/(2 beta)``, p=0.5 targets h=0. (Unlike TRL, label_smoothing thus also softens IPO.)"""
+      ``1/(2 beta)``, p=0.5 targets h=0. (Unlike TRL, label_smoothing thus also softens IPO.)
+
+    ``weights`` (per pair) make the loss a weighted mean: a weight-0 pair only pads a batch."""
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; allowed: {', '.join(DPO_LOSS_TYPES)}")
     if beta <= 0:
@@ -87,7 +89,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     else:
         losses = (h - (2 * p - 1) / (2 * beta)) ** 2
-    return losses.mean(), beta * chosen_diff.detach(), beta * rejected_diff.detach()
+    loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+    return loss, beta * chosen_diff.detach(), beta * rejected_diff.detach()
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:

@@ -215,6 +215,37 @@ def forward(model, batch: dict, temperature: float, values: bool = True):
     return lp, (v[:, :-1] if v is not None else None), logits
 
 
+def fail_once(spec: JobSpec, cfg, it: int, rank: int) -> None:
+    """Fault injection for tests of resuming: rank 0 raises once per stage directory at ``fail_at_step``."""
+    marker = spec.path(FAULT_MARKER)
+    if cfg.fail_at_step == it + 1 and rank == 0 and not storage.exists(marker):
+        storage.write_text(marker, f"fault injected at iteration {cfg.fail_at_step}\n")
+        raise RuntimeError(f"fault injection: fail_at_step={cfg.fail_at_step} (a test-only setting)")
+
+
+def sample(actors: list, prompts: list[dict], cfg, seed: int, it: int, version: int, rank: int) -> list[dict]:
+    """Iteration ``it``'s rollouts on every rank: rank 0 has the actors answer the iteration's
+    ``prompts_per_iteration`` prompts ``samples_per_prompt`` times each (a prompt's samples
+    together) and broadcasts them. A failed or empty rollout stops the job, naming the cause."""
+    P, n = cfg.prompts_per_iteration, cfg.samples_per_prompt
+    box = [None]
+    if rank == 0:
+        chosen = [prompts[(it * P + i) % len(prompts)] for i in range(P) for _ in range(n)]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                seed=seed * 100_003 + it)
+        gens = rollout(actors, [p["messages"] for p in chosen], params, version, n)
+        box[0] = [{"prompt_id": p["prompt_id"], "messages": p["messages"], "harmful": p.get("harmful"),
+                   "slot": k // n, "text": g.text, "error": g.error, "token_ids": g.extra.get("token_ids") or [],
+                   "ended": g.finish_reason == "stop"} for k, (p, g) in enumerate(zip(chosen, gens))]
+    dist.broadcast_object_list(box, src=0)
+    everything = box[0]
+    failed = [s for s in everything if s["error"] is not None or not s["token_ids"]]
+    if failed:
+        raise DataError(f"iteration {it + 1}: {len(failed)} of {len(everything)} rollouts failed, e.g. "
+                        f"{failed[0]['error'] or 'an empty response'} — check the rollout engine and max_new_tokens")
+    return everything
+
+
 def load_reward_fn(spec: str):
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -222,7 +253,7 @@ def load_reward_fn(spec: str):
 
 # ---------------------------------------------------------------- the loop (every rank)
 
-def _scores(samples: list[dict], cfg: PPOConfig, rm, rm_tok) -> torch.Tensor:
+def scores_of(samples: list[dict], cfg: PPOConfig, rm, rm_tok) -> torch.Tensor:
     if cfg.reward == "rules":
         raw = [rule_reward(s["harmful"], s["text"]) for s in samples]
     elif cfg.reward_fn:
@@ -288,7 +319,7 @@ def _update(engine, cfg: PPOConfig, batch: dict, old: dict, warmup: bool) -> dic
     return {k: x / max(count, 1) for k, x in sums.items()}
 
 
-def _refusal_rates(sums: dict) -> dict:
+def refusal_rates(sums: dict) -> dict:
     """``reward: rules``: the shares of rollouts that refused, on harmful prompts and on the others."""
     if "harmful_n" not in sums:
         return {}
@@ -301,11 +332,13 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def _sync(engine, cfg: PPOConfig, ws: WorkerSettings, actors: list, version: int) -> float:
+def sync(engine, cfg, ws: WorkerSettings, actors: list, version: int, prefix: str = "lm.") -> float:
+    """The policy's full weights (its parameters under ``prefix`` in the trained module) into every
+    rollout actor as ``version``; seconds taken."""
     t0 = time.time()
     sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=ws.precision == "bf16")
     if ws.rank == 0:
-        push_weights(actors, {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}, version,
+        push_weights(actors, {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}, version,
                      cfg.sync_bucket_mb)
     dist.barrier()
     return time.time() - t0
@@ -343,31 +376,13 @@ def train_loop(spec: JobSpec) -> None:
     kl_ctl = AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
     actors = start_actors(cfg, given.actor_cpus, spec.model) if rank == 0 else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
-        _sync(engine, cfg, ws, actors, state["version"])
-    marker = spec.path(FAULT_MARKER)
+        sync(engine, cfg, ws, actors, state["version"])
     P, n = cfg.prompts_per_iteration, cfg.samples_per_prompt
     while state["step"] < cfg.iterations:
         it = state["step"]
-        if cfg.fail_at_step == it + 1 and rank == 0 and not storage.exists(marker):
-            storage.write_text(marker, f"fault injected at iteration {cfg.fail_at_step}\n")
-            raise RuntimeError(f"fault injection: fail_at_step={cfg.fail_at_step} (a test-only setting)")
+        fail_once(spec, cfg, it, rank)
         t0 = time.time()
-        batch_prompts = [prompts[(it * P + i) % len(prompts)] for i in range(P)]
-        box = [None]
-        if rank == 0:
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    seed=spec.seed * 100_003 + it)
-            gens = rollout(actors, [p["messages"] for p in batch_prompts for _ in range(n)], params, state["version"], n)
-            box[0] = [{"prompt_id": p["prompt_id"], "messages": p["messages"], "harmful": p.get("harmful"),
-                       "text": g.text, "error": g.error,
-                       "token_ids": g.extra.get("token_ids") or [], "ended": g.finish_reason == "stop"}
-                      for p, g in zip([p for p in batch_prompts for _ in range(n)], gens)]
-        dist.broadcast_object_list(box, src=0)
-        everything = box[0]
-        failed = [s for s in everything if s["error"] is not None or not s["token_ids"]]
-        if failed:
-            raise DataError(f"ppo iteration {it + 1}: {len(failed)} of {len(everything)} rollouts failed, e.g. "
-                            f"{failed[0]['error'] or 'an empty response'} — check the rollout engine and max_new_tokens")
+        everything = sample(actors, prompts, cfg, spec.seed, it, state["version"], rank)
         groups = [everything[g * n:(g + 1) * n] for g in range(P)]
         samples = [s for g in groups[rank::world] for s in g]
         t_gen = time.time() - t0
@@ -377,7 +392,7 @@ def train_loop(spec: JobSpec) -> None:
             logp, values = forward_chunked(engine, batch, cfg.temperature, True, cfg.micro_batch_size)
             ref_lp, _ = forward_chunked(ref, batch, cfg.temperature, False, cfg.micro_batch_size)
             kl = kl_penalty(logp, ref_lp, cfg.kl_estimator) * mask
-            raw = _scores(samples, cfg, rm, rm_tok)
+            raw = scores_of(samples, cfg, rm, rm_tok)
             ended = torch.tensor([s["ended"] for s in samples])
             scores = end_penalty(raw, ended, cfg.end_penalty).to(device)
             adv, ret, total = _advantages(cfg, scores, kl, values, mask, kl_ctl.coef)
@@ -387,7 +402,7 @@ def train_loop(spec: JobSpec) -> None:
         stats = _update(engine, cfg, batch, old, warmup=cfg.algorithm == "ppo" and it < cfg.critic_warmup)
         t_train = time.time() - t0 - t_gen - t_score
         state["version"] += 1
-        t_sync = _sync(engine, cfg, ws, actors, state["version"])
+        t_sync = sync(engine, cfg, ws, actors, state["version"])
         seq_kl = kl.sum(-1)
         local = {"reward": total.float().sum().item(), "score": raw.sum().item(), "score_sq": (raw ** 2).sum().item(),
                  "kl": seq_kl.sum().item(), "length": mask.sum().item(), "unfinished": (~ended).sum().item(),
@@ -407,7 +422,7 @@ def train_loop(spec: JobSpec) -> None:
                "score_std": max(0.0, sums["score_sq"] / N - (sums["score"] / N) ** 2) ** 0.5,
                "kl": sums["kl"] / N, "response_length": sums["length"] / N, "unfinished": sums["unfinished"] / N,
                "explained_variance": sums["explained_variance"] / world, "kl_coef": kl_ctl.coef,
-               "flat_groups": sums["flat_groups"] / P, **_refusal_rates(sums), **st,
+               "flat_groups": sums["flat_groups"] / P, **refusal_rates(sums), **st,
                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "seconds": round(time.time() - t0, 3),
                "generate_s": round(t_gen, 3), "score_s": round(t_score, 3), "train_s": round(t_train, 3),
                "sync_s": round(t_sync, 3), "policy_version": state["version"]}
@@ -426,16 +441,22 @@ def train_loop(spec: JobSpec) -> None:
     _finish(engine, spec, ws, state, actors, tok, prompts)
 
 
-def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list, tok, prompts: list) -> None:
-    """Last responses for the first iteration's example prompts, then ``core.finish``: the policy
-    alone exported, and the summary."""
-    cfg: PPOConfig = spec.cfg
+def last_answers(spec: JobSpec, ws: WorkerSettings, state: dict, actors: list) -> None:
+    """Rank 0: the final policy's answers to the first iteration's example prompts (``last``)."""
+    cfg = spec.cfg
     if ws.rank == 0 and state["examples"]:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 seed=spec.seed * 100_003)
         convs = [e["messages"] for e in state["examples"]]
         for e, g in zip(state["examples"], rollout(actors, convs, params, state["version"])):
             e["last"] = g.text
+
+
+def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list, tok, prompts: list) -> None:
+    """Last responses for the first iteration's example prompts, then ``core.finish``: the policy
+    alone exported, and the summary."""
+    cfg: PPOConfig = spec.cfg
+    last_answers(spec, ws, state, actors)
 
     def export(sd: dict, d: str) -> None:
         policy = {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}
@@ -546,6 +567,12 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
              "time in the last iteration: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
                                                       ("generate_s", "score_s", "train_s", "sync_s")),
              f"model: `{s['model_dir']}`; curves: `{ctx.path(CURVES_FILE)}`; metrics: `{ctx.path(METRICS_FILE)}`"]
+    return report_with(ctx, s, lines)
+
+
+def report_with(ctx: StageContext, s: dict, lines: list[str]) -> runner.StageReport:
+    """An RL job's report from its ``lines``: prompts skipped as too long, the counts, and the
+    same example prompts' answers at the first and last iteration."""
     dropped = s.get("prompts_too_long") or []
     if dropped:
         lines.append(f"{len(dropped)} prompt(s) too long for rollout.max_model_len were skipped: {', '.join(dropped[:5])}")

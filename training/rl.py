@@ -11,6 +11,7 @@ no DeepSpeed, no models. Shapes: ``[B, T]`` over response tokens unless said.
 - ``grpo_advantages(rewards, n, scale)``: each sample against its group's mean, scaled by the
   group's (or batch's) standard deviation or not at all (Dr. GRPO); ``flat_groups`` counts the
   groups that carry no signal;
+- ``best_worst(scores, n)``: online DPO's pairs, each prompt's best answer over its worst;
 - ``sequence_rewards(scores, kl, mask, kl_coef)``: RLOO's reward, the score minus the KL summed
   over the response (KL folded into the reward instead of spread per token);
 - ``AdaptiveKL``: the KL coefficient of Ziegler et al. (2019), steered toward a target KL;
@@ -86,6 +87,20 @@ def flat_groups(rewards: Tensor, n: int) -> int:
     """How many prompts' ``n`` samples all got the same reward (no group-relative signal)."""
     r = rewards.float().view(-1, n)
     return int((r.max(1).values - r.min(1).values <= 1e-6).sum())
+
+
+def best_worst(scores: list[float], n: int, tie: float = 1e-6) -> list[tuple[int, int] | None]:
+    """For each group of ``n`` consecutive scores (a prompt's answers): (index of its best, index of
+    its worst), the first of equals — or None where best and worst tie (no preference to learn)."""
+    if n < 2 or len(scores) % n:
+        raise ValueError(f"{len(scores)} scores do not split into groups of n={n} (n ≥ 2)")
+    out: list[tuple[int, int] | None] = []
+    for g in range(0, len(scores), n):
+        group = scores[g:g + n]
+        hi = max(range(n), key=lambda i: (group[i], -i))
+        lo = min(range(n), key=lambda i: (group[i], i))
+        out.append(None if group[hi] - group[lo] <= tie else (g + hi, g + lo))
+    return out
 
 
 def sequence_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:

@@ -74,6 +74,9 @@ STAGES: dict[str, StageSpec] = {
                      "DPO / cDPO / IPO against the frozen starting model, on preferences"),
     "ppo": StageSpec("training.config:PPOConfig", "training.ppo:run", ("ppo_model",),
                      "RL-CAI: PPO or RLOO of the policy against the reward model, rollouts from engine actors"),
+    "online_dpo": StageSpec("training.config:OnlineDPOConfig", "training.online_dpo:run", ("online_dpo_model",),
+                            "online DPO: rounds of the policy's own answers, labeled (rules or reward model) "
+                            "into pairs, DPO on them"),
     "grpo": StageSpec("training.config:GRPOConfig", "training.ppo:run_grpo", ("grpo_model",),
                       "RL-CAI: GRPO (group-relative advantages, no critic; Dr. GRPO as an option), ppo's rollouts"),
     "evaluate": StageSpec("workflows.evaluate.config:EvaluateConfig", "workflows.evaluate.stage:run", ("eval_prompts",),
