@@ -173,6 +173,16 @@ def test_grpo_with_the_rules_reward_reports_refusals_per_category(tmp_path, tiny
     assert "scored by the rules" in summary and "harmful_refused" in summary
 
 
+def test_iterations_draw_every_source_in_proportion():
+    from training.ppo import interleave_sources
+
+    rows = [{"prompt_id": f"r{i}", "source": "red_team"} for i in range(4)] + \
+           [{"prompt_id": f"h{i}", "source": "helpful"} for i in range(2)]
+    assert [p["prompt_id"] for p in interleave_sources(rows)] == ["r0", "h0", "r1", "r2", "h1", "r3"]
+    plain = [{"prompt_id": f"p{i}", "source": None} for i in range(5)]
+    assert interleave_sources(plain) == plain
+
+
 def test_prompts_without_room_for_an_answer_are_skipped_and_named(tiny_llama_dir, prompts_dir):
     from training.ppo import fitting_prompts, read_prompts
 

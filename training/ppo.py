@@ -497,6 +497,23 @@ def read_prompts(uri: str) -> list[dict]:
     return out
 
 
+def interleave_sources(prompts: list[dict]) -> list[dict]:
+    """The prompts in the order iterations draw them: each source's rows spread evenly through the
+    list, in proportion (a dataset read source after source — 205 red-team rows, then 150 helpful
+    — would otherwise give the first iterations only red-team prompts). One source: unchanged."""
+    count: dict = {}
+    for p in prompts:
+        count[p.get("source")] = count.get(p.get("source"), 0) + 1
+    seen: dict = {}
+    keyed = []
+    for i, p in enumerate(prompts):
+        src = p.get("source")
+        k = seen.get(src, 0)
+        seen[src] = k + 1
+        keyed.append(((k + 0.5) / count[src], str(src), i, p))
+    return [p for *_, p in sorted(keyed, key=lambda x: x[:3])]
+
+
 def fitting_prompts(prompts: list[dict], model: str, cfg: PPOConfig) -> tuple[list[dict], list[str]]:
     """(prompts whose chat-templated tokens leave room for ``max_new_tokens`` in the rollout
     engine's ``max_model_len``, ids of the others)."""
@@ -524,6 +541,7 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
 
     model = runner.prepare_start_model(runner.resolve_ref(cfg.model, ctx))
     prompts, too_long = fitting_prompts(read_prompts(runner.resolve_ref(cfg.input, ctx)), model, cfg)
+    prompts = interleave_sources(prompts)
     if too_long:
         print(f"[{ctx.name}] {len(too_long)} prompt(s) leave no room for {cfg.max_new_tokens} new tokens in "
               f"rollout.max_model_len {cfg.rollout.max_model_len} — skipped (in the summary), e.g. {too_long[0]}")
