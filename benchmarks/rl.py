@@ -1,9 +1,9 @@
-"""RL-CAI (the ``ppo`` and ``grpo`` stages) with the embedded model: where an iteration's time goes, how fast the
+"""RL-CAI (the ``ppo``, ``grpo`` and ``online_dpo`` stages) with the embedded model: where an iteration's time goes, how fast the
 engine actors roll out against the trainer generating by itself, and what a weight sync costs by
 model size — each measured in one run.
 
     python benchmarks/rl.py [--iterations 4] [--prompts 8] [--samples 2] [--max-new-tokens 48]
-                            [--backends transformers,vllm] [--algorithms ppo,grpo]
+                            [--backends transformers,vllm] [--algorithms ppo,grpo,online_dpo]
 
 1. The ``ppo`` stage runs ``--iterations`` on 2 workers (ZeRO-2, ``precision: auto``) with a
    reward model made of the embedded backbone and a fixed random head; the first iteration is a
@@ -13,8 +13,10 @@ model size — each measured in one run.
 2. Rollout tokens/s of the engine actor (from the same run) versus the trainer calling
    ``model.generate`` on its own training copy of the model (float32, loaded as the training jobs
    load it, ``use_cache`` off as training leaves it), same prompts, same thread count.
-3. ``--algorithms ppo,grpo``: the ``grpo`` stage the same way (GRPO's defaults: k3 KL in the
-   loss, group-scaled advantages), its iteration split into the same four shares.
+3. ``--algorithms ppo,grpo,online_dpo``: the ``grpo`` stage the same way (GRPO's defaults: k3 KL
+   in the loss, group-scaled advantages), its iteration split into the same four shares, and the
+   ``online_dpo`` stage (the same reward model as its labeler), each round split into generate,
+   label, train and sync.
 4. Weight-sync seconds versus model size: a tiny model and the embedded one, each pushed to a
    fresh rollout actor through the object store.
 
@@ -69,25 +71,33 @@ def prompts_dataset(out: str, n: int) -> tuple[str, list]:
 def stage_run(model: str, rm: str, prompts: str, run_dir: str, args, backend: str = "transformers",
               algorithm: str = "ppo") -> list[dict]:
     """The ``ppo`` stage (or ``grpo``: the same job, GRPO's defaults) on the benchmark's prompts."""
-    from training import ppo
-    from training.config import GRPOConfig, PPOConfig
+    from training import online_dpo, ppo
+    from training.config import GRPOConfig, OnlineDPOConfig, PPOConfig
     from workflows.core.stage import StageContext
     from workflows.core.typed import from_dict
 
-    cfg = from_dict(GRPOConfig if algorithm == "grpo" else PPOConfig, {
-        "model": model, "reward_model": rm, "input": prompts, "iterations": args.iterations,
-        "prompts_per_iteration": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
-        "num_workers": 2, "zero_stage": 2, "micro_batch_size": 4, "lr": 2e-6, "checkpoint_every": 0,
-        "rollout": {"backend": backend, "batch_size": args.prompts * args.samples}}, "benchmark")
-    (ppo.run_grpo if algorithm == "grpo" else ppo.run)(cfg, StageContext(run_dir, algorithm, seed=0))
+    common = {"model": model, "reward_model": rm, "input": prompts, "samples_per_prompt": args.samples,
+              "max_new_tokens": args.max_new_tokens, "num_workers": 2, "zero_stage": 2, "micro_batch_size": 4,
+              "lr": 2e-6, "checkpoint_every": 0, "rollout": {"backend": backend, "batch_size": args.prompts * args.samples}}
+    if algorithm == "online_dpo":  # its rounds are the others' iterations; the reward model labels
+        cfg = from_dict(OnlineDPOConfig, {**common, "labeler": "reward_model", "rounds": args.iterations,
+                                          "prompts_per_round": args.prompts}, "benchmark")
+    else:
+        cfg = from_dict(GRPOConfig if algorithm == "grpo" else PPOConfig,
+                        {**common, "iterations": args.iterations, "prompts_per_iteration": args.prompts}, "benchmark")
+    run = {"ppo": ppo.run, "grpo": ppo.run_grpo, "online_dpo": online_dpo.run}[algorithm]
+    run(cfg, StageContext(run_dir, algorithm, seed=0))
     with open(os.path.join(run_dir, algorithm, "metrics.jsonl")) as f:
         return [json.loads(x) for x in f]
+
+
+PARTS = ("generate_s", "score_s", "label_s", "train_s", "sync_s")  # online DPO labels where the others score
 
 
 def shares(per: dict) -> str:
     """An iteration's seconds and the share of each part."""
     return (f"{per['seconds']:.1f} s = " + " + ".join(f"{k[:-2]} {per[k]:.1f} s ({per[k] / per['seconds']:.0%})"
-                                                     for k in ("generate_s", "score_s", "train_s", "sync_s")))
+                                                     for k in PARTS if k in per))
 
 
 def trainer_generate(model: str, rows: list, args, threads: int) -> float:
@@ -150,13 +160,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--backends", default="transformers", help="rollout engine backends, comma-separated")
-    p.add_argument("--algorithms", default="ppo,grpo", help="stages to run, comma-separated (ppo first: the "
-                   "rollout and sync figures come from it)")
+    p.add_argument("--algorithms", default="ppo,grpo,online_dpo", help="stages to run, comma-separated (ppo "
+                   "first: the rollout and sync figures come from it)")
     args = p.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    if not algorithms or algorithms[0] != "ppo" or not set(algorithms) <= {"ppo", "grpo"}:
-        p.error("--algorithms: ppo, then optionally grpo (e.g. ppo,grpo)")
+    if not algorithms or algorithms[0] != "ppo" or not set(algorithms) <= {"ppo", "grpo", "online_dpo"}:
+        p.error("--algorithms: ppo, then any of grpo and online_dpo (e.g. ppo,grpo,online_dpo)")
     import ray
 
     from actors.models import prepare_model
@@ -171,13 +181,12 @@ def main() -> None:
         prompts, rows = prompts_dataset(os.path.join(tmp, "prompts"), args.prompts * 2)
         rm = reward_dir(model, os.path.join(tmp, "rm"))
         tiny = tiny_model(os.path.join(tmp, "tiny"), model)
-        grpo: dict[str, dict] = {}
+        others: dict[tuple[str, str], dict] = {}
         for backend in backends:
             for algorithm in algorithms:
                 hist = stage_run(model, rm, prompts, os.path.join(tmp, f"run-{backend}"), args, backend, algorithm)
                 steady = hist[1:] or hist
-                per = {k: sum(h[k] for h in steady) / len(steady)
-                       for k in ("seconds", "generate_s", "score_s", "train_s", "sync_s")}
+                per = {k: sum(h[k] for h in steady) / len(steady) for k in ("seconds", *PARTS) if k in steady[0]}
                 tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
                 per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
                 print(f"[{backend}] {algorithm} iteration (steady, {len(steady)} of {len(hist)}): {shares(per)}"
@@ -185,7 +194,7 @@ def main() -> None:
                 if algorithm == "ppo":
                     figures[backend] = per
                 else:
-                    grpo[backend] = per
+                    others[(algorithm, backend)] = per
             if backend not in figures:
                 continue
             per = figures[backend]
@@ -200,8 +209,8 @@ def main() -> None:
     line = (f"rl: iteration {first['seconds']:.1f} s, sync {first['sync_s'] / first['seconds']:.1%} of it (goal < 10%); "
             f"engine-actor rollouts {first['actor_tps'] / trainer_tps:.2f}x the trainer's own generate; "
             f"weight sync {mb / s:.0f} MB/s at {mb:.0f} MB")
-    for backend, per in grpo.items():
-        line += f"; grpo ({backend}) iteration {shares(per)}"
+    for (algorithm, backend), per in others.items():
+        line += f"; {algorithm} ({backend}) {'round' if algorithm == 'online_dpo' else 'iteration'} {shares(per)}"
     if {"transformers", "vllm"} <= set(figures):
         v, t = figures["vllm"], figures["transformers"]
         line += (f"; rollouts vllm {v['actor_tps']:.1f} vs transformers {t['actor_tps']:.1f} tok/s = "

@@ -39,9 +39,12 @@ def shrink(recipe, model_dir: str, run_dir: str):
             st["policy"] = {**tiny_engine, "model": st["policy"]["model"]}  # keeps `sft_model`: the SFT output
             st["judges"] = [tiny_engine]
             st["sampling"]["max_new_tokens"] = 6
-        elif kind == "ppo":
-            st.update(iterations=2, prompts_per_iteration=2, max_new_tokens=4, max_length=256, num_workers=1,
-                      rollout={"batch_size": 4, "max_model_len": 1024})
+        elif kind in ("ppo", "grpo"):  # one iteration of grpo, one round of online DPO: the wiring
+            st.update(iterations=2 if kind == "ppo" else 1, prompts_per_iteration=2, max_new_tokens=4, max_length=256,
+                      num_workers=1, rollout={"batch_size": 8, "max_model_len": 1024})
+        elif kind == "online_dpo":
+            st.update(rounds=1, prompts_per_round=2, max_new_tokens=4, max_length=256, num_workers=1,
+                      rollout={"batch_size": 8, "max_model_len": 1024})
         elif kind == "evaluate":
             st["models"] = {k: model_dir if v == "embedded" else v for k, v in st["models"].items()}
             st.update(limit=2, engine=tiny_engine, judge=tiny_engine)
@@ -77,15 +80,18 @@ def test_demo_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
     finally:
         serve.shutdown()
     assert infos["serve"]["url"] == f"http://127.0.0.1:{port}/v1"
-    assert list(infos) == ["prompts", "critique_revision", "sft", "preference", "reward", "dpo", "ppo", "evaluate",
-                           "serve"]
+    assert list(infos) == ["prompts", "critique_revision", "sft", "preference", "reward", "dpo", "ppo", "grpo",
+                           "online_dpo", "evaluate", "serve"]
     for name in list(infos)[:-1]:
         assert (tmp_path / "demo" / name / "_SUCCESS").is_file(), name
-    for model in ("sft/sft_model", "reward/reward_model", "dpo/dpo_model", "ppo/ppo_model"):
+    for model in ("sft/sft_model", "reward/reward_model", "dpo/dpo_model", "ppo/ppo_model", "grpo/grpo_model",
+                  "online_dpo/online_dpo_model"):
         assert (tmp_path / "demo" / model / "config.json").is_file(), model
+    assert infos["grpo"]["training"]["iterations"] == 1 and infos["online_dpo"]["training"]["iterations"] == 1
+    assert (tmp_path / "demo" / "online_dpo" / "pairs" / "round-0001.parquet").is_file()
     assert infos["preference"]["outputs"] > 0
     summary = (tmp_path / "demo" / "summary.md").read_text()
-    assert summary.count("## ") >= 8 and f"verdict: {infos['evaluate']['verdict']} (ppo against base)" in summary
+    assert summary.count("## ") >= 10 and f"verdict: {infos['evaluate']['verdict']} (ppo against base)" in summary
     report = (tmp_path / "demo" / "evaluate" / "report.md").read_text()
     assert report.split(" ", 1)[0] in ("**WORKED**", "**INCONCLUSIVE**", "**REGRESSED**")
     metrics = json.loads((tmp_path / "demo" / "evaluate" / "metrics.json").read_text())
