@@ -234,7 +234,6 @@ class PPOConfig(TrainConfig):
              "use 0 or more, below iterations"),
             ("rollout.backend", self.rollout.backend == "openai",
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
-            ("lora", self.lora is not None, f"remove it: {self.algorithm} trains full weights for now"),
             ("reward_fn", self.reward == "rules" and self.reward_fn is not None,
              "remove reward_fn, or reward: rules — one of them scores the rollouts"),
         ]
@@ -338,7 +337,6 @@ class OnlineDPOConfig(TrainConfig):
             ("grad_accum", self.grad_accum != 1, "use 1: raise micro_batch_size (pairs per step) instead"),
             ("rollout.backend", self.rollout.backend == "openai",
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
-            ("lora", self.lora is not None, "remove it: online_dpo trains full weights for now"),
             ("reward_fn", self.labeler == "rules" and self.reward_fn is not None,
              "remove reward_fn, or use labeler: reward_model — the rules label without it"),
         ])

@@ -82,29 +82,37 @@ def evaluate(engine, task: Task, items: list, fn: Callable, mb: int, sharded: bo
     return dict(zip(keys, all_reduce([sums[k] for k in keys])))
 
 
-def full_state_dict(engine, zero3: bool, master: bool = False) -> dict | None:
+def is_adapter(name: str) -> bool:
+    """A LoRA adapter tensor of a peft model's state dict."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def full_state_dict(engine, zero3: bool, master: bool = False, keep=None) -> dict | None:
     """The full (unpartitioned) state dict on rank 0, ``None`` elsewhere; call it on every rank.
     Under ZeRO-3 the parameters are gathered one module at a time, copied, and released. With
     ``master`` (bf16 training) the optimizer's fp32 master weights are taken instead of the bf16
-    copies the model computes with: updates smaller than bf16's resolution live only there."""
+    copies the model computes with: updates smaller than bf16's resolution live only there.
+    ``keep(name)``: only those parameters (no buffers), e.g. ``is_adapter`` — nothing else is
+    gathered or copied."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     rank, sd = dist.get_rank(), {}
     if not zero3 and not master:
-        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()} if rank == 0 else None
+        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()
+                if keep is None or keep(k)} if rank == 0 else None
     masters = _plain_masters(engine) if master else {}
 
     def visit(module, prefix: str) -> None:
-        own = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(own if zero3 else [], modifier_rank=None):
-            for name, p in module.named_parameters(recurse=False):
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if keep is None or keep(prefix + n)]
+        with deepspeed.zero.GatheredParameters([p for _, p in own] if zero3 else [], modifier_rank=None):
+            for name, p in own:
                 full = safe_get_full_fp32_param(p) if master else None  # collective: every rank calls it
                 full = masters.get(id(p)) if full is None else full
                 if rank == 0:
                     kept = full if full is not None else (p.float() if master else p)  # frozen: no master
                     sd[prefix + name] = kept.detach().cpu().clone()
-            if rank == 0:
+            if rank == 0 and keep is None:
                 for name, b in module.named_buffers(recurse=False):
                     if name not in module._non_persistent_buffers_set:
                         sd[prefix + name] = b.detach().cpu().clone()
@@ -133,15 +141,23 @@ def _plain_masters(engine) -> dict[int, torch.Tensor]:
 def merge_lora(sd: dict, scale: float) -> dict:
     """A peft LoRA state dict → plain weights ``W + scale · B @ A``, adapters removed and the
     ``base_model.model.`` prefix stripped."""
+    base = {key.replace("base_model.model.", "", 1).replace(".base_layer.", "."): value
+            for key, value in sd.items() if not is_adapter(key)}
+    return {**base, **merge_adapters(base, {k: v for k, v in sd.items() if is_adapter(k)}, scale)}
+
+
+def merge_adapters(base: dict, adapters: dict, scale: float) -> dict:
+    """The weights LoRA ``adapters`` (a peft state dict's ``lora_A``/``lora_B`` tensors) change, as
+    plain weights ``W + scale · B @ A`` over ``base`` (plain names: ``model.layers.0.self_attn.q_proj.weight``)."""
     out = {}
-    for key, value in sd.items():
-        if ".lora_A." in key or ".lora_B." in key:
+    for key, a in adapters.items():
+        if ".lora_A." not in key:
             continue
-        if key.endswith(".base_layer.weight"):
-            prefix = key[: -len(".base_layer.weight")]
-            a, b = sd[f"{prefix}.lora_A.default.weight"], sd[f"{prefix}.lora_B.default.weight"]
-            value = value + scale * (b.float() @ a.float()).to(value.dtype)
-        out[key.replace("base_model.model.", "", 1).replace(".base_layer.", ".")] = value
+        prefix = key.split(".lora_A.", 1)[0]
+        b = adapters[key.replace(".lora_A.", ".lora_B.")]
+        name = prefix.replace("base_model.model.", "", 1) + ".weight"
+        w = base[name]
+        out[name] = w + scale * (b.float() @ a.float()).to(w.dtype)
     return out
 
 

@@ -203,11 +203,10 @@ def train_loop(spec: JobSpec) -> None:
         stats = _train_round(engine, ref, tok, cfg, pairs, samples, device, it)
         t_train = time.time() - t0 - t_gen - t_label
         trained = bool(all_reduce([float(bool(stats))], op=dist.ReduceOp.MAX)[0])
+        t_sync, sent = 0.0, 0
         if trained:
             state["version"] += 1
-            t_sync = ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
-        else:
-            t_sync = 0.0
+            t_sync, sent = ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
         keys = sorted(counts)
         sums = dict(zip(keys, all_reduce([counts[k] for k in keys])))
         skeys = ("loss", "reward_margin", "reward_accuracy", "kl", "steps")
@@ -216,7 +215,8 @@ def train_loop(spec: JobSpec) -> None:
                "score": sums["score"] / sums["n"], "unfinished": sums["unfinished"] / sums["n"],
                **{k: st[k] / st["steps"] for k in skeys[:-1] if st["steps"]}, **ppo.refusal_rates(sums),
                "seconds": round(time.time() - t0, 3), "generate_s": round(t_gen, 3), "label_s": round(t_label, 3),
-               "train_s": round(t_train, 3), "sync_s": round(t_sync, 3), "policy_version": state["version"]}
+               "train_s": round(t_train, 3), "sync_s": round(t_sync, 3),
+               "sync_mb": round(all_reduce([sent])[0] / 1e6, 3), "policy_version": state["version"]}
         state["history"].append(rec)
         if it == 0:
             state["examples"] = [{"prompt": s["messages"][-1]["content"], "messages": s["messages"], "first": s["text"]}
@@ -240,7 +240,8 @@ def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list
                       "examples": state["examples"], "resumes": state["resumes"],
                       "resumed_from_iterations": state["resumed_from"], "prompts": len(prompts),
                       "pairs": sum(h["pairs"] for h in hist), "ties": sum(h["ties"] for h in hist),
-                      "rollouts": state["step"] * cfg.prompts_per_round * cfg.samples_per_prompt},
+                      "rollouts": state["step"] * cfg.prompts_per_round * cfg.samples_per_prompt,
+                      **ppo.lora_sizes(engine, cfg)},
                 metrics={"round": state["step"]})
 
 
@@ -255,6 +256,7 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
              "first → last round: " + ", ".join(f"{k} {first.get(k, 0):.3f} → {last.get(k, 0):.3f}" for k in keys),
              "time in the last round: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
                                                    ("generate_s", "label_s", "train_s", "sync_s")),
+             ppo.sync_line(s, last),
              f"pairs of every round (TRL columns): `{ctx.path(PAIRS_DIR)}`; model: `{s['model_dir']}`"]
     return ppo.report_with(ctx, s, lines)
 

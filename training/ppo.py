@@ -111,10 +111,12 @@ def value_head(hidden: int, reward_dir: str | None) -> nn.Linear:
 # ---------------------------------------------------------------- rollouts (rank 0 and its actors)
 
 class RolloutActor:
-    """A Ray actor holding one engine: generates, takes new weights bucket by bucket, loads them."""
+    """A Ray actor holding one engine: generates, takes new weights bucket by bucket, loads them.
+    Under LoRA only the adapters travel: the actor merges them into its own copy of the starting
+    weights (read once from the model directory it loaded) and loads the result."""
 
     def __init__(self, engine_cfg: EngineConfig):
-        self.engine, self.pending = make_engine(engine_cfg), {}
+        self.engine, self.pending, self.model, self.base = make_engine(engine_cfg), {}, engine_cfg.model, None
 
     def generate(self, conversations, params):
         return self.engine.generate(conversations, params)
@@ -126,6 +128,13 @@ class RolloutActor:
     def load_weights(self, version: int) -> int:
         weights, self.pending = self.pending, {}
         self.engine.load_weights(weights, version)
+        return version
+
+    def load_adapter(self, version: int, scale: float) -> int:
+        adapters, self.pending = self.pending, {}
+        if self.base is None:
+            self.base = load_causal_lm(self.model, dtype="float32", device="cpu").state_dict()
+        self.engine.load_weights({**self.base, **core.merge_adapters(self.base, adapters, scale)}, version)
         return version
 
 
@@ -166,16 +175,23 @@ def buckets(state_dict: dict, max_bytes: int) -> list[list[str]]:
     return [b for b in out if b]
 
 
-def push_weights(actors: list, state_dict: dict, version: int, bucket_mb: float = 256) -> None:
+def push_weights(actors: list, state_dict: dict, version: int, bucket_mb: float = 256,
+                 adapter_scale: float | None = None) -> int:
     """New weights to every actor through the object store, in buckets of at most ``bucket_mb``
-    (one bucket in the store at a time), then every actor loads them as ``version``."""
+    (one bucket in the store at a time), then every actor loads them as ``version`` — merged into
+    its starting weights first when they are LoRA adapters (``adapter_scale``: alpha / r). Returns
+    the bytes sent (once, whatever the number of actors)."""
     import ray
 
     for keys in buckets(state_dict, int(bucket_mb * 1e6)):
         ref = ray.put({k: state_dict[k] for k in keys})
         ray.get([a.receive.remote(ref) for a in actors])
         del ref
-    ray.get([a.load_weights.remote(version) for a in actors])
+    if adapter_scale is None:
+        ray.get([a.load_weights.remote(version) for a in actors])
+    else:
+        ray.get([a.load_adapter.remote(version, adapter_scale) for a in actors])
+    return sum(v.numel() * v.element_size() for v in state_dict.values())
 
 
 # ---------------------------------------------------------------- batches
@@ -332,16 +348,20 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def sync(engine, cfg, ws: WorkerSettings, actors: list, version: int, prefix: str = "lm.") -> float:
-    """The policy's full weights (its parameters under ``prefix`` in the trained module) into every
-    rollout actor as ``version``; seconds taken."""
+def sync(engine, cfg, ws: WorkerSettings, actors: list, version: int, prefix: str = "lm.") -> tuple[float, int]:
+    """The policy's weights (its parameters under ``prefix`` in the trained module) into every
+    rollout actor as ``version``: the full weights, or under LoRA the adapters alone. (Seconds
+    taken, bytes sent — on rank 0.)"""
     t0 = time.time()
-    sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=ws.precision == "bf16")
+    lora = cfg.lora is not None
+    sd = core.full_state_dict(engine, cfg.zero_stage == 3, master=ws.precision == "bf16",
+                              keep=core.is_adapter if lora else None)
+    sent = 0
     if ws.rank == 0:
-        push_weights(actors, {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}, version,
-                     cfg.sync_bucket_mb)
+        sent = push_weights(actors, {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)},
+                            version, cfg.sync_bucket_mb, cfg.lora.alpha / cfg.lora.r if lora else None)
     dist.barrier()
-    return time.time() - t0
+    return time.time() - t0, sent
 
 
 def train_loop(spec: JobSpec) -> None:
@@ -402,7 +422,7 @@ def train_loop(spec: JobSpec) -> None:
         stats = _update(engine, cfg, batch, old, warmup=cfg.algorithm == "ppo" and it < cfg.critic_warmup)
         t_train = time.time() - t0 - t_gen - t_score
         state["version"] += 1
-        t_sync = sync(engine, cfg, ws, actors, state["version"])
+        t_sync, sent = sync(engine, cfg, ws, actors, state["version"])
         seq_kl = kl.sum(-1)
         local = {"reward": total.float().sum().item(), "score": raw.sum().item(), "score_sq": (raw ** 2).sum().item(),
                  "kl": seq_kl.sum().item(), "length": mask.sum().item(), "unfinished": (~ended).sum().item(),
@@ -425,7 +445,8 @@ def train_loop(spec: JobSpec) -> None:
                "flat_groups": sums["flat_groups"] / P, **refusal_rates(sums), **st,
                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "seconds": round(time.time() - t0, 3),
                "generate_s": round(t_gen, 3), "score_s": round(t_score, 3), "train_s": round(t_train, 3),
-               "sync_s": round(t_sync, 3), "policy_version": state["version"]}
+               "sync_s": round(t_sync, 3), "sync_mb": round(all_reduce([sent])[0] / 1e6, 3),
+               "policy_version": state["version"]}
         kl_ctl.update(rec["kl"], int(N))
         state["kl_coef"] = kl_ctl.coef
         state["history"].append(rec)
@@ -439,6 +460,13 @@ def train_loop(spec: JobSpec) -> None:
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.iterations:
             checkpoints.save(engine, state, rec)
     _finish(engine, spec, ws, state, actors, tok, prompts)
+
+
+def lora_sizes(engine, cfg) -> dict:
+    """``lora`` and ``full_mb``: the policy's full weights in MB (what a sync without LoRA sends)."""
+    full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in engine.module.named_parameters()
+               if not n.startswith("value_head") and not core.is_adapter(n)) * 4 / 1e6  # float32, as synced
+    return {"lora": cfg.lora is not None, "full_mb": round(full, 1)}
 
 
 def last_answers(spec: JobSpec, ws: WorkerSettings, state: dict, actors: list) -> None:
@@ -470,7 +498,8 @@ def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list
                 tail={"first": hist[0] if hist else None, "last": hist[-1] if hist else None,
                       "examples": state["examples"], "resumes": state["resumes"],
                       "resumed_from_iterations": state["resumed_from"], "prompts": len(prompts),
-                      "rollouts": sum(cfg.prompts_per_iteration * cfg.samples_per_prompt for _ in hist)},
+                      "rollouts": sum(cfg.prompts_per_iteration * cfg.samples_per_prompt for _ in hist),
+                      **lora_sizes(engine, cfg)},
                 metrics={"iteration": state["step"]})
 
 
@@ -584,8 +613,18 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
              "first → last iteration: " + ", ".join(f"{k} {first.get(k, 0):.3f} → {last.get(k, 0):.3f}" for k in keys),
              "time in the last iteration: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
                                                       ("generate_s", "score_s", "train_s", "sync_s")),
+             sync_line(s, last),
              f"model: `{s['model_dir']}`; curves: `{ctx.path(CURVES_FILE)}`; metrics: `{ctx.path(METRICS_FILE)}`"]
     return report_with(ctx, s, lines)
+
+
+def sync_line(s: dict, last: dict) -> str:
+    """What one weight sync sent: the LoRA adapters against the full weights, or the full weights."""
+    sent, full = last.get("sync_mb", 0.0), s.get("full_mb", 0.0)
+    if s.get("lora"):
+        return (f"weight sync: the LoRA adapters only, {sent:.2f} MB per push against {full:.0f} MB of full weights "
+                f"({full / max(sent, 1e-9):.0f}x less)")
+    return f"weight sync: the full weights, {sent:.0f} MB per push"
 
 
 def report_with(ctx: StageContext, s: dict, lines: list[str]) -> runner.StageReport:
