@@ -241,7 +241,7 @@ def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list
                       "resumed_from_iterations": state["resumed_from"], "prompts": len(prompts),
                       "pairs": sum(h["pairs"] for h in hist), "ties": sum(h["ties"] for h in hist),
                       "rollouts": state["step"] * cfg.prompts_per_round * cfg.samples_per_prompt,
-                      **ppo.lora_sizes(engine, cfg)},
+                      **ppo.lora_sizes(engine, cfg), **ppo.largest_push(hist)},
                 metrics={"round": state["step"]})
 
 

@@ -469,6 +469,11 @@ def lora_sizes(engine, cfg) -> dict:
     return {"lora": cfg.lora is not None, "full_mb": round(full, 1)}
 
 
+def largest_push(history: list[dict]) -> dict:
+    """``sync_mb``: one push's megabytes (an iteration or round that trained nothing pushes none)."""
+    return {"sync_mb": max((h.get("sync_mb", 0.0) for h in history), default=0.0)}
+
+
 def last_answers(spec: JobSpec, ws: WorkerSettings, state: dict, actors: list) -> None:
     """Rank 0: the final policy's answers to the first iteration's example prompts (``last``)."""
     cfg = spec.cfg
@@ -499,7 +504,7 @@ def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list
                       "examples": state["examples"], "resumes": state["resumes"],
                       "resumed_from_iterations": state["resumed_from"], "prompts": len(prompts),
                       "rollouts": sum(cfg.prompts_per_iteration * cfg.samples_per_prompt for _ in hist),
-                      **lora_sizes(engine, cfg)},
+                      **lora_sizes(engine, cfg), **largest_push(hist)},
                 metrics={"iteration": state["step"]})
 
 
@@ -619,8 +624,8 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
 
 
 def sync_line(s: dict, last: dict) -> str:
-    """What one weight sync sent: the LoRA adapters against the full weights, or the full weights."""
-    sent, full = last.get("sync_mb", 0.0), s.get("full_mb", 0.0)
+    """What one weight sync sends: the LoRA adapters against the full weights, or the full weights."""
+    sent, full = s.get("sync_mb", last.get("sync_mb", 0.0)), s.get("full_mb", 0.0)
     if s.get("lora"):
         return (f"weight sync: the LoRA adapters only, {sent:.2f} MB per push against {full:.0f} MB of full weights "
                 f"({full / max(sent, 1e-9):.0f}x less)")
