@@ -217,16 +217,10 @@ def train_loop(spec: JobSpec) -> None:
                "seconds": round(time.time() - t0, 3), "generate_s": round(t_gen, 3), "label_s": round(t_label, 3),
                "train_s": round(t_train, 3), "sync_s": round(t_sync, 3),
                "sync_mb": round(all_reduce([sent])[0] / 1e6, 3), "policy_version": state["version"]}
-        state["history"].append(rec)
-        if it == 0:
-            state["examples"] = [{"prompt": s["messages"][-1]["content"], "messages": s["messages"], "first": s["text"]}
-                                 for s in everything[::n][:3]]
-        state["step"] += 1
         if rank == 0:
-            print(f"[online_dpo] round {state['step']}/{cfg.rounds}: {rec['pairs']} pairs, {rec['ties']} ties, "
+            print(f"[online_dpo] round {it + 1}/{cfg.rounds}: {rec['pairs']} pairs, {rec['ties']} ties, "
                   f"score {rec['score']:.3f}, loss {rec.get('loss', float('nan')):.4f}", file=sys.__stdout__, flush=True)
-        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.rounds:
-            checkpoints.save(engine, state, rec)
+        ppo.close_iteration(engine, state, rec, everything, n, cfg.rounds, cfg.checkpoint_every)
     _finish(engine, spec, ws, state, actors, tok, prompts)
 
 
@@ -253,9 +247,7 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
     lines = [f"online DPO: {s['iterations']} rounds, {s['rollouts']} answers labeled by the {s['labeler']} labeler "
              f"into {s['pairs']} pairs ({s['ties']} prompts tied, no pair), on {s['world_size']} workers "
              f"(ZeRO-{s['zero_stage']}, {s['precision']}), resumed {s['resumes']}× in {s['seconds']:.0f} s",
-             "first → last round: " + ", ".join(f"{k} {first.get(k, 0):.3f} → {last.get(k, 0):.3f}" for k in keys),
-             "time in the last round: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
-                                                   ("generate_s", "label_s", "train_s", "sync_s")),
+             *ppo.change_lines(first, last, keys, "round", ("generate_s", "label_s", "train_s", "sync_s")),
              ppo.sync_line(s, last),
              f"pairs of every round (TRL columns): `{ctx.path(PAIRS_DIR)}`; model: `{s['model_dir']}`"]
     return ppo.report_with(ctx, s, lines)

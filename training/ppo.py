@@ -449,17 +449,23 @@ def train_loop(spec: JobSpec) -> None:
                "policy_version": state["version"]}
         kl_ctl.update(rec["kl"], int(N))
         state["kl_coef"] = kl_ctl.coef
-        state["history"].append(rec)
-        if it == 0:
-            state["examples"] = [{"prompt": s["messages"][-1]["content"], "messages": s["messages"], "first": s["text"]}
-                                 for s in everything[::n][:3]]
-        state["step"] += 1
         if rank == 0:
-            print(f"[{cfg.algorithm}] iteration {state['step']}/{cfg.iterations} reward {rec['reward']:.4f} score {rec['score']:.4f} "
+            print(f"[{cfg.algorithm}] iteration {it + 1}/{cfg.iterations} reward {rec['reward']:.4f} score {rec['score']:.4f} "
                   f"kl {rec['kl']:.4f} clipfrac {rec['clipfrac']:.3f}", file=sys.__stdout__, flush=True)
-        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.iterations:
-            checkpoints.save(engine, state, rec)
+        close_iteration(engine, state, rec, everything, n, cfg.iterations, cfg.checkpoint_every)
     _finish(engine, spec, ws, state, actors, tok, prompts)
+
+
+def close_iteration(engine, state: dict, rec: dict, everything: list[dict], n: int, total: int, every: int) -> None:
+    """An iteration (or round) done: its metrics kept, the first one's example prompts noted, the
+    step counted, and a checkpoint every ``every`` (none after the last: the export follows)."""
+    state["history"].append(rec)
+    if state["step"] == 0:
+        state["examples"] = [{"prompt": s["messages"][-1]["content"], "messages": s["messages"], "first": s["text"]}
+                             for s in everything[::n][:3]]
+    state["step"] += 1
+    if every and state["step"] % every == 0 and state["step"] < total:
+        checkpoints.save(engine, state, rec)
 
 
 def lora_sizes(engine, cfg) -> dict:
@@ -615,12 +621,17 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
     lines = [f"{s['algorithm']}: {s['iterations']} iterations, {s['rollouts']} rollouts on {s['world_size']} workers "
              f"(ZeRO-{s['zero_stage']}, {s['precision']}: {s['precision_reason'] or 'as configured'}), resumed "
              f"{s['resumes']}× in {s['seconds']:.0f} s; scored by the {s.get('reward', 'reward model')}",
-             "first → last iteration: " + ", ".join(f"{k} {first.get(k, 0):.3f} → {last.get(k, 0):.3f}" for k in keys),
-             "time in the last iteration: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in
-                                                      ("generate_s", "score_s", "train_s", "sync_s")),
+             *change_lines(first, last, keys, "iteration", ("generate_s", "score_s", "train_s", "sync_s")),
              sync_line(s, last),
              f"model: `{s['model_dir']}`; curves: `{ctx.path(CURVES_FILE)}`; metrics: `{ctx.path(METRICS_FILE)}`"]
     return report_with(ctx, s, lines)
+
+
+def change_lines(first: dict, last: dict, keys, unit: str, parts) -> list[str]:
+    """Two summary lines: ``keys`` at the first and last ``unit`` (iteration, round), and where the
+    last one's time went (``parts``: its ``*_s`` metrics)."""
+    return [f"first → last {unit}: " + ", ".join(f"{k} {first.get(k, 0):.3f} → {last.get(k, 0):.3f}" for k in keys),
+            f"time in the last {unit}: " + ", ".join(f"{k[:-2]} {last.get(k, 0):.1f} s" for k in parts)]
 
 
 def sync_line(s: dict, last: dict) -> str:
