@@ -4,6 +4,7 @@ by a command that ends every Ray process on the machine)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,14 +16,25 @@ import psutil
 
 
 def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
+    """``n`` distinct ports free on loopback now, chosen between Ray's worker ports (10002–19999)
+    and the kernel's ephemeral range: a port the kernel hands out itself (``bind(0)``) can be taken
+    by any process's next outgoing connection before the test binds it again (seen: Serve's proxy
+    "failed to bind" in a full run), while no one is handed these."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    rng, ports = random.SystemRandom(), []
+    while len(ports) < n:
+        port = rng.randrange(20000, max(20001, ephemeral))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
