@@ -129,7 +129,7 @@ def sync_cost(model: str, backend: str = "transformers") -> tuple[float, float]:
 
     from actors import EngineConfig
     from actors.models import load_causal_lm
-    from training.ppo import RolloutActor, push_weights
+    from training.rollouts import RolloutActor, push_weights
 
     sd = {k: v.float() for k, v in load_causal_lm(model, dtype="float32", device="cpu").state_dict().items()}
     mb = sum(v.numel() * v.element_size() for v in sd.values()) / 1e6

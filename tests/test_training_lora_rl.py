@@ -44,7 +44,7 @@ def test_an_adapter_sync_moves_only_adapters_and_the_engine_decodes_as_the_train
     from actors.base import check_policy_version
     from actors.models import chat_prompt_ids, load_tokenizer
     from training.core import is_adapter
-    from training.ppo import RolloutActor
+    from training.rollouts import RolloutActor
 
     model = peft_model(varied_llama_dir)
     adapters = {k: v.detach().clone() for k, v in model.state_dict().items() if is_adapter(k)}

@@ -110,7 +110,7 @@ def test_explained_variance():
 
 
 def test_weights_travel_in_size_capped_buckets_in_order():
-    from training.ppo import buckets
+    from training.rollouts import buckets
 
     sd = {"a": torch.zeros(10), "b": torch.zeros(10), "big": torch.zeros(100), "c": torch.zeros(5)}  # 40, 40, 400, 20 B
     assert buckets(sd, 100) == [["a", "b"], ["big"], ["c"]]

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from actors.models import load_causal_lm, load_tokenizer
-from training import checkpoints, core, ppo, runner
+from training import checkpoints, core, ppo, rollouts, runner
 from training.config import OnlineDPOConfig
 from training.losses import dpo_loss
 from training.reward import load_reward_model
@@ -185,7 +185,7 @@ def train_loop(spec: JobSpec) -> None:
     prompts = ray.get(given.prompts)
     state = checkpoints.restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
                                          "examples": []}, spec.stage_dir, spec.job)
-    actors = ppo.start_actors(cfg, given.actor_cpus, spec.model) if rank == 0 else []
+    actors = rollouts.start_actors(cfg, given.actor_cpus, spec.model) if rank == 0 else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
     P, n = cfg.prompts_per_round, cfg.samples_per_prompt

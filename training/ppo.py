@@ -34,7 +34,6 @@ too). The exported directory is the policy alone, a Hugging Face causal LM.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
@@ -48,10 +47,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from actors import EngineConfig, SamplingParams, make_engine
-from actors.base import check_policy_version
+from actors import SamplingParams
 from actors.models import chat_prompt_ids, load_causal_lm, load_tokenizer
 from training import checkpoints, core, runner
+from training.rollouts import push_weights, rollout, start_actors
 from training.config import GRPOConfig, PPOConfig
 from training.data import pad_right
 from training.losses import (gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
@@ -106,92 +105,6 @@ def value_head(hidden: int, reward_dir: str | None) -> nn.Linear:
             head.load_state_dict({"weight": weights["weight"].float() / std,
                                   "bias": (weights["bias"].float() - mean) / std})
     return head
-
-
-# ---------------------------------------------------------------- rollouts (rank 0 and its actors)
-
-class RolloutActor:
-    """A Ray actor holding one engine: generates, takes new weights bucket by bucket, loads them.
-    Under LoRA only the adapters travel: the actor merges them into its own copy of the starting
-    weights (read once from the model directory it loaded) and loads the result."""
-
-    def __init__(self, engine_cfg: EngineConfig):
-        self.engine, self.pending, self.model, self.base = make_engine(engine_cfg), {}, engine_cfg.model, None
-
-    def generate(self, conversations, params):
-        return self.engine.generate(conversations, params)
-
-    def receive(self, bucket: dict) -> int:
-        self.pending.update(bucket)
-        return len(self.pending)
-
-    def load_weights(self, version: int) -> int:
-        weights, self.pending = self.pending, {}
-        self.engine.load_weights(weights, version)
-        return version
-
-    def load_adapter(self, version: int, scale: float) -> int:
-        adapters, self.pending = self.pending, {}
-        if self.base is None:
-            self.base = load_causal_lm(self.model, dtype="float32", device="cpu").state_dict()
-        self.engine.load_weights({**self.base, **core.merge_adapters(self.base, adapters, scale)}, version)
-        return version
-
-
-def start_actors(cfg: PPOConfig, cpus: float, model: str) -> list:
-    """``rollout.concurrency`` engine actors holding the starting policy ``model`` (``rollout.model``
-    is ignored: rollouts always come from the policy being trained)."""
-    import ray
-
-    remote = ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=cfg.rollout.num_gpus)
-    engine = dataclasses.replace(cfg.rollout, model=model)
-    return [remote.remote(engine) for _ in range(cfg.rollout.concurrency)]
-
-
-def rollout(actors: list, convs: list[list[dict]], params, version: int, group: int = 1) -> list:
-    """Generations of ``convs`` spread over ``actors`` in order, whole groups of ``group``
-    consecutive conversations (a prompt's samples) per actor, so each actor's random stream gives
-    a prompt's samples distinct draws; all must carry ``version``."""
-    import ray
-
-    k = -(-len(convs) // group // len(actors)) * group
-    refs = [a.generate.remote(convs[i * k:(i + 1) * k], params) for i, a in enumerate(actors) if convs[i * k:(i + 1) * k]]
-    gens = [g for part in ray.get(refs) for g in part]
-    check_policy_version(gens, version)
-    return gens
-
-
-def buckets(state_dict: dict, max_bytes: int) -> list[list[str]]:
-    """The state dict's keys in order, cut into groups of at most ``max_bytes`` (a larger tensor
-    travels alone)."""
-    out, size = [[]], 0
-    for k, v in state_dict.items():
-        n = v.numel() * v.element_size()
-        if out[-1] and size + n > max_bytes:
-            out.append([])
-            size = 0
-        out[-1].append(k)
-        size += n
-    return [b for b in out if b]
-
-
-def push_weights(actors: list, state_dict: dict, version: int, bucket_mb: float = 256,
-                 adapter_scale: float | None = None) -> int:
-    """New weights to every actor through the object store, in buckets of at most ``bucket_mb``
-    (one bucket in the store at a time), then every actor loads them as ``version`` — merged into
-    its starting weights first when they are LoRA adapters (``adapter_scale``: alpha / r). Returns
-    the bytes sent (once, whatever the number of actors)."""
-    import ray
-
-    for keys in buckets(state_dict, int(bucket_mb * 1e6)):
-        ref = ray.put({k: state_dict[k] for k in keys})
-        ray.get([a.receive.remote(ref) for a in actors])
-        del ref
-    if adapter_scale is None:
-        ray.get([a.load_weights.remote(version) for a in actors])
-    else:
-        ray.get([a.load_adapter.remote(version, adapter_scale) for a in actors])
-    return sum(v.numel() * v.element_size() for v in state_dict.values())
 
 
 # ---------------------------------------------------------------- batches
