@@ -57,7 +57,7 @@ def naive(args) -> tuple[int, float]:
     import torch
 
     from actors.models import load_causal_lm, load_tokenizer
-    from workflows.constitution import load_constitution, sample_principles
+    from workflows.core.constitution import load_constitution, sample_principles
     from workflows.prompt_sources import PromptsConfig, iter_prompt_rows
     from workflows.sl_cai import templates
 

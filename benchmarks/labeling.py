@@ -100,8 +100,8 @@ def judge_work(stage_dir: str, principles: int, seed: int = 0):
     """(pair rows, [(pair, conversation)] in both orders) exactly as the stage judged them."""
     import pyarrow.parquet as pq
 
-    from workflows.constitution import load_constitution, sample_principles
-    from workflows.judging.pairwise import both_orders
+    from workflows.core.constitution import load_constitution, sample_principles
+    from workflows.core.pairwise import both_orders
 
     const = load_constitution("default")
     pairs = pq.read_table(os.path.join(stage_dir, "pairs")).to_pylist()

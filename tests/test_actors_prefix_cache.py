@@ -20,7 +20,7 @@ from actors.prefix_cache import (
     shared_prefix_len,
 )
 from tests.fakes import fail_batches_holding
-from workflows.judging.pairwise import both_orders
+from workflows.core.pairwise import both_orders
 
 # A few-shot chat every row starts with (~60 tokens after templating), then different questions.
 SHOTS = [

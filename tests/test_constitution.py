@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.constitution import (
+from workflows.core.constitution import (
     Constitution,
     check_main,
     constitution_from_dict,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows.constitution import load_constitution
+from workflows.core.constitution import load_constitution
 from workflows.evaluate.overlap import OverlapIndex
 from workflows.evaluate.refusal import classify
 

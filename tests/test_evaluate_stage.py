@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fakes import COMPLY, REFUSE, ScriptedJudge, ScriptedPolicy, _red_team_prompts
-from workflows.constitution import load_constitution
+from workflows.core.constitution import load_constitution
 from workflows.core.errors import ConfigError
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict

@@ -20,7 +20,7 @@ from workflows.judging.config import PreferenceConfig
 from workflows.judging.gold import GoldGateError, describe, gate, gold_figures
 from workflows.judging.human import preference_row
 from workflows.judging.pairs import chosen_first, load_pairs
-from workflows.judging.pairwise import pair_id
+from workflows.core.pairwise import pair_id
 from workflows.prompt_sources import prompt_id
 from workflows.stats import wilson
 

@@ -27,7 +27,7 @@ from workflows.judging.human import (
     text_of,
     to_table,
 )
-from workflows.judging.pairwise import pair_id
+from workflows.core.pairwise import pair_id
 from workflows.prompt_sources import prompt_id
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from workflows.constitution import Principle
+from workflows.core.constitution import Principle
 from workflows.core.errors import RowError
-from workflows.judging.pairwise import (
+from workflows.core.pairwise import (
     CHOICES,
     JUDGE_TEMPLATE_VERSION,
     both_orders,
@@ -169,7 +169,7 @@ def test_cache_key_stable_and_distinct():
     ]
     keys = {base} | {cache_key(*v) for v in variants}
     assert len(keys) == 1 + len(variants)
-    code = ("from workflows.judging.pairwise import cache_key; "
+    code = ("from workflows.core.pairwise import cache_key; "
             f"print(cache_key({PROMPT!r}, {R1!r}, {R2!r}, 'harmless', 'judge-x', {JUDGE_TEMPLATE_VERSION!r}, False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "7", "PATH": ""}, cwd=".")

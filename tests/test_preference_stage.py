@@ -15,13 +15,13 @@ import pytest
 
 from actors.base import Generation
 from fakes import option
-from workflows.constitution import load_constitution
+from workflows.core.constitution import load_constitution
 from workflows.core.errors import ConfigError
 from workflows.core.typed import from_dict
 from workflows.judging.batch import judge_pairs
 from workflows.judging.config import PreferenceConfig
 from workflows.judging.label_cache import LabelCache
-from workflows.judging.pairwise import pair_id
+from workflows.core.pairwise import pair_id
 from workflows.judging.workers import PAIRS_SCHEMA
 from workflows.preference.batch import sample_pairs
 from workflows.preference.report import select_stream

@@ -2,7 +2,7 @@
 import pytest
 
 from tests.fakes import ScriptedEngine
-from workflows.constitution import load_constitution
+from workflows.core.constitution import load_constitution
 from workflows.core.typed import from_dict
 from workflows.sl_cai.stage import CritiqueRevisionConfig, critique_revise
 
@@ -26,7 +26,7 @@ def test_rounds_use_sampled_principles_and_chain_revisions(constitution):
     for r in out:
         assert r["_error"] is None
         assert [x["principle_id"] for x in r["rounds"]] == __import__(
-            "workflows.constitution", fromlist=["x"]).sample_principles(constitution, r["prompt_id"], 2, 7)
+            "workflows.core.constitution", fromlist=["x"]).sample_principles(constitution, r["prompt_id"], 2, 7)
         assert r["final_response"] == r["rounds"][-1]["revision"]
         assert r["initial_response"].startswith("reply#0")
         assert r["_gen_tokens"] == 5 * 5
@@ -51,7 +51,7 @@ def test_bad_rows_become_errors_without_stopping_the_batch(constitution):
 
 def test_empty_generation_is_an_error(constitution):
     cfg = from_dict(CritiqueRevisionConfig, {})
-    critique_word = constitution.get(__import__("workflows.constitution", fromlist=["x"]).sample_principles(
+    critique_word = constitution.get(__import__("workflows.core.constitution", fromlist=["x"]).sample_principles(
         constitution, "p0", 1, 0)[0]).revision[:20]
     out = critique_revise(ScriptedEngine(empty_on=critique_word), rows("hi"), cfg, constitution, seed=0)
     assert out[0]["_error"] == "empty_generation" and "round 1 revision" in out[0]["_detail"]

@@ -15,7 +15,7 @@ from actors.base import EngineError
 from actors.install import broken_torchvision
 from cluster import cli as cluster_cli
 from training import cli as training_cli
-from workflows.constitution import check_main
+from workflows.core.constitution import check_main
 from workflows.core.errors import CaiError
 from workflows.driver import STAGES, load_recipe, run_recipe
 from workflows.evaluate import cli as evaluate_cli

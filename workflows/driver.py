@@ -30,7 +30,7 @@ import yaml
 from actors.base import EngineError
 from actors.sources import EMBEDDED_ALIASES, resolve_model
 from cluster.connect import RayConfig, connect
-from workflows.constitution import load_constitution
+from workflows.core.constitution import load_constitution
 from workflows.core import stage as stage_mod
 from workflows.core import storage, summary
 from workflows.core.errors import ConfigError

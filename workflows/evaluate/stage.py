@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from actors import EngineConfig, SamplingParams, pool
 from training.reward import check_reward_dir
-from workflows.constitution import Constitution, load_constitution
+from workflows.core.constitution import Constitution, load_constitution
 from workflows.core import stage, storage, summary
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict

@@ -42,7 +42,7 @@ from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError
 from workflows.core.spill import Budget, Spill
 from workflows.judging.human import load_human, require_rows, text_of
-from workflows.judging.pairwise import pair_id, render_conversation
+from workflows.core.pairwise import pair_id, render_conversation
 from workflows.prompt_sources import prompt_id
 
 N_BINS = 10

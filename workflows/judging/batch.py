@@ -10,11 +10,11 @@ stage's pairs and for gold pairs (``judging.gold``).
 from __future__ import annotations
 
 from actors import SamplingParams
-from workflows.constitution import Constitution, sample_principles
+from workflows.core.constitution import Constitution, sample_principles
 from workflows.core.errors import RowError
 from workflows.judging.config import PreferenceConfig
 from workflows.judging.human import preference_row
-from workflows.judging.pairwise import (
+from workflows.core.pairwise import (
     CHOICES,
     JUDGE_TEMPLATE_VERSION,
     cache_key,

@@ -15,7 +15,7 @@ from workflows.core import storage
 from workflows.core.errors import ConfigError
 from workflows.core.safety import check_recipe_code
 from workflows.core.typed import check_fields
-from workflows.judging.pairwise import COT_BAND
+from workflows.core.pairwise import COT_BAND
 
 # Data shipped with the evaluate stage (held-out prompt sets, ``gold_pairs``): a documented
 # location, read by path here so the gold gate needs no import of that stage.

@@ -33,7 +33,7 @@ from workflows.core.errors import ConfigError
 from workflows.judging.agreement import content_key
 from workflows.judging.config import gold_location
 from workflows.judging.human import load_human, require_rows, text_of
-from workflows.judging.pairwise import DEGENERATE_TOL
+from workflows.core.pairwise import DEGENERATE_TOL
 from workflows.stats import wilson
 
 GOLD = "_gold"

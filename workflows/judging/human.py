@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from workflows.core import storage
 from workflows.core.errors import ConfigError, DataError, RowError
-from workflows.judging.pairwise import pair_id
+from workflows.core.pairwise import pair_id
 from workflows.prompt_sources import parse_hh_transcript, prompt_id, split_hh_prompt_response
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))

@@ -48,7 +48,7 @@ from workflows.core.reconcile import Ids, check
 from workflows.core.spill import Budget, Spill
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, _RollingWriter, ids_in
 from workflows.judging.human import PREFERENCES_SCHEMA, _prompt, _records, _response, human_row, text_of
-from workflows.judging.pairwise import pair_id
+from workflows.core.pairwise import pair_id
 from workflows.prompt_sources import prompt_id
 
 TWO_RESPONSES = (("response_a", "response_b"), ("response_1", "response_2"))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from actors import EngineConfig, pool
 from actors.models import resolve_model
-from workflows.constitution import Constitution
+from workflows.core.constitution import Constitution
 from workflows.core import stage, storage
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict

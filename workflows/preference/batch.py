@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from workflows.judging.batch import fail_reason
 from workflows.judging.config import PreferenceConfig
-from workflows.judging.pairwise import pair_id, select_pairs
+from workflows.core.pairwise import pair_id, select_pairs
 
 
 def _prompt_problem(msgs: list[dict], max_chars: int) -> tuple[str, str] | None:

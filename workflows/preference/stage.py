@@ -67,7 +67,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actors import pool
-from workflows.constitution import Constitution, load_constitution
+from workflows.core.constitution import Constitution, load_constitution
 from workflows.core import stage, storage
 from workflows.core.reconcile import ReconcileError, duplicated
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext

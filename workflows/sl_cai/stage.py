@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from actors import EngineConfig, SamplingParams, pool
-from workflows.constitution import Constitution, load_constitution, sample_principles
+from workflows.core.constitution import Constitution, load_constitution, sample_principles
 from workflows.core import stage, summary
 from workflows.core.errors import ConfigError
 from workflows.core.safety import check_recipe_code

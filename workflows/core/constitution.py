@@ -74,7 +74,7 @@ class Constitution:
 
 def _shipped_dirs() -> list[Path]:
     """Folders holding the shipped constitutions (repo checkout first, then installed)."""
-    dirs = [Path(__file__).resolve().parent.parent / "constitutions"]
+    dirs = [Path(__file__).resolve().parents[2] / "constitutions"]
     try:
         dirs += [Path(p) for p in importlib.util.find_spec("constitutions").submodule_search_locations or ()]
     except (AttributeError, ImportError, ValueError):  # not installed / not a package
