@@ -18,96 +18,23 @@ decoding step (engines that take ``should_stop``), and decoding stops once no ro
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures' types at runtime
 import asyncio
-import hashlib
-import hmac
 import inspect
-import logging
-import os
 import time
-import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException
 
 from actors import EngineConfig, make_engine
 from actors.base import Generation
 from cluster.serve import protocol as oa
 from cluster.serve.config import APP_NAME, ServeConfig
+from cluster.serve.guard import Guard, RequestId, error_response, logger, new_api, server_error
 from workflows.core.typed import from_dict
 
-logger = logging.getLogger("ray.serve")  # a replica's log file, next to Serve's own lines for the request
-# Serve's proxy puts a request id on every request (the client's own x-request-id, else a new one) and
-# echoes it on every response: a server error quotes it, and adds the header only where none came in
-REQUEST_ID = "x-request-id"
 OVERLAPPING_BATCHES = 8  # batches in flight at once on an engine with concurrent_calls (vLLM)
 
-api = FastAPI(title="cai-ray", docs_url=None, redoc_url=None)
-
-
-def _error(e: oa.RequestError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-class _RequestId(str):
-    """A request's id; ``minted`` when no proxy in front gave one, so no proxy will echo it either."""
-
-    minted = False
-
-    @classmethod
-    def of(cls, headers) -> "_RequestId":
-        given = headers.get(REQUEST_ID)
-        rid = cls(given or uuid.uuid4().hex)
-        rid.minted = not given
-        return rid
-
-
-def _server_error(request_id: _RequestId, code: str = "internal_error") -> JSONResponse:
-    """A genuine fault of ours: the client gets the request id to quote, never the exception; the
-    traceback is in the replica's log under that id."""
-    body = oa.RequestError(f"the server failed on this request (request id {request_id}); the error is in "
-                           "the server's log", None, code, 500, "server_error").body()
-    body["error"]["request_id"] = str(request_id)
-    # one x-request-id header, not two: the proxy that set the id adds it to the response itself
-    return JSONResponse(body, status_code=500, headers={REQUEST_ID: str(request_id)} if request_id.minted else None)
-
-
-class _ErrorBoundary:
-    """ASGI middleware, the app's catch-all: an exception escaping a route is logged with its
-    traceback and request id and answered by a 500 that carries the id (once a response has
-    started, e.g. a stream, it can only be logged)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def send_(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_)
-        except Exception:  # noqa: BLE001 — not CancelledError: a client that went away is not a fault
-            rid = _RequestId.of({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]})
-            logger.exception("request %s: %s %s failed", rid, scope.get("method"), scope.get("path"))
-            if not started:
-                await _server_error(rid)(scope, receive, send)
-
-
-api.add_middleware(_ErrorBoundary)
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException):
-    """Unknown routes and methods keep FastAPI's 404 / 405 (and its Allow header), in OpenAI's shape."""
-    return JSONResponse(oa.RequestError(str(exc.detail), None, None, exc.status_code).body(),
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+api = new_api()
 
 
 class _Job:
@@ -116,7 +43,7 @@ class _Job:
 
     __slots__ = ("req", "request_id", "finished", "cancelled")
 
-    def __init__(self, req: oa.ChatRequest, request_id: _RequestId):
+    def __init__(self, req: oa.ChatRequest, request_id: RequestId):
         self.req, self.request_id = req, request_id
         self.finished = self.cancelled = False
 
@@ -140,22 +67,16 @@ class _Stream(StreamingResponse):
 @serve.deployment(name="ChatModel", max_ongoing_requests=64, graceful_shutdown_timeout_s=5,
                   graceful_shutdown_wait_loop_s=1)
 @serve.ingress(api)
-class ChatModel:
+class ChatModel(Guard):
     def __init__(self, engine: dict, model_name: str, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.1,
                  api_key_sha256: str | None = None, api_key_env: str | None = None,
                  max_body_bytes: int = oa.DEFAULT_MAX_BODY_BYTES, max_messages: int = oa.DEFAULT_MAX_MESSAGES,
                  max_prompt_chars: int | None = None):
         self.cfg = from_dict(EngineConfig, engine, "serve engine")
         self.engine = make_engine(self.cfg)
-        self.model_name, self.created = model_name, int(time.time())
-        if api_key_env and not api_key_sha256:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise RuntimeError(f"api_key_env: the variable {api_key_env} is not set on this replica's node")
-            api_key_sha256 = hashlib.sha256(key.encode()).hexdigest()
-        self.key_hash = api_key_sha256
-        self.max_body_bytes = max_body_bytes
-        self.limits = oa.Limits(max_messages=max_messages, max_prompt_chars=max_prompt_chars)
+        self.created = int(time.time())
+        self.guard_setup(model_name, self.cfg.max_model_len, api_key_sha256, api_key_env, max_body_bytes,
+                         max_messages, max_prompt_chars)
         accepts = inspect.signature(self.engine.generate).parameters
         self.streams_tokens, self.stops_rows = "on_tokens" in accepts, "should_stop" in accepts
         tok = getattr(self.engine, "tokenizer", None)
@@ -173,37 +94,23 @@ class ChatModel:
         """This replica's counters (through a Serve handle: ``handle.stats.remote()``)."""
         return dict(self.counters)
 
-    # ------------------------------------------------------------------ auth
-    def _authorized(self, request: Request) -> bool:
-        if self.key_hash is None:
-            return True
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        return hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.key_hash)
-
-    def _unauthorized(self) -> JSONResponse:
-        return _error(oa.RequestError("Incorrect API key provided: pass the key the server was started with as "
-                                      "a bearer token", None, "invalid_api_key", status=401))
-
     # ------------------------------------------------------------------ routes
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if not self._authorized(request):
-            return self._unauthorized()
+        if not self.authorized(request):
+            return self.unauthorized()
         return oa.models_list(self.model_name, self.created)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        if not self._authorized(request):
-            return self._unauthorized()
-        rid = _RequestId.of(request.headers)
+        if not self.authorized(request):
+            return self.unauthorized()
+        rid = RequestId.of(request.headers)
         try:
-            oa.check_content_type(request.headers.get("content-type"))
-            body = oa.parse_json(await self._body(request))
-            req = oa.parse_chat(body, self.model_name, self.cfg.max_model_len, self.limits)
+            req = await self.chat_request(request)
             prompt_tokens = await asyncio.to_thread(self._count, req)  # a long prompt must not stall the loop
         except oa.RequestError as e:
-            return _error(e)
+            return error_response(e)
         cid = oa.completion_id()
         job = _Job(req, rid)
         events = self._submit(job)
@@ -224,20 +131,6 @@ class ChatModel:
         body = oa.completion(cid, self.model_name, final.text, final.finish_reason,
                              final.prompt_tokens or prompt_tokens, final.completion_tokens)
         return JSONResponse(body, headers={"x-cai-batch-size": str(batch)})
-
-    async def _body(self, request: Request) -> bytes:
-        """The body, never more than ``max_body_bytes`` of it read: a declared Content-Length over the
-        limit is refused before reading, and a chunked body is counted as it arrives."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise oa.too_large(self.max_body_bytes)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise oa.too_large(self.max_body_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _count(self, req: oa.ChatRequest) -> int:
         count = getattr(self.engine, "count_tokens", None)
@@ -265,13 +158,13 @@ class ChatModel:
         if not g.error:
             return None
         if g.error.startswith("prompt_too_long"):  # engines that cannot count up front
-            return _error(oa.RequestError(f"{g.error} — shorten the messages or lower max_tokens", "messages",
-                                          "context_length_exceeded"))
+            return error_response(oa.RequestError(f"{g.error} — shorten the messages or lower max_tokens",
+                                                  "messages", "context_length_exceeded"))
         if g.error.startswith("bad_conversation"):
-            return _error(oa.RequestError("the model's chat template cannot format these messages", "messages",
-                                          "invalid_conversation"))
+            return error_response(oa.RequestError("the model's chat template cannot format these messages",
+                                                  "messages", "invalid_conversation"))
         logger.error("request %s: generation failed: %s", job.request_id, g.error)
-        return _server_error(job.request_id, "generation_failed")
+        return server_error(job.request_id, "generation_failed")
 
     async def _sse(self, cid: str, job: _Job, prompt_tokens: int, events):
         req = job.req
@@ -301,7 +194,7 @@ class ChatModel:
                                 g.prompt_tokens or prompt_tokens, g.completion_tokens)))
         except Exception:  # noqa: BLE001 — the status line is sent: the stream says it failed, the log why
             logger.exception("request %s: streaming failed", job.request_id)
-            yield oa.sse(_server_error(job.request_id).body.decode())
+            yield oa.sse(server_error(job.request_id).body.decode())
         yield oa.sse("[DONE]")
 
     # ------------------------------------------------------------------ batching
