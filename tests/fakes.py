@@ -131,3 +131,44 @@ def eval_engine(cfg):
     """``engine_factory`` for evaluate tests: the model name picks the scripted behaviour."""
     name = str(cfg.model).rsplit("/", 1)[-1]
     return ScriptedJudge(name.split("judge-", 1)[1]) if name.startswith("judge-") else ScriptedPolicy(name)
+
+
+# ---------------------------------------------------------------- RL: a judge of the toy task
+
+class ToyJudge:
+    """The PPO tests' toy reward as a pairwise judge: it reads the two options of a judge
+    conversation, re-tokenizes them with the policy's tokenizer, and prefers the one with more
+    tokens from the lower half of the vocabulary — P(A) = sigmoid(8 × the difference of the shares),
+    whatever the order they are shown in."""
+
+    name = "judge:toy"
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.calls = 0
+
+    def share(self, text: str) -> float:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return sum(t < len(self.tok) // 2 for t in ids) / max(1, len(ids))
+
+    def generate(self, conversations, params):
+        raise AssertionError("the judge only reads choice log-probs")
+
+    def choice_logprobs(self, conversations, choices):
+        import math
+
+        assert list(choices) == ["A", "B"]
+        rows = []
+        for conv in conversations:
+            self.calls += 1
+            d = self.share(option(conv, "A")) - self.share(option(conv, "B"))
+            p = 1.0 / (1.0 + math.exp(-8.0 * d))
+            rows.append([math.log(max(p, 1e-12)), math.log(max(1.0 - p, 1e-12))])
+        return rows
+
+
+def toy_judge(cfg):
+    """``judge.engine_factory`` of the RL tests: ``ToyJudge`` over ``judge.engine.model``'s tokenizer."""
+    return ToyJudge(str(cfg.model))

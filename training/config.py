@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from actors.config import EngineConfig
+from workflows.core.constitution import load_constitution
 from workflows.core.errors import ConfigError
 from workflows.core.rules import RuleSettings
 from workflows.core.safety import check_name, check_recipe_code
@@ -165,6 +166,30 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class JudgeSettings:
+    """``reward: judge`` (ppo, grpo) and ``labeler: judge`` (online_dpo): the constitution's judge
+    compares each prompt's answers with each other — every pair, both orders, ``principles``
+    principles drawn per pair — and an answer scores its mean chance of being preferred
+    (``training.judging``). ``engine`` is the judge model (the embedded model unless named: a model
+    directory, a vLLM engine or an OpenAI-compatible endpoint), served by ``engine.concurrency``
+    actors beside the rollout actors."""
+
+    constitution: str = "default"  # a shipped constitution's name or a YAML file
+    principles: int = 1  # principles drawn per compared pair (their verdicts are averaged)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(model="embedded", concurrency=1))
+    engine_factory: str | None = None  # "module:callable" building the judge engine (tests)
+
+    def validate(self, where: str) -> None:
+        check_fields(self, where, [("principles", self.principles < 1, "use 1 or more"),
+                                   ("engine.concurrency", self.engine.concurrency < 1, "use 1 or more judge actors")])
+        check_recipe_code(self.engine_factory, where, "engine_factory")
+        try:
+            load_constitution(self.constitution)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.constitution", str(e)) from None
+
+
+@dataclass
 class PPOConfig(TrainConfig):
     """RL against the preference model: PPO (clipped policy and value losses, GAE, a value head
     on the policy initialized from the reward head) or RLOO (critic-free, leave-one-out baseline
@@ -175,8 +200,9 @@ class PPOConfig(TrainConfig):
     input: str = "prompts"
     output: str = "ppo_model"
     reward_model: str = "reward_model"  # an earlier stage's reward model or its directory
-    reward: Literal["reward_model", "rules"] = "reward_model"  # what scores a rollout (docs/training.md)
+    reward: Literal["reward_model", "rules", "judge"] = "reward_model"  # what scores a rollout (docs/training.md)
     rules: RuleSettings = field(default_factory=RuleSettings)  # reward: rules — the sources to refuse
+    judge: JudgeSettings = field(default_factory=JudgeSettings)  # reward: judge — the judge and its constitution
     reward_fn: str | None = None  # "module:callable" (messages, response text, token ids) → float, instead
     algorithm: Literal["ppo", "rloo"] = "ppo"
     iterations: int = 20  # rollout → update rounds
@@ -234,8 +260,10 @@ class PPOConfig(TrainConfig):
              "use 0 or more, below iterations"),
             ("rollout.backend", self.rollout.backend == "openai",
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
-            ("reward_fn", self.reward == "rules" and self.reward_fn is not None,
-             "remove reward_fn, or reward: rules — one of them scores the rollouts"),
+            ("reward_fn", self.reward in ("rules", "judge") and self.reward_fn is not None,
+             f"remove reward_fn, or reward: {self.reward} — one of them scores the rollouts"),
+            ("samples_per_prompt", self.reward == "judge" and self.samples_per_prompt < 2,
+             "use 2 or more with reward: judge: the judge compares a prompt's answers with each other"),
         ]
         check_fields(self, where, checks)
         check_recipe_code(self.reward_fn, where, "reward_fn")
@@ -291,8 +319,9 @@ class OnlineDPOConfig(TrainConfig):
     model: str = "sft_model"
     input: str = "prompts"
     output: str = "online_dpo_model"
-    labeler: Literal["rules", "reward_model"] = "rules"
+    labeler: Literal["rules", "reward_model", "judge"] = "rules"
     rules: RuleSettings = field(default_factory=RuleSettings)  # labeler: rules — the sources to refuse
+    judge: JudgeSettings = field(default_factory=JudgeSettings)  # labeler: judge — the judge and its constitution
     reward_model: str = "reward_model"  # labeler: reward_model — an earlier stage's reward model or its directory
     reward_fn: str | None = None  # labeler: reward_model — "module:callable" instead of the reward model
     rounds: int = 4

@@ -186,6 +186,7 @@ def train_loop(spec: JobSpec) -> None:
     state = checkpoints.restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": [], "version": 0,
                                          "examples": []}, spec.stage_dir, spec.job)
     actors = rollouts.start_actors(cfg, given.actor_cpus, spec.model) if rank == 0 else []
+    judges = rollouts.start_judges(cfg, given.judge_cpus) if rank == 0 and cfg.labeler == "judge" else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
     P, n = cfg.prompts_per_round, cfg.samples_per_prompt
@@ -194,9 +195,10 @@ def train_loop(spec: JobSpec) -> None:
         ppo.fail_once(spec, cfg, it, rank)
         t0 = time.time()
         everything = ppo.sample(actors, prompts, cfg, spec.seed, it, state["version"], rank)
+        t_gen = time.time() - t0
+        judge = rollouts.judged(judges, everything, cfg, spec.seed, it, rank) if cfg.labeler == "judge" else {}
         groups = [everything[g * n:(g + 1) * n] for g in range(P)]
         samples = [s for g in groups[rank::world] for s in g]
-        t_gen = time.time() - t0
         pairs, counts = _label(samples, cfg, rm, rm_tok, it + 1, state["version"])
         _write_round(spec, it + 1, pairs)
         t_label = time.time() - t0 - t_gen
@@ -215,7 +217,7 @@ def train_loop(spec: JobSpec) -> None:
                "score": sums["score"] / sums["n"], "unfinished": sums["unfinished"] / sums["n"],
                **{k: st[k] / st["steps"] for k in skeys[:-1] if st["steps"]}, **ppo.refusal_rates(sums),
                "seconds": round(time.time() - t0, 3), "generate_s": round(t_gen, 3), "label_s": round(t_label, 3),
-               "train_s": round(t_train, 3), "sync_s": round(t_sync, 3),
+               "train_s": round(t_train, 3), "sync_s": round(t_sync, 3), **judge,
                "sync_mb": round(all_reduce([sent])[0] / 1e6, 3), "policy_version": state["version"]}
         if rank == 0:
             print(f"[online_dpo] round {it + 1}/{cfg.rounds}: {rec['pairs']} pairs, {rec['ties']} ties, "
@@ -248,7 +250,7 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
              f"into {s['pairs']} pairs ({s['ties']} prompts tied, no pair), on {s['world_size']} workers "
              f"(ZeRO-{s['zero_stage']}, {s['precision']}), resumed {s['resumes']}× in {s['seconds']:.0f} s",
              *ppo.change_lines(first, last, keys, "round", ("generate_s", "label_s", "train_s", "sync_s")),
-             ppo.sync_line(s, last),
+             *filter(None, [rollouts.judge_line(last)]), ppo.sync_line(s, last),
              f"pairs of every round (TRL columns): `{ctx.path(PAIRS_DIR)}`; model: `{s['model_dir']}`"]
     return ppo.report_with(ctx, s, lines)
 

@@ -50,7 +50,7 @@ from torch import nn
 from actors import SamplingParams
 from actors.models import chat_prompt_ids, load_causal_lm, load_tokenizer
 from training import checkpoints, core, runner
-from training.rollouts import push_weights, rollout, start_actors
+from training.rollouts import judge_line, judged, push_weights, rollout, start_actors, start_judges
 from training.config import GRPOConfig, PPOConfig
 from training.data import pad_right
 from training.losses import (gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
@@ -72,11 +72,12 @@ from workflows.core.summary import clip
 class PromptInputs:
     """PPO's own inputs on every worker (``JobSpec.inputs``): the prompt rows (an object-store
     reference), the reward model directory (None with ``reward_fn``) and rank 0's CPUs per
-    rollout actor."""
+    rollout actor (and judge actor)."""
 
     prompts: Any
     reward_dir: str | None
     actor_cpus: float
+    judge_cpus: float = 0.0  # per judge actor (reward: judge, labeler: judge)
 
 
 class PolicyWithValue(nn.Module):
@@ -185,6 +186,8 @@ def load_reward_fn(spec: str):
 def scores_of(samples: list[dict], cfg: PPOConfig, rm, rm_tok) -> torch.Tensor:
     if cfg.reward == "rules":
         raw = [rule_reward(s["harmful"], s["text"]) for s in samples]
+    elif cfg.reward == "judge":  # set by rollouts.judged
+        raw = [s["judge_score"] for s in samples]
     elif cfg.reward_fn:
         fn = load_reward_fn(cfg.reward_fn)
         raw = [float(fn(s["messages"], s["text"], s["token_ids"])) for s in samples]
@@ -308,6 +311,7 @@ def train_loop(spec: JobSpec) -> None:
                                          "kl_coef": cfg.kl_coef, "examples": []}, spec.stage_dir, spec.job)
     kl_ctl = AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
     actors = start_actors(cfg, given.actor_cpus, spec.model) if rank == 0 else []
+    judges = start_judges(cfg, given.judge_cpus) if rank == 0 and cfg.reward == "judge" else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         sync(engine, cfg, ws, actors, state["version"])
     P, n = cfg.prompts_per_iteration, cfg.samples_per_prompt
@@ -316,9 +320,11 @@ def train_loop(spec: JobSpec) -> None:
         fail_once(spec, cfg, it, rank)
         t0 = time.time()
         everything = sample(actors, prompts, cfg, spec.seed, it, state["version"], rank)
+        judge = judged(judges, everything, cfg, spec.seed, it, rank) if cfg.reward == "judge" else {}
         groups = [everything[g * n:(g + 1) * n] for g in range(P)]
         samples = [s for g in groups[rank::world] for s in g]
-        t_gen = time.time() - t0
+        t_judge = judge.get("judge_s", 0.0)
+        t_gen = time.time() - t0 - t_judge
         batch = build_batch(tok, samples, device)
         mask = batch["resp_mask"]
         with torch.no_grad():
@@ -329,11 +335,11 @@ def train_loop(spec: JobSpec) -> None:
             ended = torch.tensor([s["ended"] for s in samples])
             scores = end_penalty(raw, ended, cfg.end_penalty).to(device)
             adv, ret, total = _advantages(cfg, scores, kl, values, mask, kl_ctl.coef)
-        t_score = time.time() - t0 - t_gen
+        t_score = time.time() - t0 - t_gen - t_judge
         old = {"logp": logp, "values": values, "adv": adv, "returns": ret if ret is not None else values,
                "iteration": it, "ref": ref_lp, "kl_coef": kl_ctl.coef}
         stats = _update(engine, cfg, batch, old, warmup=cfg.algorithm == "ppo" and it < cfg.critic_warmup)
-        t_train = time.time() - t0 - t_gen - t_score
+        t_train = time.time() - t0 - t_gen - t_judge - t_score
         state["version"] += 1
         t_sync, sent = sync(engine, cfg, ws, actors, state["version"])
         seq_kl = kl.sum(-1)
@@ -357,7 +363,7 @@ def train_loop(spec: JobSpec) -> None:
                "explained_variance": sums["explained_variance"] / world, "kl_coef": kl_ctl.coef,
                "flat_groups": sums["flat_groups"] / P, **refusal_rates(sums), **st,
                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "seconds": round(time.time() - t0, 3),
-               "generate_s": round(t_gen, 3), "score_s": round(t_score, 3), "train_s": round(t_train, 3),
+               "generate_s": round(t_gen, 3), "score_s": round(t_score, 3), "train_s": round(t_train, 3), **judge,
                "sync_s": round(t_sync, 3), "sync_mb": round(all_reduce([sent])[0] / 1e6, 3),
                "policy_version": state["version"]}
         kl_ctl.update(rec["kl"], int(N))
@@ -417,8 +423,7 @@ def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list
     hist = state["history"]
     core.finish(engine, spec, ws, hist, export, f"ppo ({cfg.algorithm})",
                 head={"algorithm": cfg.algorithm, "iterations": state["step"],
-                      "reward": "rules" if cfg.reward == "rules" else f"reward_fn {cfg.reward_fn}" if cfg.reward_fn
-                      else "reward model"},
+                      "reward": scorer(cfg)},
                 tail={"first": hist[0] if hist else None, "last": hist[-1] if hist else None,
                       "examples": state["examples"], "resumes": state["resumes"],
                       "resumed_from_iterations": state["resumed_from"], "prompts": len(prompts),
@@ -478,13 +483,17 @@ def fitting_prompts(prompts: list[dict], model: str, cfg: PPOConfig) -> tuple[li
     return keep, [p["prompt_id"] for p in drop]
 
 
-def _actor_cpus(cfg: PPOConfig, worker_cpus: float) -> float:
-    """CPUs per rollout actor: what it asks for, or an even share of what the workers leave."""
+def _actor_cpus(cfg, worker_cpus: float) -> tuple[float, float]:
+    """CPUs per rollout actor and per judge actor: what they ask for, or an even share of what the
+    workers leave (an engine on a GPU keeps its ask)."""
     import ray
 
     free = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * worker_cpus
-    want = cfg.rollout.num_cpus
-    return want if cfg.rollout.num_gpus or want * cfg.rollout.concurrency <= free else max(0.01, free / cfg.rollout.concurrency)
+    engines = [cfg.rollout] + ([cfg.judge.engine] if cfg.reward == "judge" else [])
+    asked = sum(e.num_cpus * e.concurrency for e in engines if not e.num_gpus)
+    share = max(0.01, free / max(1, sum(e.concurrency for e in engines if not e.num_gpus)))
+    cpus = [e.num_cpus if e.num_gpus or asked <= free else share for e in engines]
+    return cpus[0], cpus[1] if len(cpus) > 1 else 0.0
 
 
 def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInputs:
@@ -508,6 +517,8 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
         if not any(p["harmful"] for p in prompts) or all(p["harmful"] for p in prompts):
             print(f"[{ctx.name}] note: reward: rules — {'all' if prompts[0]['harmful'] else 'none'} of the "
                   f"{len(prompts)} prompts come from rules.harmful_sources {cfg.rules.harmful_sources}", flush=True)
+    elif cfg.reward == "judge":
+        pass  # the judge actors load their own model
     elif not cfg.reward_fn:
         reward_dir = check_reward_dir(runner.resolve_ref(cfg.reward_model, ctx), f"stage {ctx.name}: reward_model")
     else:
@@ -521,7 +532,7 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
         summary["prompts_too_long"] = too_long
 
     return runner.JobInputs(model, PromptInputs(ray.put(prompts), reward_dir,
-                                                _actor_cpus(cfg, runner.worker_cpus(cfg))), complete=complete)
+                                                *_actor_cpus(cfg, runner.worker_cpus(cfg))), complete=complete)
 
 
 def report(ctx: StageContext, s: dict) -> runner.StageReport:
@@ -534,10 +545,20 @@ def report(ctx: StageContext, s: dict) -> runner.StageReport:
     lines = [f"{s['algorithm']}: {s['iterations']} iterations, {s['rollouts']} rollouts on {s['world_size']} workers "
              f"(ZeRO-{s['zero_stage']}, {s['precision']}: {s['precision_reason'] or 'as configured'}), resumed "
              f"{s['resumes']}× in {s['seconds']:.0f} s; scored by the {s.get('reward', 'reward model')}",
-             *change_lines(first, last, keys, "iteration", ("generate_s", "score_s", "train_s", "sync_s")),
-             sync_line(s, last),
+             *change_lines(first, last, keys, "iteration", ("generate_s", "judge_s", "score_s", "train_s", "sync_s")
+                           if "judge_s" in last else ("generate_s", "score_s", "train_s", "sync_s")),
+             *filter(None, [judge_line(last)]), sync_line(s, last),
              f"model: `{s['model_dir']}`; curves: `{ctx.path(CURVES_FILE)}`; metrics: `{ctx.path(METRICS_FILE)}`"]
     return report_with(ctx, s, lines)
+
+
+def scorer(cfg) -> str:
+    """What scored the answers, in words, for the summary."""
+    kind = cfg.reward
+    if kind == "judge":
+        return (f"constitution judge ({cfg.judge.constitution} constitution, {cfg.judge.principles} principle(s) "
+                f"per pair, model {cfg.judge.engine.model})")
+    return "rules" if kind == "rules" else f"reward_fn {cfg.reward_fn}" if cfg.reward_fn else "reward model"
 
 
 def change_lines(first: dict, last: dict, keys, unit: str, parts) -> list[str]:

@@ -1,14 +1,20 @@
 """The rollout side of the RL jobs (ppo, grpo, online_dpo): engine actors that hold the policy being
 trained, generate for rank 0, and take new weights through the object store — full weights, or
-LoRA adapters merged into the starting weights on the actor."""
+LoRA adapters merged into the starting weights on the actor — and, for ``reward: judge`` /
+``labeler: judge``, the judge's engine actors beside them, which compare each prompt's answers."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
-from actors import EngineConfig, make_engine
+import torch.distributed as dist
+
+from actors import EngineConfig
 from actors.base import check_policy_version
 from actors.models import load_causal_lm
-from training import core
+from actors.pool import start_engine
+from training import core, judging
+from workflows.core.constitution import load_constitution
 
 
 class RolloutActor:
@@ -16,11 +22,15 @@ class RolloutActor:
     Under LoRA only the adapters travel: the actor merges them into its own copy of the starting
     weights (read once from the model directory it loaded) and loads the result."""
 
-    def __init__(self, engine_cfg: EngineConfig):
-        self.engine, self.pending, self.model, self.base = make_engine(engine_cfg), {}, engine_cfg.model, None
+    def __init__(self, engine_cfg: EngineConfig, factory: str | None = None):
+        self.engine, self.pending, self.model, self.base = start_engine(engine_cfg, None, factory), {}, \
+            engine_cfg.model, None
 
     def generate(self, conversations, params):
         return self.engine.generate(conversations, params)
+
+    def choice_logprobs(self, conversations, choices):
+        return self.engine.choice_logprobs(conversations, choices)
 
     def receive(self, bucket: dict) -> int:
         self.pending.update(bucket)
@@ -47,6 +57,56 @@ def start_actors(cfg, cpus: float, model: str) -> list:
     remote = ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=cfg.rollout.num_gpus)
     engine = dataclasses.replace(cfg.rollout, model=model)
     return [remote.remote(engine) for _ in range(cfg.rollout.concurrency)]
+
+
+def start_judges(cfg, cpus: float) -> list:
+    """``judge.engine.concurrency`` actors holding the judge's engine (its own model, never synced)."""
+    import ray
+
+    j = cfg.judge
+    remote = ray.remote(RolloutActor).options(num_cpus=cpus, num_gpus=j.engine.num_gpus)
+    return [remote.remote(j.engine, j.engine_factory) for _ in range(j.engine.concurrency)]
+
+
+def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: int) -> dict:
+    """``reward: judge`` / ``labeler: judge``: rank 0 has the judge actors compare each prompt's
+    answers (``training.judging``) and every rank gets each answer's ``judge_score`` (set on the
+    samples) and the iteration's judge figures (``judge_s``, ``judgments``, ``judge_failed``,
+    ``order_agreement``)."""
+    import ray
+
+    box = [None]
+    if rank == 0:
+        started, n = time.time(), cfg.samples_per_prompt
+        groups = [everything[g * n:(g + 1) * n] for g in range(len(everything) // n)]
+        asked = judging.requests(groups, load_constitution(cfg.judge.constitution).principles,
+                                 cfg.judge.principles, seed, it)
+        convs = asked.conversations
+        k = -(-len(convs) // len(judges)) if convs else 0
+        refs = [a.choice_logprobs.remote(convs[i * k:(i + 1) * k], list(judging.CHOICES))
+                for i, a in enumerate(judges) if convs[i * k:(i + 1) * k]]
+        rows = [row for part in ray.get(refs) for row in part]
+        scores, figures = judging.group_scores([n] * len(groups), asked, rows)
+        box[0] = ([x for group in scores for x in group],
+                  {"judge_s": round(time.time() - started, 3), "judgments": figures["judgments"],
+                   "judge_failed": figures["failed"], "order_agreement": figures["order_agreement"]})
+    dist.broadcast_object_list(box, src=0)
+    scores, figures = box[0]
+    for s, x in zip(everything, scores):
+        s["judge_score"] = x
+    return figures
+
+
+def judge_line(last: dict) -> str | None:
+    """The summary's judge line (None without a judge): its throughput and share of the iteration."""
+    if "judgments" not in last:
+        return None
+    rate = last["judgments"] / max(last["judge_s"], 1e-9)
+    agree = last.get("order_agreement")
+    return (f"judge: {last['judgments']} judgments in the last "
+            f"iteration, {rate:.1f}/s, {100 * last['judge_s'] / max(last['seconds'], 1e-9):.0f}% of its time; "
+            f"both orders agreed on {'—' if agree is None else f'{100 * agree:.0f}%'} of them, "
+            f"{last['judge_failed']} pair(s) unreadable")
 
 
 def rollout(actors: list, convs: list[list[dict]], params, version: int, group: int = 1) -> list:

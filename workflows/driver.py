@@ -91,7 +91,7 @@ _TRANSPORT_FIELDS = ("allow_insecure_http",)
 # Training settings that change how a job runs, not what it learns.
 # Fields added to a config after run directories were made with it: at their default they are left
 # out of the result hash, so a stage an older version half-finished still resumes after an upgrade.
-_ADDED_FIELDS = ("reward", "rules")
+_ADDED_FIELDS = ("reward", "rules", "judge")
 _RUNTIME_FIELDS = ("cpus_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every", "fail_at_step",
                    "collective_timeout_s", "checkpoint_rows")
 

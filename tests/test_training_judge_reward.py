@@ -1,0 +1,89 @@
+"""The constitution judge as a live reward (``reward: judge``, GRPO) and as online DPO's labeler,
+with a scripted judge of the PPO tests' toy task (``fakes.ToyJudge``: it prefers the answer with
+more lower-vocabulary tokens), on Ray Train + DeepSpeed with real judge actors: GRPO learns what the
+judge prefers — measured on the exported policy's own samples, since a round-robin score averages
+0.5 in every group — and online DPO's pairs are the ones the judge ranks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fakes import ToyJudge
+from test_training_online_dpo import online_config
+from test_training_ppo import VOCAB, history, mean, ppo_config
+from workflows.core.errors import ConfigError
+from workflows.core.stage import StageContext
+from workflows.core.typed import from_dict
+
+
+def judge(model: Path) -> dict:
+    return {"engine": {"model": str(model), "num_cpus": 0.5}, "engine_factory": "fakes:toy_judge"}
+
+
+def lower_share(model_dir: Path, n: int = 32) -> float:
+    """The toy measure on a model's own samples: the share of lower-vocabulary tokens in ``n``
+    6-token answers (temperature 1, a fixed seed) to each of the eight test prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    shares = []
+    for i in range(8):
+        ids = tok.apply_chat_template([{"role": "user", "content": f"Tell me fact number {i}."}],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=6,
+                                 num_return_sequences=n, pad_token_id=tok.eos_token_id)
+        shares.append(float((out[:, ids["input_ids"].shape[1]:] < VOCAB // 2).float().mean()))
+    return sum(shares) / len(shares)
+
+
+def test_judge_settings_are_checked():
+    from training.config import GRPOConfig, OnlineDPOConfig
+
+    for bad, field in [({"reward": "judge", "samples_per_prompt": 1}, "samples_per_prompt"),
+                       ({"reward": "judge", "reward_fn": "m:f"}, "reward_fn"),
+                       ({"reward": "judge", "judge": {"principles": 0}}, "judge.principles"),
+                       ({"reward": "judge", "judge": {"constitution": "no-such"}}, "judge.constitution")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            from_dict(GRPOConfig, bad, "grpo")
+    assert from_dict(OnlineDPOConfig, {"labeler": "judge"}, "online_dpo").reward == "judge"
+
+
+def test_grpo_learns_what_the_judge_prefers(tmp_path, peaked_llama, prompts_dir, ray_local):
+    from training import ppo
+
+    cfg = ppo_config(peaked_llama, prompts_dir, "grpo", reward="judge", reward_fn=None, judge=judge(peaked_llama),
+                     lr=4e-4)
+    info = ppo.run_grpo(cfg, StageContext(str(tmp_path), "grpo", seed=0, config_hash="h"))
+    h = history(tmp_path / "grpo")
+    assert len(h) == 12
+    # every prompt's 4 answers in 6 pairs, both orders; identical answers are ties, not asked
+    assert all(0 < r["judgments"] <= 4 * 6 * 2 and r["judge_s"] > 0 for r in h)
+    assert all(abs(r["score"] - 0.5) < 1e-6 for r in h)  # round-robin win rates average 0.5 per group
+    # the toy judge ignores the order: its two orders differ only where both answers tie on its measure
+    assert mean([r["order_agreement"] for r in h]) > 0.75 and all(r["judge_failed"] == 0 for r in h)
+    before, after = lower_share(peaked_llama), lower_share(Path(info["training"]["model_dir"]))
+    print(f"lower-vocabulary share of the policy's samples: {before:.3f} before, {after:.3f} after")
+    assert after > before + 0.1
+    summary = (tmp_path / "grpo" / "summary.md").read_text()
+    assert "constitution judge" in summary and "judge: " in summary and "judge " in summary
+
+
+def test_online_dpo_pairs_are_the_judges_ranking(tmp_path, peaked_llama, prompts_dir, ray_local):
+    from training import online_dpo
+
+    cfg = online_config(peaked_llama, prompts_dir, labeler="judge", reward_fn=None, rounds=2, judge=judge(peaked_llama))
+    online_dpo.run(cfg, StageContext(str(tmp_path), "online_dpo", seed=0, config_hash="h"))
+    h = history(tmp_path / "online_dpo")
+    assert [r["round"] for r in h] == [1, 2] and all(r["judgments"] > 0 for r in h)
+    toy = ToyJudge(str(peaked_llama))
+    rows = [r for f in sorted((tmp_path / "online_dpo" / "pairs").iterdir()) for r in pq.read_table(f).to_pylist()]
+    assert rows and sum(r["pairs"] for r in h) == len(rows)
+    for r in rows:
+        assert r["labeler"] == "judge" and r["chosen_score"] > r["rejected_score"]
+        assert toy.share(r["chosen"][0]["content"]) > toy.share(r["rejected"][0]["content"])
