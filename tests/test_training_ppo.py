@@ -101,7 +101,7 @@ def test_rules_score_each_rollout_by_its_prompts_category():
 
 
 def test_iterations_draw_every_source_in_proportion():
-    from training.ppo import interleave_sources
+    from training.rl_prompts import interleave_sources
 
     rows = [{"prompt_id": f"r{i}", "source": "red_team"} for i in range(4)] + \
            [{"prompt_id": f"h{i}", "source": "helpful"} for i in range(2)]
@@ -111,7 +111,7 @@ def test_iterations_draw_every_source_in_proportion():
 
 
 def test_prompts_without_room_for_an_answer_are_skipped_and_named(tiny_llama_dir, prompts_dir):
-    from training.ppo import fitting_prompts, read_prompts
+    from training.rl_prompts import fitting_prompts, read_prompts
 
     prompts = read_prompts(str(prompts_dir)) + [{"prompt_id": "huge", "messages": [{"role": "user",
                                                                                    "content": "word " * 3000}]}]
