@@ -87,12 +87,17 @@ def test_revision_pairs_stage_reconciles_and_mixes_into_preferences(tmp_path, ra
                "revisions": {"input": "revision_pairs", "ratio": 0.25}}]
     infos = run_recipe(recipe(tmp_path / "run", stages))
     rp = tmp_path / "run" / "revision_pairs"
-    pairs, errors = table(rp / "revision_pairs"), table(rp / "errors")
-    # every sl_cai row is a pair or an error, by prompt id
-    assert sorted(p["prompt_id"] for p in pairs) + sorted(e["id"] for e in errors) == \
+    pairs, errors, skipped = table(rp / "revision_pairs"), table(rp / "errors"), table(rp / "skipped")
+    # every sl_cai row is a pair, a skipped row (not revised, as the recipe said) or an error, by prompt id
+    assert sorted(p["prompt_id"] for p in pairs) + sorted(e["id"] for e in skipped + errors) == \
         sorted(r["prompt_id"] for r in ROWS[:2]) + sorted(r["prompt_id"] for r in ROWS[2:])
-    assert sorted(e["reason"] for e in errors) == ["missing_response", "not_revised", "unchanged"]
-    assert (infos["revision_pairs"]["outputs"], infos["revision_pairs"]["errors"]) == (2, 3)
+    assert [e["reason"] for e in skipped] == ["not_revised"]
+    assert sorted(e["reason"] for e in errors) == ["missing_response", "unchanged"]
+    got = infos["revision_pairs"]
+    assert (got["outputs"], got["skipped"], got["errors"], got["inputs"]) == (2, 1, 2, 5)
+    assert got["skipped_by_reason"] == {"not_revised": 1} and "not_revised" not in got["errors_by_reason"]
+    text = (rp / "summary.md").read_text()
+    assert "skipped 1, errors 2" in text and "skipped by reason: not_revised 1" in text
     assert {p["source"] for p in pairs} == {"revision"} and all(p["p_chosen"] == 1.0 for p in pairs)
     # preference: 6 AI labels, 2 revision pairs at 0.25 → the 2 revision pairs and 6 AI rows
     info = infos["preference"]

@@ -311,7 +311,8 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
         spec = STAGES[s.kind]
         info = None if spec.always_runs else stage_mod.read_success(ctx.dir)
         if not spec.always_runs and _check_resumable(ctx, h, info):
-            print(f"[{s.name}] already finished ({info['outputs']} rows, {info['errors']} errors) — skipped")
+            left_out = f", {info['skipped']} left out on purpose" if info.get("skipped") else ""
+            print(f"[{s.name}] already finished ({info['outputs']} rows{left_out}, {info['errors']} errors) — skipped")
         else:
             storage.write_json(ctx.path("_config.json"), {"config_hash": h, "config": to_dict(s.config)})
             info = spec.load(spec.run)(s.config, ctx)

@@ -236,24 +236,33 @@ class Finalized:
     outputs: int  # good rows kept (first copies)
     errors: int  # error rows (duplicate errors included)
     rec: Reconciliation | None = None  # against the inputs, when finalize was given them
+    skipped: int = 0  # rows the stage left out on purpose (``skip_reasons``), in ``skipped``
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: Iterable[str],
-             on_duplicate: str = "drop", inputs=None, budget: Budget = Budget()) -> Finalized:
+             on_duplicate: str = "drop", inputs=None, budget: Budget = Budget(),
+             skip_reasons: Iterable[str] = ()) -> Finalized:
     """Keep the first copy of each id (``on_duplicate="error"`` instead turns later copies into
     ``duplicate`` errors with id ``<id>@<_loc>``), check ids(good) ∪ ids(bad) = ``inputs`` exactly
     (when given: ``reconcile.Ids``, a list or an array; a mismatch raises ``ReconcileError`` before
     anything is written), then route good rows through ``route`` into the named datasets and bad
     rows into ``errors``. Two passes over the raw files: the first reads only the id and error
     columns into hash-partitioned spill files (``spill``: memory within ``budget``, whatever the
-    row count) to find the copies and reconcile; the second streams whole rows to the writers."""
+    row count) to find the copies and reconcile; the second streams whole rows to the writers.
+    Rows set aside with one of ``skip_reasons`` (left out on purpose, by the recipe's own settings)
+    go to ``skipped`` instead (the errors' columns), counted apart from errors; the reconciliation
+    is then ids(good) ∪ ids(errors) ∪ ids(skipped) = ``inputs``."""
     files = raw_files(stage_dir)
+    skip = pa.array(sorted(set(skip_reasons)), pa.string())
     drops, rec = _first_copies(files, id_col, inputs, budget)
     if rec is not None:
         raise_unless_ok(rec, stage)
     schemas = {**getattr(route, "schemas", {}), "errors": ERRORS_SCHEMA}
     writers = {name: _RollingWriter(storage.join(stage_dir, name), schemas.get(name)) for name in [*datasets, "errors"]}
-    reasons, metrics, n_out, n_err = Counter(), {}, 0, 0
+    if len(skip):
+        writers["skipped"] = _RollingWriter(storage.join(stage_dir, "skipped"), ERRORS_SCHEMA)
+    reasons, skipped, metrics, n_out, n_err, n_skip = Counter(), Counter(), {}, 0, 0, 0
     for fi, uri in enumerate(tqdm(files, desc=f"{stage}: finalize", unit="file", leave=False)):
         fs, path = storage.resolve(uri)
         at = 0
@@ -270,6 +279,13 @@ def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: I
             at += batch.num_rows
             bad = pc.is_valid(table["_error"])
             good, errs = table.filter(pc.invert(bad)), table.filter(bad)
+            if len(skip):
+                left_out = pc.is_in(errs["_error"], value_set=skip)
+                kept, errs = errs.filter(left_out), errs.filter(pc.invert(left_out))
+                for item in pc.value_counts(kept["_error"]).to_pylist():
+                    skipped[item["values"]] += item["counts"]
+                _write_errors(writers["skipped"], stage, kept[id_col], kept["_error"], kept["_detail"])
+                n_skip += kept.num_rows
             for col in table.column_names:
                 numeric = pa.types.is_integer(table[col].type) or pa.types.is_floating(table[col].type)
                 if col.startswith("_") and numeric:
@@ -283,7 +299,7 @@ def finalize(stage_dir: str, stage: str, id_col: str, route: Router, datasets: I
     for w in writers.values():
         w.close()
     counts = {name: w.total for name, w in writers.items()}
-    return Finalized(counts, dict(reasons), metrics, n_out, n_err, rec)
+    return Finalized(counts, dict(reasons), metrics, n_out, n_err, rec, n_skip, dict(skipped))
 
 
 def _first_copies(files: list[str], id_col: str, inputs, budget: Budget) -> tuple[dict[int, np.ndarray], Reconciliation | None]:
@@ -365,9 +381,10 @@ def _write_errors(writer: _RollingWriter, stage: str, ids, reasons, details) -> 
 def reconcile_and_mark(ctx: StageContext, fin: Finalized, started: float, extra: dict | None = None) -> dict:
     """Write ``_SUCCESS`` (last) with counts and timings, for a stage that ``finalize`` reconciled
     against its inputs (``fin.rec``; without it, inputs = the rows it kept or set aside)."""
-    inputs = fin.rec.inputs if fin.rec is not None else fin.outputs + fin.errors
+    inputs = fin.rec.inputs if fin.rec is not None else fin.outputs + fin.errors + fin.skipped
     info = {"stage": ctx.name, "inputs": inputs, "outputs": fin.outputs, "errors": fin.errors,
             "datasets": fin.counts, "errors_by_reason": fin.errors_by_reason, "metrics": fin.metrics,
+            **({"skipped": fin.skipped, "skipped_by_reason": fin.skipped_by_reason} if fin.skipped else {}),
             "config_hash": ctx.config_hash, "seconds": round(time.time() - started, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "unreadable_files": unreadable_files(ctx.dir),
             **(extra or {})}

@@ -14,14 +14,17 @@ def clip(text: str | None, n: int = 400) -> str:
 def stage_lines(info: dict) -> list[str]:
     secs = max(float(info.get("seconds", 0)), 1e-9)
     lines = [info["headline"]] if info.get("headline") else []  # a stage's one-line outcome, first
-    lines += [f"rows in {info['inputs']}, out {info['outputs']}, errors {info['errors']} "
-             f"in {info.get('seconds', 0):.1f} s ({info['outputs'] / secs:.2f} rows/s)"]
+    skipped = f", skipped {info['skipped']}" if info.get("skipped") else ""
+    lines += [f"rows in {info['inputs']}, out {info['outputs']}{skipped}, errors {info['errors']} "
+              f"in {info.get('seconds', 0):.1f} s ({info['outputs'] / secs:.2f} rows/s)"]
     gen = info.get("metrics", {}).get("_gen_tokens")
     if gen:
         lines.append(f"generated tokens {int(gen)} ({gen / secs:.1f} tokens/s)")
     if info.get("unreadable_files"):
         lines.append(f"repaired: {info['unreadable_files']} unreadable file(s) (cut short or corrupted) set aside as "
                      "*.unreadable; their work was redone")
+    if info.get("skipped_by_reason"):  # left out on purpose, by the recipe's settings: not errors
+        lines.append("skipped by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["skipped_by_reason"].items())))
     if info.get("errors_by_reason"):
         lines.append("errors by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_reason"].items())))
     for e in info.get("engines") or []:

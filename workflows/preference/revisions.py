@@ -12,9 +12,9 @@ They can stand alone (the ``revision_pairs`` stage's dataset fed straight to ``d
 ``reward``, when the judge is too weak to trust) or be mixed with AI and human labels by ratio
 (the ``preference`` stage's ``revisions:``).
 
-Reconcile: every sl_cai row is a pair or an error row (same ``prompt_id``) with a reason:
-``not_revised`` (no rounds: a source ``revise_sources`` left alone), ``unchanged`` (the revision
-equals the initial answer) or ``missing_response``.
+Reconcile: every sl_cai row is a pair, a skipped row or an error row (same ``prompt_id``): skipped
+``not_revised`` (no rounds: a source the recipe's ``revise_sources`` left alone, so on purpose);
+errors ``unchanged`` (the revision equals the initial answer) or ``missing_response``.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from workflows.core.typed import check_fields
 from workflows.judging.human import PREFERENCES_SCHEMA, preference_row
 
 OUTPUT = "revision_pairs"
+SKIP_REASONS = ("not_revised",)  # the recipe said so: counted and kept in `skipped`, not in `errors`
 JUDGE = SOURCE = "revision"
 RAW_SCHEMA = pa.schema([*PREFERENCES_SCHEMA, ("_error", pa.string()), ("_detail", pa.string())])
 
@@ -95,7 +96,7 @@ def run(cfg: RevisionPairsConfig, ctx: StageContext) -> dict:
             raw = pa.Table.from_pylist([revision_pair(r, cfg.p_chosen) for r in rows], schema=RAW_SCHEMA)
             _write_raw(ctx, f"part-{k:05d}-{j:05d}.parquet", raw)
     fin = stage.finalize(ctx.dir, ctx.name, "prompt_id", route, [OUTPUT], inputs=stage.ids_in(input_uri, "prompt_id"),
-                         budget=ctx.budget)
+                         budget=ctx.budget, skip_reasons=SKIP_REASONS)
     info = stage.reconcile_and_mark(ctx, fin, started, {"input": cfg.input, "p_chosen": cfg.p_chosen})
     summary.write_stage_summary(ctx, info)
     return info
