@@ -67,6 +67,9 @@ class PromptsConfig:
     limit: int | None = None       # the first N input rows, in file order (bad rows count)
     limit_per_file: int | None = None  # the first N rows of each file (a small trial of a mixed set)
     max_chars: int = 20000
+    # a column carried along as each row's `_label` (iter_prompt_rows only: the evaluate stage's
+    # sets labeled harmful or benign per row); a row without it is a `missing_label` error
+    label_field: str | None = None
 
     def validate(self, where: str) -> None:
         """Reject bad combinations with a ConfigError naming ``where.<field>`` and the fix."""
@@ -189,8 +192,14 @@ def _output_row(record: dict | RowError, cfg: PromptsConfig, loc: str, source: s
         own = record.get("source") if cfg.source is None else None
         source = own.strip() if isinstance(own, str) and own.strip() else source
         msgs = normalize_record(record, cfg)
-        return {"prompt_id": prompt_id(msgs), "messages": msgs, "source": source,
-                "_loc": loc, "_error": None, "_detail": None}
+        row = {"prompt_id": prompt_id(msgs), "messages": msgs, "source": source,
+               "_loc": loc, "_error": None, "_detail": None}
+        if cfg.label_field:
+            label = record.get(cfg.label_field)
+            if label is None or not str(label).strip():
+                raise RowError("missing_label", f"no {cfg.label_field!r} value in this row")
+            row["_label"] = str(label).strip()
+        return row
     except RowError as e:
         return {"prompt_id": "row:" + loc, "messages": [], "source": source,
                 "_loc": loc, "_error": e.reason, "_detail": e.detail}
@@ -299,12 +308,13 @@ def _records(u: _Unit, cfg: PromptsConfig) -> Iterator[dict | RowError]:
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(u.fs.open_input_file(u.path))
         names = pf.schema_arrow.names
-        cols = [c for c in (cfg.field, "source") if c in names] if cfg.field in names else None
+        cols = [c for c in (cfg.field, "source", cfg.label_field) if c and c in names] if cfg.field in names else None
         for batch in pf.iter_batches(batch_size=_BLOCK_ROWS, columns=cols):
             yield from batch.to_pylist()
     else:
         names = u.hf.column_names
-        ds = u.hf.select_columns([c for c in (cfg.field, "source") if c in names]) if cfg.field in names else u.hf
+        ds = u.hf.select_columns([c for c in (cfg.field, "source", cfg.label_field) if c and c in names]) \
+            if cfg.field in names else u.hf
         for s in range(u.start, u.stop, _BLOCK_ROWS):
             yield from ds.with_format("arrow")[s:min(s + _BLOCK_ROWS, u.stop)].to_pylist()
 

@@ -5,7 +5,7 @@ import os
 
 from workflows.core.errors import ConfigError
 from workflows.driver import Recipe, run_recipe
-from workflows.evaluate.config import BUILTIN_SETS
+from workflows.evaluate.config import BUILTIN_SETS, FORMATS
 
 
 def parse_models(text: str) -> dict[str, str]:
@@ -38,13 +38,22 @@ def _cmd_eval(args) -> int:
 
 
 def _set(text: str) -> dict:
-    """``KIND=PATH`` (your own file) or a shipped set name."""
-    kind, sep, path = text.partition("=")
+    """A shipped set's name; ``KIND=PATH`` (your own file, every prompt of that kind); a published
+    set as it comes, ``xstest=PATH``, ``or-bench=PATH``, ``strongreject=PATH``; or your file labeled
+    per row, ``labeled:LABEL_COLUMN[:PROMPT_COLUMN]=PATH``."""
+    key, sep, path = text.partition("=")
     if not sep:
         if text not in BUILTIN_SETS:
-            raise ConfigError("--sets", f"{text!r} is not a shipped set", f"use {', '.join(BUILTIN_SETS)} or KIND=FILE")
+            raise ConfigError("--sets", f"{text!r} is not a shipped set",
+                              f"use {', '.join(BUILTIN_SETS)}, KIND=FILE or FORMAT=FILE (xstest, or-bench, strongreject)")
         return {"name": text, "kind": BUILTIN_SETS[text]}
-    return {"name": os.path.splitext(os.path.basename(path))[0], "kind": kind, "path": path}
+    name = os.path.splitext(os.path.basename(path))[0]
+    if key in FORMATS:
+        return {"name": name, "format": key, "path": path}
+    if key.startswith("labeled:"):
+        label, _, prompt = key[len("labeled:"):].partition(":")
+        return {"name": name, "format": "labeled", "label_field": label, "field": prompt or "prompt", "path": path}
+    return {"name": name, "kind": key, "path": path}
 
 
 def register(subparsers) -> None:
@@ -64,9 +73,12 @@ def register(subparsers) -> None:
     c.add_argument("--base", help="which NAME is the reference (default: the first)")
     c.add_argument("--target", help="which NAME the verdict line is about (default: the last)")
     c.add_argument("--limit", type=int, help="only the first N prompts of each set, for a quick look")
-    c.add_argument("--sets", nargs="+", metavar="SET",
-                   help="shipped names (eval_red_team eval_benign_edgy eval_helpful) or KIND=FILE with KIND one of "
-                        "red_team, benign_edgy, helpful (default: the three shipped sets)")
+    c.add_argument("--sets", "--prompts", nargs="+", metavar="SET",
+                   help="shipped names (eval_red_team eval_benign_edgy eval_helpful); KIND=FILE with KIND one of "
+                        "red_team, benign_edgy, helpful; a published set's file as it comes: xstest=FILE, "
+                        "or-bench=FILE (its hard or toxic split), strongreject=FILE; or your own labeled file, "
+                        "labeled:LABEL_COLUMN[:PROMPT_COLUMN]=FILE (label unsafe/harmful/toxic/1/true/yes = "
+                        "harmful). Default: the three shipped sets")
     c.add_argument("--judge", default="embedded",
                    help="judge model (embedded, a directory, or the model name at --judge-backend openai), or 'none' "
                         "for the refusal classifier only. The embedded 135M judge is weak: see the README")

@@ -1,6 +1,7 @@
 """The ``evaluate`` stage's settings (typed, validated from YAML or ``cai eval`` flags)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,15 @@ from workflows.evaluate.verdict import VerdictConfig
 
 DATA = Path(__file__).resolve().parent / "data"
 Kind = Literal["red_team", "benign_edgy", "helpful"]
+Format = Literal["plain", "labeled", "xstest", "or-bench", "strongreject"]
+# the published safety sets, as their files come: (prompt column, label column or None, the kind of
+# every row or None where the label decides). XSTest: prompt, type, label (safe|unsafe), ...;
+# OR-Bench: prompt, category (its hard and 80k splits are safe prompts that look unsafe, its toxic
+# split harmful: the kind follows the file's name); StrongREJECT: category, source, forbidden_prompt.
+FORMATS: dict[str, tuple[str, str | None, str | None]] = {
+    "xstest": ("prompt", "label", None), "or-bench": ("prompt", None, None),
+    "strongreject": ("forbidden_prompt", None, "red_team")}
+HARMFUL_LABELS = ["unsafe", "harmful", "toxic", "1", "true", "yes"]
 BUILTIN_SETS: dict[str, Kind] = {"eval_red_team": "red_team", "eval_benign_edgy": "benign_edgy",
                                  "eval_helpful": "helpful"}
 
@@ -29,9 +39,35 @@ class EvalSet:
     path: str = ""  # a jsonl/csv/parquet file or HF dataset dir with a `prompt` (or messages) field
     field: str = "prompt"
     limit: int | None = None  # N prompts of this set, spread evenly over the file (overrides the stage's `limit`)
+    # how to read it: `plain` (every row is `kind`), `labeled` (each row's `label_field` says harmful —
+    # one of `harmful_labels`, any case — or benign), or a published set's own format: `xstest`,
+    # `or-bench`, `strongreject` (docs/evaluation.md). A labeled set is scored as two:
+    # `<name>-harmful` (red_team) and `<name>-benign` (benign_edgy: its refusals are over-refusals).
+    format: Format = "plain"
+    label_field: str = "label"
+    harmful_labels: list[str] = dataclasses.field(default_factory=lambda: list(HARMFUL_LABELS))  # (`field` is a setting here)
 
     def location(self) -> str:
         return self.path or str(DATA / f"{self.name}.jsonl")
+
+    def reading(self) -> tuple[str, str | None, str | None]:
+        """(prompt column, label column or None, the kind of every row or None: by its label)."""
+        if self.format == "plain":
+            return self.field, None, self.kind
+        if self.format == "labeled":
+            return self.field, self.label_field, None
+        column, label, kind = FORMATS[self.format]
+        if self.format == "or-bench":
+            kind = "red_team" if "toxic" in Path(self.path).name.lower() else "benign_edgy"
+        return column, label, kind
+
+    def kind_of(self, label: str | None) -> tuple[str, str]:
+        """(set name, kind) of a row with ``label`` (a labeled set) or of every row."""
+        fixed = self.reading()[2]
+        if fixed is not None:
+            return self.name, fixed
+        harmful = label.strip().lower() in {x.strip().lower() for x in self.harmful_labels}
+        return (f"{self.name}-harmful", "red_team") if harmful else (f"{self.name}-benign", "benign_edgy")
 
 
 def default_sets() -> list[EvalSet]:
@@ -98,5 +134,11 @@ class EvaluateConfig:
                                   f"give `path:` or use one of {', '.join(BUILTIN_SETS)}")
             if s.limit is not None and s.limit < 1:
                 raise ConfigError(f"{where}.sets[{i}].limit", f"got {s.limit!r}", "use 1 or more, or null")
+            if s.format != "plain" and not s.path:
+                raise ConfigError(f"{where}.sets[{i}].path", f"format {s.format} needs the file",
+                                  "give path: the set's file as published (csv, jsonl or parquet)")
+            if s.format == "labeled" and not s.harmful_labels:
+                raise ConfigError(f"{where}.sets[{i}].harmful_labels", "is empty",
+                                  "list the label values that mark a harmful request, e.g. [unsafe]")
         for m in self.models:
             check_name(m, f"{where}.models", "model name")

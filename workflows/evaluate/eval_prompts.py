@@ -28,17 +28,19 @@ def load_prompts(cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
     rows, errors, seen = [], [], set()
     for s in cfg.sets:
         limit = s.limit if s.limit is not None else cfg.limit
-        pc = PromptsConfig(path=s.location(), field=s.field, source=s.name)
+        column, label_field, _ = s.reading()
+        pc = PromptsConfig(path=s.location(), field=column, source=s.name, label_field=label_field)
         pc.validate(f"evaluate.sets[{s.name}]")
         records = list(iter_prompt_rows(pc))
         for r in (records[i] for i in spread(len(records), limit)):
-            eid = f"{s.name}/{r['prompt_id']}"
+            name, kind = (s.name, s.kind) if r["_error"] is not None else s.kind_of(r.get("_label"))
+            eid = f"{name}/{r['prompt_id']}"
             if r["_error"] is not None:
                 errors.append({"id": eid, "reason": r["_error"], "detail": r["_detail"] or ""})
             elif eid in seen:
                 errors.append({"id": f"{eid}@{r['_loc']}", "reason": "duplicate", "detail": "the same prompt again"})
             else:
                 seen.add(eid)
-                rows.append({"eval_id": eid, "set": s.name, "kind": s.kind, "prompt_id": r["prompt_id"],
+                rows.append({"eval_id": eid, "set": name, "kind": kind, "prompt_id": r["prompt_id"],
                              "messages": r["messages"]})
     return rows, errors
