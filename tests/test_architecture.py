@@ -97,3 +97,31 @@ def test_a_deprecated_call_from_our_code_fails_the_suite():
     with warnings.catch_warnings(record=True) as seen:  # the suite's filters stay in force here
         warnings.warn_explicit("deprecated inside a library", DeprecationWarning, "lib.py", 1, module="somelib.core")
     assert [str(w.message) for w in seen] == ["deprecated inside a library"]
+
+
+def test_every_library_our_code_imports_is_declared():
+    """Each third-party module imported by the product packages belongs to a distribution that
+    pyproject declares (a dependency, or an extra for the optional ones)."""
+    import ast
+    import re
+    import sys
+    from importlib import metadata
+
+    declared = {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-")
+                for r in metadata.requires("cai-ray") or []}
+    owners = metadata.packages_distributions()
+    ours = {"actors", "training", "workflows", "cluster", "constitutions", "benchmarks"}
+    missing = {}
+    for pkg in ("actors", "training", "workflows", "cluster"):
+        for path in (REPO_ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in ours or top in sys.stdlib_module_names or top == "__future__":
+                        continue
+                    dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                    if not dists & declared:
+                        missing.setdefault(top, str(path.relative_to(REPO_ROOT)))
+    assert missing == {}, f"imported but not declared in pyproject.toml: {missing}"
