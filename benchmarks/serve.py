@@ -8,9 +8,11 @@ Both servers get the same model, number format, threads (every core), prompts an
 they run one after the other, never side by side. Goal: at least 3x the naive throughput at
 concurrency 16. The first line names the processor and the number format chosen there.
 ``--backends``: ``cai serve`` once per engine backend, one after the other; the last line also gives
-vLLM's requests/s at the top concurrency against transformers'. ``ray-llm`` among them serves the same
-model with Ray's own ``ray.serve.llm`` (vLLM's async engine behind Ray's OpenAI app, continuous
-batching) with the settings our CPU vLLM engine uses (eager, 1 GiB KV cache, the same dtype).
+vLLM's requests/s at the top concurrency against transformers'. ``ray-llm`` among them is
+``cai serve --backend vllm --server ray-llm``: Ray's ``LLMServer`` (vLLM's async engine, continuous
+batching) behind our gateway (key, limits, request ids); ``ray-llm-bare`` serves the same model with
+Ray's own OpenAI app and no checks of ours, to show what the gateway costs. Both with the settings our
+CPU vLLM engine uses (eager, 1 GiB KV cache, the same dtype).
 """
 from __future__ import annotations
 
@@ -155,7 +157,8 @@ def main() -> None:
     from benchmarks.common import formats_line, number_formats
     print(formats_line(number_formats(args.dtype)), flush=True)
 
-    servers = [f"cai serve ({b})" if b != "ray-llm" else "ray.serve.llm" for b in backends]
+    names = {"ray-llm": "cai serve (vllm, ray-llm)", "ray-llm-bare": "ray.serve.llm (bare)"}
+    servers = [names.get(b, f"cai serve ({b})") for b in backends]
     results: dict[str, dict[int, dict]] = {"naive": {}, **{name: {} for name in servers}}
     port = free_port()
     naive = naive_server(args, port)
@@ -177,13 +180,15 @@ def main() -> None:
     # ray-llm's OpenAI ingress takes a CPU of its own beside the engine's: logical CPUs for both
     connect(RayConfig(num_cpus=os.cpu_count() + 2, progress_bars=False))
     for backend, name in zip(backends, servers):
-        if backend == "ray-llm":
+        if backend == "ray-llm-bare":
             url = ray_llm_app(args, max(levels))
             client_model[url] = "embedded"
         else:
+            ray_llm = backend == "ray-llm"
             cfg = ServeConfig.from_args({"model": "embedded", "port": free_port(), "max_batch_size": max(levels),
                                          "batch_wait_timeout_s": args.batch_wait,
-                                         "engine": {"backend": backend, "dtype": args.dtype,
+                                         "server": "ray-llm" if ray_llm else "cai",
+                                         "engine": {"backend": "vllm" if ray_llm else backend, "dtype": args.dtype,
                                                     "num_cpus": os.cpu_count(), "max_model_len": 1024}})
             url = start(cfg)
             client_model[url] = cfg.served_name
@@ -208,9 +213,10 @@ def main() -> None:
     if {"transformers", "vllm"} <= set(backends):
         v, t = (results[f"cai serve ({b})"][top]["rps"] for b in ("vllm", "transformers"))
         line += f"; vllm {v:.2f} vs transformers {t:.2f} req/s at concurrency {top} = {v / t:.2f}x"
-    if {"vllm", "ray-llm"} <= set(backends):
-        v, r = results["cai serve (vllm)"][top]["rps"], results["ray.serve.llm"][top]["rps"]
-        line += f"; ray.serve.llm {r:.2f} vs cai serve (vllm) {v:.2f} req/s = {r / v:.2f}x"
+    for other in ("ray-llm", "ray-llm-bare"):
+        if {"vllm", other} <= set(backends):
+            v, r = results["cai serve (vllm)"][top]["rps"], results[names[other]][top]["rps"]
+            line += f"; {names[other]} {r:.2f} vs cai serve (vllm) {v:.2f} req/s = {r / v:.2f}x"
     print(line)
 
 

@@ -81,6 +81,7 @@ SERVE_EPILOG = textwrap.dedent("""\
       cai serve embedded                                      # the embedded model on 127.0.0.1:8000
       cai serve runs/demo/dpo/dpo_model --replicas 2 --port 8000
       CAI_API_KEY=$(openssl rand -hex 16) cai serve runs/demo/dpo/dpo_model --api-key-env CAI_API_KEY
+      cai serve embedded --backend vllm --server ray-llm      # Ray's LLMServer (vLLM) behind our checks
 
     then, from Python:
       from openai import OpenAI
@@ -102,7 +103,8 @@ def _cmd_serve(args) -> int:
                                     "port": args.port, "replicas": args.replicas, "api_key_env": args.api_key_env,
                                     "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                                     "max_body_bytes": args.max_body_bytes, "max_messages": args.max_messages,
-                                    "max_prompt_chars": args.max_prompt_chars, "engine": engine}, "cai serve")
+                                    "max_prompt_chars": args.max_prompt_chars, "server": args.server, "engine": engine},
+                                "cai serve")
     cfg.key_hash()  # a missing key is a usage error before anything starts
     check_model_ref(cfg.model, "cai serve MODEL")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key_env:
@@ -161,6 +163,9 @@ def register(sub) -> None:
                         "(default: 32 per token of --max-model-len)")
     v.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
                    help="auto (default): vLLM on a CUDA GPU where it is installed, else transformers")
+    v.add_argument("--server", default="auto", choices=["auto", "cai", "ray-llm"],
+                   help="with --backend vllm: cai (our batching app) or ray-llm (Ray's LLMServer, vLLM's "
+                        "continuous batching, behind the same key and limits); auto: the measured pick")
     v.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16), float32, ...")
     v.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion tokens")
     v.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")

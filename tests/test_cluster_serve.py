@@ -196,3 +196,18 @@ def test_serve_run_with_the_shipped_config_file(tiny_llama_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+def test_which_server_serves():
+    """`server: auto` is Ray's LLMServer for a vllm backend (the measured pick) and our app otherwise;
+    ray-llm without vLLM is refused, naming the fix."""
+    from cluster.serve.config import ServeConfig
+    from workflows.core.errors import ConfigError
+
+    def cfg(**kw):
+        return ServeConfig.from_args(kw)
+
+    assert cfg(engine={"backend": "vllm"}).ray_llm and not cfg(engine={"backend": "vllm"}, server="cai").ray_llm
+    assert not cfg(engine={"backend": "transformers"}).ray_llm and not cfg().ray_llm
+    with pytest.raises(ConfigError, match="server.*engine.backend: vllm"):
+        cfg(server="ray-llm", engine={"backend": "transformers"})

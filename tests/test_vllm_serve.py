@@ -24,6 +24,7 @@ def server(ray_local):
     from cluster.serve.config import ServeConfig
 
     cfg = ServeConfig.from_args({"model": "embedded", "model_name": "tiny", "port": free_ports(1)[0],
+                                 "server": "cai",  # our app on vLLM (tests/test_vllm_gateway.py: ray-llm)
                                  "max_batch_size": 4, "batch_wait_timeout_s": 0.5,
                                  "engine": {"backend": "vllm", "max_model_len": 2048}})
     url = start(cfg)

@@ -281,7 +281,12 @@ class ChatModel(Guard):
 
 
 def application(cfg: ServeConfig, key_hash: str | None = None):
-    """The Serve application ``cfg`` describes: ``replicas`` copies of ``ChatModel``."""
+    """The Serve application ``cfg`` describes: ``replicas`` copies of ``ChatModel``, or of Ray's
+    ``LLMServer`` behind our gateway (``cfg.ray_llm``)."""
+    if cfg.ray_llm:
+        from cluster.serve import gateway  # ray.serve.llm: imported only where it serves
+
+        return gateway.application(cfg, key_hash)
     opts = {"num_cpus": cfg.engine.num_cpus, "num_gpus": cfg.engine.num_gpus}
     return ChatModel.options(num_replicas=cfg.replicas, ray_actor_options=opts).bind(
         engine=cfg.engine_config(), model_name=cfg.served_name, max_batch_size=cfg.max_batch_size,

@@ -12,6 +12,10 @@ from workflows.core.errors import ConfigError
 from workflows.core.typed import check_fields, from_dict, to_dict
 
 APP_NAME = "cai"
+SERVERS = ("auto", "cai", "ray-llm")
+# what `server: auto` picks for a vllm backend: Ray's LLMServer behind our checks matched our app's
+# requests/s at concurrency 16 and beat it by 1.19x at 1 (benchmarks/serve.py, docs/engines.md)
+SERVER_AUTO = "ray-llm"
 
 
 @dataclass
@@ -37,6 +41,10 @@ class ServeConfig:
     max_messages: int = 256
     max_prompt_chars: int | None = None
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=2048))
+    # who serves: `cai`, our app over the engine (batches of max_batch_size, any backend); `ray-llm`,
+    # Ray's LLMServer (vLLM's async engine, continuous batching) behind our checks, vllm backend only;
+    # `auto`: ray-llm for a vllm backend (SERVER_AUTO, measured), our app otherwise
+    server: str = "auto"
 
     def validate(self, where: str) -> None:
         check_fields(self, where, [
@@ -50,6 +58,9 @@ class ServeConfig:
              "at least 1, or null for 32 characters per token of engine.max_model_len"),
             ("engine.backend", self.engine.backend == "openai",
              "serve a model of ours (transformers or vllm); an OpenAI endpoint is already a server"),
+            ("server", self.server not in SERVERS, f"one of {', '.join(SERVERS)}"),
+            ("server", self.server == "ray-llm" and self.engine.backend != "vllm",
+             "ray-llm serves with vLLM: set engine.backend: vllm (cai serve --backend vllm), or server: cai"),
         ])
         if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
             raise ConfigError(f"{where}.api_key_env", f"{self.api_key_env!r} is not an environment variable name",
@@ -64,6 +75,12 @@ class ServeConfig:
         if self.model_name:
             return self.model_name
         return "embedded" if self.model == "embedded" else Path(self.model.rstrip("/")).name
+
+    @property
+    def ray_llm(self) -> bool:
+        """Served by Ray's LLMServer behind our gateway (``server: ray-llm``, or ``auto`` where it is the pick)."""
+        return self.server == "ray-llm" or (self.server == "auto" and self.engine.backend == "vllm"
+                                             and SERVER_AUTO == "ray-llm")
 
     def engine_config(self) -> dict:
         eng = to_dict(self.engine)
