@@ -44,7 +44,7 @@ EPILOG = textwrap.dedent("""\
 
 
 def _cmd_run(args) -> int:
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set + ([f"tracking.backend={args.tracking}"] if args.tracking else []))
     if args.run_dir:
         recipe.run_dir = args.run_dir
     run_recipe(recipe, restart_from=args.restart_from, where=args.recipe)
@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="override the recipe's run_dir (local path or s3://bucket/prefix)")
     r.add_argument("--restart-from", metavar="STAGE", help="redo this stage and every stage after it")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    r.add_argument("--tracking", choices=["mlflow", "wandb", "tensorboard"],
+                   help="send every stage's settings, training curves, summary figures and plots to MLflow (a "
+                        "file store in the run directory unless tracking.uri says otherwise), W&B (offline "
+                        "unless tracking.mode: online) or TensorBoard; needs pip install -e \".[tracking]\"")
     r.set_defaults(fn=_cmd_run)
 
     c = sub.add_parser("config", help="print a recipe resolved: every stage's settings with their defaults",

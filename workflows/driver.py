@@ -38,6 +38,7 @@ from workflows.core.overrides import apply_overrides
 from workflows.core.safety import check_name
 from workflows.core.spill import Budget
 from workflows.core.stage import StageContext
+from workflows.core.tracking import TrackingConfig, open_tracker
 from workflows.core.typed import from_dict, to_dict
 from workflows.evaluate import guard
 
@@ -104,6 +105,7 @@ class Recipe:
     seed: int = 0
     ray: RayConfig = field(default_factory=RayConfig)
     bookkeeping: Budget = field(default_factory=Budget)  # driver memory for each stage's id bookkeeping
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow, W&B or TensorBoard (docs/recipes.md)
     stages: list[dict] = field(default_factory=list)
     # the command line's --set items, already applied above: a run's recipe.yaml says what changed
     overrides: list[str] = field(default_factory=list)
@@ -304,6 +306,23 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
     infos: dict[str, dict] = {}
     started = time.time()
     guards = _overlap_guards(stages)
+    tracker = open_tracker(recipe.tracking, recipe.name, recipe.run_dir,
+                           {"seed": recipe.seed, "run_dir": recipe.run_dir, "recipe": where,
+                            "overrides": recipe.overrides, "stages": names})
+    try:
+        _run_stages(recipe, stages, guards, datasets, infos, tracker)
+    except BaseException as e:
+        tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.close()
+    summary.run_summary(recipe.run_dir, recipe.name, infos)
+    print(f"\nrun {recipe.name} finished in {time.time() - started:.0f} s; "
+          f"summary: {storage.join(recipe.run_dir, 'summary.md')}")
+    return infos
+
+
+def _run_stages(recipe: Recipe, stages: list[PlannedStage], guards, datasets: dict, infos: dict, tracker) -> None:
+    """Each stage in order: skipped when finished with the same settings, else run; then tracked."""
     for i, s in enumerate(stages):
         h = result_hash(s.config, recipe.seed)
         ctx = StageContext(recipe.run_dir, s.name, recipe.seed, inputs=dict(datasets), config_hash=h,
@@ -317,12 +336,9 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
             storage.write_json(ctx.path("_config.json"), {"config_hash": h, "config": to_dict(s.config)})
             info = spec.load(spec.run)(s.config, ctx)
         infos[s.name] = info
+        tracker.stage(s.name, s.kind, to_dict(s.config), info, ctx.dir)
         outputs = s.outputs
         datasets.update({d: ctx.path(d) for d in outputs})
         for later, index in guards:
             if stages.index(later) > i and s.kind != "evaluate":
                 guard.check_stage_outputs(index(), later.name, s.name, {d: ctx.path(d) for d in outputs})
-    summary.run_summary(recipe.run_dir, recipe.name, infos)
-    print(f"\nrun {recipe.name} finished in {time.time() - started:.0f} s; "
-          f"summary: {storage.join(recipe.run_dir, 'summary.md')}")
-    return infos
