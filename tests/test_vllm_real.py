@@ -150,3 +150,31 @@ def test_weight_sync_makes_the_engine_decode_as_the_trainer(tiny_pair, restore_t
     assert after.extra["token_ids"] != before.extra["token_ids"]
     with pytest.raises(EngineError, match="not newer"):
         eng.load_weights(new, version=1)  # a stale or repeated push is refused
+
+
+def test_an_adapter_push_makes_vllm_decode_as_the_merged_model(tiny_pair, tmp_path, restore_torch_threads):
+    """LoRA in RL on the vLLM backend: the rollout actor merges the pushed adapters into the
+    starting weights it read itself and loads them into vLLM; greedy tokens then equal the merged
+    model's in transformers."""
+    from test_training_lora_rl import peft_model
+
+    from actors.models import load_tokenizer
+    from training.core import is_adapter
+    from training.rollouts import RolloutActor
+
+    start, _ = tiny_pair
+    model = peft_model(start)  # r 4, alpha 8 on q/v/o: scale 2
+    adapters = {k: v.detach().clone() for k, v in model.state_dict().items() if is_adapter(k)}
+    merged = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(merged)
+    load_tokenizer(str(start)).save_pretrained(merged)
+    actor = RolloutActor(EngineConfig(backend="vllm", model=str(start), max_model_len=256))
+    conv, params = _user("Tell me about the weather today."), SamplingParams(max_new_tokens=12)
+    ids = actor.engine._encode(conv)
+    before = actor.generate([conv], params)[0].extra["token_ids"]
+    actor.receive(adapters)
+    assert actor.load_adapter(1, 2.0) == 1
+    after = actor.generate([conv], params)[0]
+    assert after.extra["policy_version"] == 1
+    assert after.extra["token_ids"] == _hf_greedy(merged, ids, len(after.extra["token_ids"]))
+    assert after.extra["token_ids"] != before
