@@ -18,24 +18,29 @@ openai = pytest.importorskip("openai")
 KEY_ENV = "CAI_TEST_SERVE_KEY"
 
 
-@pytest.fixture(scope="module")
-def server(ray_local, tiny_llama_dir):
+def serve_app(args: dict, key: tuple[str, str] | None = None):
+    """Our Serve application from ServeConfig ``args`` on a free port, the bearer key ``(variable,
+    value)`` in the environment while it runs: yields its base URL, then shuts Serve down."""
     from ray import serve
 
     from cluster.serve.app import start
     from cluster.serve.config import ServeConfig
 
-    os.environ[KEY_ENV] = "sk-test-canary-3f9a"
-    port = free_ports(1)[0]
-    cfg = ServeConfig.from_args({"model": str(tiny_llama_dir), "model_name": "tiny", "port": port,
-                                 "api_key_env": KEY_ENV, "max_batch_size": 4, "batch_wait_timeout_s": 0.5,
-                                 "engine": {"max_model_len": 256}})
-    url = start(cfg)
+    if key:
+        os.environ[key[0]] = key[1]
     try:
-        yield url
+        yield start(ServeConfig.from_args({"port": free_ports(1)[0], **args}))
     finally:
         serve.shutdown()
-        os.environ.pop(KEY_ENV, None)
+        if key:
+            os.environ.pop(key[0], None)
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_llama_dir):
+    yield from serve_app({"model": str(tiny_llama_dir), "model_name": "tiny", "api_key_env": KEY_ENV,
+                          "max_batch_size": 4, "batch_wait_timeout_s": 0.5, "engine": {"max_model_len": 256}},
+                         (KEY_ENV, "sk-test-canary-3f9a"))
 
 
 @pytest.fixture

@@ -322,16 +322,23 @@ def test_a_finished_generation_counts_every_token(server, http):
     assert _stats()["decoded_tokens"] - before["decoded_tokens"] == LONG["max_tokens"]
 
 
+def post_raw(base: str, body: dict, headers: dict | None = None) -> socket.socket:
+    """``body`` POSTed to the chat route over a raw socket (so a test can hang up mid-answer); the socket."""
+    host, port = base.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=120)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
 def _leave_midway(base: str, body: dict) -> tuple[int, int]:
     """Send ``body``, wait until the engine decodes it, hang up. Returns (tokens it decoded,
     requests the replica counted as cancelled) once its batch is over."""
-    host, port = base.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
     before = _stats()
-    sock = socket.create_connection((host, int(port)), timeout=120)
+    sock = post_raw(base, body)
     try:
-        sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
         if body.get("stream"):
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream has begun
         for _ in range(6000):  # until the engine is decoding this request

@@ -6,21 +6,19 @@ the reason where vLLM cannot run."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import os
-import socket
 import time
 
 import pytest
 from conftest import vllm_skip_reason
-from ray_cluster import free_ports
+from test_cluster_serve import serve_app
+from test_serve_robustness import post_raw
+from test_vllm_serve import HELLO, answer_and_stream
 
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.skipif(vllm_skip_reason() is not None, reason=str(vllm_skip_reason()))
 
 KEY_ENV, KEY = "CAI_GATEWAY_TEST_KEY", "sk-gateway-canary-31"
-HELLO = [{"role": "user", "content": "Write two sentences about the sea."}]
 LONG = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a very long story about a ship."}],
         "max_tokens": 1500, "temperature": 0}
 MAX_MODEL_LEN, MAX_BODY = 2048, 64 * 1024
@@ -28,23 +26,9 @@ MAX_MODEL_LEN, MAX_BODY = 2048, 64 * 1024
 
 @pytest.fixture(scope="module")
 def server(ray_local):
-    from ray import serve
-
-    from cluster.serve.app import start
-    from cluster.serve.config import ServeConfig
-
-    os.environ[KEY_ENV] = KEY
-    cfg = ServeConfig.from_args({"model": "embedded", "model_name": "tiny", "port": free_ports(1)[0],
-                                 "server": "ray-llm", "api_key_env": KEY_ENV, "max_batch_size": 8,
-                                 "max_body_bytes": MAX_BODY,
-                                 "engine": {"backend": "vllm", "max_model_len": MAX_MODEL_LEN}})
-    assert cfg.ray_llm
-    url = start(cfg)
-    try:
-        yield url
-    finally:
-        serve.shutdown()
-        os.environ.pop(KEY_ENV, None)
+    yield from serve_app({"model": "embedded", "model_name": "tiny", "server": "ray-llm", "api_key_env": KEY_ENV,
+                          "max_batch_size": 8, "max_body_bytes": MAX_BODY,
+                          "engine": {"backend": "vllm", "max_model_len": MAX_MODEL_LEN}}, (KEY_ENV, KEY))
 
 
 @pytest.fixture
@@ -59,17 +43,8 @@ def _stats() -> dict:
 
 
 def test_a_completion_and_its_stream_token_by_token(client):
-    whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=32, temperature=0)
-    text = whole.choices[0].message.content
-    assert text and whole.model == "tiny" and whole.choices[0].finish_reason in ("stop", "length")
-    assert whole.usage.prompt_tokens > 0 and 0 < whole.usage.completion_tokens <= 32
-    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=32, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
-    chunks = list(stream)
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert "".join(pieces) == text
-    assert len(pieces) > 5  # tokens leave as vLLM decodes them, not one block at the end
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    whole, chunks = answer_and_stream(client)
+    assert whole.model == "tiny" and whole.choices[0].finish_reason in ("stop", "length")
     ids = {c.id for c in chunks}
     assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
 
@@ -133,13 +108,9 @@ def _leave_midway(base: str, body: dict) -> dict:
     """Send ``body``; once the model server is working on it (decoding a stream, or holding the
     request), hang up; then wait until the model server counts the request cancelled or done.
     Returns the change of each counter, and vLLM's unfinished requests at the end."""
-    host, port = base.removeprefix("http://").removesuffix("/v1").split(":")
-    data = json.dumps(body).encode()
     before = _stats()
-    sock = socket.create_connection((host, int(port)), timeout=120)
+    sock = post_raw(base.removesuffix("/v1"), body, {"Authorization": f"Bearer {KEY}"})
     try:
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
         if body.get("stream"):
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         for _ in range(6000):

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import vllm_skip_reason
-from ray_cluster import free_ports
-from test_cluster_serve import ask_together
+from test_cluster_serve import ask_together, serve_app
 from test_serve_robustness import LONG, _leave_midway
 
 openai = pytest.importorskip("openai")
@@ -18,20 +17,9 @@ HELLO = [{"role": "user", "content": "Write two sentences about the sea."}]
 
 @pytest.fixture(scope="module")
 def server(ray_local):
-    from ray import serve
-
-    from cluster.serve.app import start
-    from cluster.serve.config import ServeConfig
-
-    cfg = ServeConfig.from_args({"model": "embedded", "model_name": "tiny", "port": free_ports(1)[0],
-                                 "server": "cai",  # our app on vLLM (tests/test_vllm_gateway.py: ray-llm)
-                                 "max_batch_size": 4, "batch_wait_timeout_s": 0.5,
-                                 "engine": {"backend": "vllm", "max_model_len": 2048}})
-    url = start(cfg)
-    try:
-        yield url
-    finally:
-        serve.shutdown()
+    yield from serve_app({"model": "embedded", "model_name": "tiny", "server": "cai",  # our app (the gateway's:
+                          "max_batch_size": 4, "batch_wait_timeout_s": 0.5,    # test_vllm_gateway.py)
+                          "engine": {"backend": "vllm", "max_model_len": 2048}})
 
 
 @pytest.fixture
@@ -39,7 +27,9 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=120)
 
 
-def test_a_completion_and_its_stream_token_by_token(client):
+def answer_and_stream(client):
+    """The same greedy request whole and streamed: the stream's pieces make the whole answer, arrive
+    token by token (not one block at the end) and end with the same usage. (answer, chunks)."""
     whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=32, temperature=0)
     text = whole.choices[0].message.content
     assert text and whole.usage.prompt_tokens > 0 and 0 < whole.usage.completion_tokens <= 32
@@ -48,8 +38,13 @@ def test_a_completion_and_its_stream_token_by_token(client):
     chunks = list(stream)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(pieces) == text
-    assert len(pieces) > 5  # tokens leave as vLLM decodes them, not one block at the end
+    assert len(pieces) > 5
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    return whole, chunks
+
+
+def test_a_completion_and_its_stream_token_by_token(client):
+    answer_and_stream(client)
 
 
 def test_four_concurrent_requests_are_one_vllm_batch(client):

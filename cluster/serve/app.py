@@ -97,17 +97,14 @@ class ChatModel(Guard):
     # ------------------------------------------------------------------ routes
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if not self.authorized(request):
-            return self.unauthorized()
-        return oa.models_list(self.model_name, self.created)
+        return self.models_reply(request)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        if not self.authorized(request):
-            return self.unauthorized()
-        rid = RequestId.of(request.headers)
+        rid, req = await self.admit(request)
+        if not isinstance(req, oa.ChatRequest):
+            return req
         try:
-            req = await self.chat_request(request)
             prompt_tokens = await asyncio.to_thread(self._count, req)  # a long prompt must not stall the loop
         except oa.RequestError as e:
             return error_response(e)

@@ -130,19 +130,13 @@ class Gateway(Guard):
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if not self.authorized(request):
-            return self.unauthorized()
-        return oa.models_list(self.model_name, self.created)
+        return self.models_reply(request)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        if not self.authorized(request):
-            return self.unauthorized()
-        rid = RequestId.of(request.headers)
-        try:
-            req = await self.chat_request(request)
-        except oa.RequestError as e:
-            return error_response(e)
+        rid, req = await self.admit(request)
+        if not isinstance(req, oa.ChatRequest):
+            return req
         events = self.streamed.chat.remote(ChatCompletionRequest(**oa.upstream_body(req, self.model_name)), None)
         items = _upstream(events)
         try:

@@ -91,7 +91,8 @@ def new_api() -> FastAPI:
 
 
 class Guard:
-    """The checks of a request, for an ingress class: ``guard_setup`` in its ``__init__``."""
+    """The checks of a request, for an ingress class: ``guard_setup`` in its ``__init__`` (which
+    sets ``self.created`` too); its routes call ``models_reply`` and ``admit``."""
 
     def guard_setup(self, model_name: str, max_model_len: int, api_key_sha256: str | None, api_key_env: str | None,
                     max_body_bytes: int, max_messages: int, max_prompt_chars: int | None) -> None:
@@ -115,6 +116,21 @@ class Guard:
     def unauthorized() -> JSONResponse:
         return error_response(oa.RequestError("Incorrect API key provided: pass the key the server was started "
                                               "with as a bearer token", None, "invalid_api_key", status=401))
+
+    def models_reply(self, request: Request):
+        """``GET /v1/models``: the one model served, or a 401."""
+        return oa.models_list(self.model_name, self.created) if self.authorized(request) else self.unauthorized()
+
+    async def admit(self, request: Request) -> tuple[RequestId | None, oa.ChatRequest | JSONResponse]:
+        """A ``POST /v1/chat/completions``: (its request id, the validated request), or the error
+        response to send instead of the request (a 401, or the 4xx naming the field)."""
+        if not self.authorized(request):
+            return None, self.unauthorized()
+        rid = RequestId.of(request.headers)
+        try:
+            return rid, await self.chat_request(request)
+        except oa.RequestError as e:
+            return rid, error_response(e)
 
     async def chat_request(self, request: Request) -> oa.ChatRequest:
         """The request's body, read within ``max_body_bytes`` and validated; raises ``RequestError``."""
