@@ -117,7 +117,11 @@ def test_harmless_recipe_end_to_end(tmp_path, tiny_llama_dir, ray_local):
                for r in by_source["helpful"] + by_source["benign_edgy"])
     pairs = pq.read_table(run / "revision_pairs" / "revision_pairs").to_pylist()
     errors = pq.read_table(run / "revision_pairs" / "errors").to_pylist()
-    assert len(pairs) + len(errors) == len(sl) and {p["source"] for p in pairs} == {"revision"}
+    skipped = pq.read_table(run / "revision_pairs" / "skipped").to_pylist()
+    assert len(pairs) + len(errors) + len(skipped) == len(sl) and {p["source"] for p in pairs} == {"revision"}
+    # the rows revise_sources left alone are skipped on purpose, not errors
+    assert {r["reason"] for r in skipped} == {"not_revised"} and "not_revised" not in {e["reason"] for e in errors}
+    assert len(skipped) == len(by_source["helpful"]) + len(by_source["benign_edgy"])
     assert {p["prompt_id"] for p in pairs} <= {r["prompt_id"] for r in by_source["red_team"]}
     assert (run / "sft" / "sft_model" / "config.json").is_file()
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
