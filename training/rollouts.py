@@ -5,6 +5,7 @@ LoRA adapters merged into the starting weights on the actor — and, for ``rewar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import torch.distributed as dist
@@ -68,6 +69,12 @@ def start_judges(cfg, cpus: float) -> list:
     return [remote.remote(j.engine, j.engine_factory) for _ in range(j.engine.concurrency)]
 
 
+@functools.cache
+def _principles(constitution: str) -> tuple:
+    """The constitution's principles, read once per process (not once per iteration)."""
+    return tuple(load_constitution(constitution).principles)
+
+
 def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: int) -> dict:
     """``reward: judge`` / ``labeler: judge``: rank 0 has the judge actors compare each prompt's
     answers (``training.judging``) and every rank gets each answer's ``judge_score`` (set on the
@@ -79,8 +86,7 @@ def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: 
     if rank == 0:
         started, n = time.time(), cfg.samples_per_prompt
         groups = [everything[g * n:(g + 1) * n] for g in range(len(everything) // n)]
-        asked = judging.requests(groups, load_constitution(cfg.judge.constitution).principles,
-                                 cfg.judge.principles, seed, it)
+        asked = judging.requests(groups, _principles(cfg.judge.constitution), cfg.judge.principles, seed, it)
         convs = asked.conversations
         k = -(-len(convs) // len(judges)) if convs else 0
         refs = [a.choice_logprobs.remote(convs[i * k:(i + 1) * k], list(judging.CHOICES))
