@@ -44,7 +44,9 @@ def answer_and_stream(client):
 
 
 def test_a_completion_and_its_stream_token_by_token(client):
-    answer_and_stream(client)
+    whole, chunks = answer_and_stream(client)
+    assert whole.model == "tiny" and whole.choices[0].finish_reason in ("stop", "length")
+    assert len(chunks) > whole.usage.completion_tokens // 2  # many chunks, not one block at the end
 
 
 def test_four_concurrent_requests_are_one_vllm_batch(client):
