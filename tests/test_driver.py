@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from workflows.core.errors import ConfigError
@@ -17,20 +19,41 @@ def test_pool_sizing_does_not_change_the_result_hash_anywhere():
     assert result_hash(a, 0) != result_hash(a, 1)  # the seed changes results
 
 
-def test_a_field_added_later_leaves_the_hash_of_older_configs_as_it_was():
-    """A run directory half-finished before ``reward``/``rules`` existed must still resume: at their
-    defaults they are not in the hash; set, they are."""
-    from workflows.core import stage as stage_mod
-    from workflows.core.typed import to_dict
-    from workflows.driver import _RUNTIME_FIELDS, _without_resources
+def test_a_stage_an_older_version_made_resumes_after_an_upgrade(tmp_path):
+    """A run directory made before ``label_field``, ``judge`` (and its nested engine) existed, with
+    ``256.0`` where today's default is ``256``, still resumes: its recorded settings are read with
+    today's defaults. Setting a new field to something else is a different config."""
+    import json
 
-    cfg = plan(Recipe(stages=[{"stage": "ppo", "reward_fn": "m:f"}]))[0].config
-    older = {k: v for k, v in _without_resources(to_dict(cfg)).items()
-             if k not in _RUNTIME_FIELDS and k not in ("reward", "rules")}
-    assert result_hash(cfg, 0) == stage_mod.config_hash({**older, "_seed": 0})
-    rules = plan(Recipe(stages=[{"stage": "ppo", "reward": "rules"}]))[0].config
-    mine = plan(Recipe(stages=[{"stage": "ppo", "reward": "rules", "rules": {"harmful_sources": ["x"]}}]))[0].config
-    assert len({result_hash(cfg, 0), result_hash(rules, 0), result_hash(mine, 0)}) == 3
+    from workflows.core.stage import StageContext, config_hash
+    from workflows.core.typed import to_dict
+    from workflows.driver import _check_resumable, _RUNTIME_FIELDS, _without_resources
+
+    def older(cfg, drop):
+        d = to_dict(cfg)
+        for k in drop:
+            d.pop(k)
+        return {**d, **({"sync_bucket_mb": 256.0} if "sync_bucket_mb" in d else {})}  # as older versions wrote it
+
+    for stage, drop, changed in [("online_dpo", ("judge",), {"judge": {"principles": 2}}),
+                                 ("prompts", ("label_field",), {"label_field": "y"})]:
+        cfg = plan(Recipe(stages=[{"stage": stage}]))[0].config
+        old = older(cfg, drop)
+        ctx = StageContext(str(tmp_path / stage), stage, 0)
+        os.makedirs(ctx.dir)
+        data = {k: v for k, v in _without_resources(old).items() if k not in _RUNTIME_FIELDS}
+        with open(ctx.path("_config.json"), "w") as f:
+            json.dump({"config_hash": config_hash({**data, "_seed": 1}), "config": old}, f)
+        assert _check_resumable(ctx, result_hash(cfg, 0), None, cfg, 0) is False  # half-finished: resumes
+        new = plan(Recipe(stages=[{"stage": stage, **changed}]))[0].config
+        with pytest.raises(ConfigError, match="made with a different config"):
+            _check_resumable(ctx, result_hash(new, 0), None, new, 0)
+
+
+def test_an_integral_float_and_its_int_are_one_setting():
+    a = plan(Recipe(stages=[{"stage": "sft", "lr": 1}]))[0].config
+    b = plan(Recipe(stages=[{"stage": "sft", "lr": 1.0}]))[0].config
+    assert result_hash(a, 0) == result_hash(b, 0) != result_hash(plan(Recipe(stages=[{"stage": "sft", "lr": 1.5}]))[0].config, 0)
 
 
 @pytest.mark.parametrize("stages, where", [

@@ -91,9 +91,6 @@ STAGES: dict[str, StageSpec] = {
 _RESOURCE_FIELDS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "torch_threads")
 _TRANSPORT_FIELDS = ("allow_insecure_http",)
 # Training settings that change how a job runs, not what it learns.
-# Fields added to a config after run directories were made with it: at their default they are left
-# out of the result hash, so a stage an older version half-finished still resumes after an upgrade.
-_ADDED_FIELDS = ("reward", "rules", "judge")
 _RUNTIME_FIELDS = ("cpus_per_worker", "max_failures", "keep_checkpoints", "checkpoint_every", "fail_at_step",
                    "collective_timeout_s", "checkpoint_rows")
 
@@ -253,12 +250,19 @@ def _without_resources(data):
 
 def result_hash(cfg, seed: int) -> str:
     data = {k: v for k, v in _without_resources(to_dict(cfg)).items() if k not in _RUNTIME_FIELDS}
-    for f in dataclasses.fields(cfg):  # a field newer than run directories leaves their hash as it was
-        if f.name in _ADDED_FIELDS:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if data.get(f.name) == (to_dict(default) if dataclasses.is_dataclass(default) else default):
-                data.pop(f.name, None)
     return stage_mod.config_hash({**data, "_seed": seed})
+
+
+def _recorded_hash(uri: str, cfg, seed: int) -> str | None:
+    """The hash of the settings a stage recorded (``_config.json``) read with today's defaults: a
+    field added after the run directory was made (``label_field``, ``judge``, a nested engine
+    setting) is there at its default, so an older version's run still resumes after an upgrade —
+    unless the recipe now sets that field to something else. None when they no longer read."""
+    doc = storage.read_json(uri)
+    try:
+        return result_hash(from_dict(type(cfg), doc.get("config") if isinstance(doc, dict) else None), seed)
+    except Exception:  # renamed or removed fields: the settings differ
+        return None
 
 
 def _started_hash(uri: str, name: str) -> str:
@@ -270,12 +274,14 @@ def _started_hash(uri: str, name: str) -> str:
     return doc["config_hash"]
 
 
-def _check_resumable(ctx: StageContext, h: str, info: dict | None) -> bool:
+def _check_resumable(ctx: StageContext, h: str, info: dict | None, cfg, seed: int) -> bool:
     """True if the stage is already finished with this config. A finished or half-finished
     stage made with another config is an error: mixing results would be silent corruption."""
     started_uri = ctx.path("_config.json")
     old = info["config_hash"] if info else (_started_hash(started_uri, ctx.name)
                                             if storage.exists(started_uri) else None)
+    if old is not None and old != h and storage.exists(started_uri):
+        old = _recorded_hash(started_uri, cfg, seed) or old
     if old is not None and old != h:
         raise ConfigError(f"stage {ctx.name}", f"{ctx.dir} was made with a different config",
                           f"re-run with `--restart-from {ctx.name}` to redo it (and what follows), "
@@ -329,7 +335,7 @@ def _run_stages(recipe: Recipe, stages: list[PlannedStage], guards, datasets: di
                            budget=recipe.bookkeeping)
         spec = STAGES[s.kind]
         info = None if spec.always_runs else stage_mod.read_success(ctx.dir)
-        if not spec.always_runs and _check_resumable(ctx, h, info):
+        if not spec.always_runs and _check_resumable(ctx, h, info, s.config, recipe.seed):
             left_out = f", {info['skipped']} left out on purpose" if info.get("skipped") else ""
             print(f"[{s.name}] already finished ({info['outputs']} rows{left_out}, {info['errors']} errors) — skipped")
         else:

@@ -71,8 +71,19 @@ class StageContext:
         return self.inputs[dataset]
 
 
+def _canonical(x):
+    """Settings as they mean, not as they were typed: ``256`` and ``256.0`` are one setting."""
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _canonical(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_canonical(v) for v in x]
+    return x
+
+
 def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_canonical(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_success(stage_dir: str) -> dict | None:
