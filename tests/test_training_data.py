@@ -226,3 +226,24 @@ def test_exported_model_drops_the_gguf_quantization_setting(tiny_llama_dir, tmp_
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, p in again.state_dict().items():
         assert torch.equal(p, model.state_dict()[name]), name
+
+
+def test_dpo_steps_rpo_term_is_the_chosen_answers_nll_per_token(tok, tiny_llama_dir):
+    """The DPO job's step with ``rpo_alpha``: its loss exceeds plain DPO's by alpha × the chosen
+    answers' mean NLL per *answer* token, the same figure the model's own loss gives."""
+    from transformers import AutoModelForCausalLM
+
+    from training.dpo import _make_step
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    rows = [{"prompt": "Say hi", "chosen": "Hello there, friend.", "rejected": "No."},
+            {"prompt": "Count", "chosen": "one two", "rejected": "I won't count for you at all."}]
+    batch = collate_pairs([tokenize_preference(tok, r, 64) for r in rows], tok.pad_token_id)
+    batch.update(ref_chosen=torch.zeros(2), ref_rejected=torch.zeros(2))
+    with torch.no_grad():
+        plain = _make_step(from_dict(DPOConfig, {}), None)(model, batch)[0]
+        rpo = _make_step(from_dict(DPOConfig, {"rpo_alpha": 0.5}), None)(model, batch)[0]
+        nll = [model(input_ids=batch["input_ids"][i:i + 1], labels=batch["labels"][i:i + 1]).loss for i in (0, 1)]
+    assert float(rpo - plain) == pytest.approx(0.5 * float(sum(nll)) / 2, rel=1e-4)
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        from_dict(DPOConfig, {"rpo_alpha": -1})

@@ -182,6 +182,23 @@ def test_ipo_hard_and_soft():
                           p_chosen=torch.tensor([1.0]))[0], 1.0)
 
 
+def test_rpo_adds_the_chosen_answers_nll():
+    """RPO: + alpha * chosen NLL per pair (weighted like the DPO term); its gradient raises the
+    chosen answer's log-prob even where the DPO term alone is satisfied."""
+    pc, pr, rc, rr = dpo_inputs()
+    nll = -pc / 4  # a 4-token chosen answer: mean NLL 0.25
+    loss = dpo_loss(pc, pr, rc, rr, beta=0.5, rpo_alpha=2.0, chosen_nll=nll)[0]
+    assert close(loss, sp(-1.0) + 2.0 * 0.25)
+    loss.backward()
+    assert close(pc.grad, [-0.5 / (1 + math.e) - 2.0 / 4])
+    two = [torch.cat([t.detach(), torch.tensor([0.0])]) for t in (pc, pr, rc, rr)]
+    weighted = dpo_loss(*two, beta=0.5, rpo_alpha=1.0, chosen_nll=torch.tensor([0.25, 9.0]),
+                        weights=torch.tensor([1.0, 0.0]))[0]
+    assert close(weighted, sp(-1.0) + 0.25)  # a weight-0 pad pair adds nothing
+    with pytest.raises(ValueError, match="chosen_nll"):
+        dpo_loss(pc, pr, rc, rr, rpo_alpha=1.0)
+
+
 def test_dpo_unknown_loss_type():
     pc, pr, rc, rr = dpo_inputs()
     with pytest.raises(ValueError, match="sigmoid.*ipo"):

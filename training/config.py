@@ -156,9 +156,12 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0  # cDPO; ignored for rows with soft labels when use_soft_labels
     use_soft_labels: bool = False  # use p_chosen as the per-pair label (cDPO/soft IPO)
     reference: Literal["precompute", "model"] = "precompute"  # logprobs once up front, or a frozen copy
+    rpo_alpha: float = 0.0  # > 0: + rpo_alpha × the chosen answer's NLL per token (RPO; TRL's rpo_alpha)
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"{where}.rpo_alpha", f"got {self.rpo_alpha}", "use 0 (plain DPO) or more, e.g. 1.0")
         if self.beta <= 0:
             raise ConfigError(f"{where}.beta", f"got {self.beta}", "use a positive beta, e.g. 0.1")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -334,6 +337,7 @@ class OnlineDPOConfig(TrainConfig):
     beta: float = 0.1
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     dpo_epochs: int = 1  # passes over each round's pairs
+    rpo_alpha: float = 0.0  # > 0: + rpo_alpha × the chosen answer's NLL per token (RPO; TRL's rpo_alpha)
     lr: float = 5e-7
     lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
     rollout: EngineConfig = field(default_factory=lambda: EngineConfig(concurrency=1))  # its model: the policy
@@ -361,6 +365,7 @@ class OnlineDPOConfig(TrainConfig):
             ("max_new_tokens", self.max_new_tokens < 1, "use 1 or more"),
             ("temperature", self.temperature <= 0, "sample with temperature > 0, e.g. 1.0: the answers must differ"),
             ("beta", self.beta <= 0, "use a positive beta, e.g. 0.1"),
+            ("rpo_alpha", self.rpo_alpha < 0, "use 0 (plain DPO) or more, e.g. 1.0"),
             ("dpo_epochs", self.dpo_epochs < 1, "use 1 or more"),
             ("sync_bucket_mb", self.sync_bucket_mb <= 0, "use a positive size in MB, e.g. 256"),
             ("grad_accum", self.grad_accum != 1, "use 1: raise micro_batch_size (pairs per step) instead"),

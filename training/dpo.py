@@ -18,7 +18,7 @@ from actors.models import load_causal_lm, load_tokenizer
 from training import core, runner
 from training.config import DPOConfig
 from training.data import collate_pairs, tokenize_preference
-from training.losses import dpo_loss, sequence_logprobs
+from training.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from training.worker import JobSpec, load_items, setup_worker
 from workflows.core.stage import StageContext
 
@@ -50,9 +50,14 @@ def _make_step(cfg: DPOConfig, ref_model):
                 rc, rr = _logps(ref_model, batch)
         else:
             rc, rr = batch["ref_chosen"], batch["ref_rejected"]
+        nll = None
+        if cfg.rpo_alpha:  # the chosen answers' mean NLL per token (chosen rows come first)
+            n = (batch["labels"][:pc.size(0), 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+            nll = -pc / n
         loss, cr, rj = dpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
                                 label_smoothing=cfg.label_smoothing,
-                                p_chosen=batch["p_chosen"] if cfg.use_soft_labels else None)
+                                p_chosen=batch["p_chosen"] if cfg.use_soft_labels else None,
+                                rpo_alpha=cfg.rpo_alpha, chosen_nll=nll)
         return loss, {"reward_chosen": float(cr.mean()), "reward_rejected": float(rj.mean()),
                       "reward_margin": float((cr - rj).mean()), "reward_accuracy": float((cr > rj).float().mean())}
     return step

@@ -59,8 +59,8 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, p_chosen: Tensor | None = None, weights: Tensor | None = None
-             ) -> tuple[Tensor, Tensor, Tensor]:
+             label_smoothing: float = 0.0, p_chosen: Tensor | None = None, weights: Tensor | None = None,
+             rpo_alpha: float = 0.0, chosen_nll: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """DPO family on ``h = (pi_c - ref_c) - (pi_r - ref_r)``; returns (mean loss, chosen_rewards,
     rejected_rewards) with rewards ``beta * (policy - ref)`` detached.
 
@@ -72,7 +72,12 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     * ``"ipo"`` (Azar et al. 2023): ``(h - (2p-1) / (2 beta))^2``; p=1 is standard IPO's target
       ``1/(2 beta)``, p=0.5 targets h=0. (Unlike TRL, label_smoothing thus also softens IPO.)
 
-    ``weights`` (per pair) make the loss a weighted mean: a weight-0 pair only pads a batch."""
+    ``weights`` (per pair) make the loss a weighted mean: a weight-0 pair only pads a batch.
+
+    ``rpo_alpha`` > 0 adds ``rpo_alpha * chosen_nll`` per pair (RPO, Pang et al. 2024; TRL's
+    ``rpo_alpha``): ``chosen_nll`` is each chosen answer's mean negative log-likelihood per token,
+    so the chosen answers' likelihood is held up while the margin grows — plain DPO can widen the
+    margin by pushing both answers down."""
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; allowed: {', '.join(DPO_LOSS_TYPES)}")
     if beta <= 0:
@@ -89,6 +94,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     else:
         losses = (h - (2 * p - 1) / (2 * beta)) ** 2
+    if rpo_alpha:
+        if chosen_nll is None:
+            raise ValueError("rpo_alpha needs chosen_nll: each chosen answer's mean NLL per token")
+        losses = losses + rpo_alpha * chosen_nll.float()
     loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1e-8)
     return loss, beta * chosen_diff.detach(), beta * rejected_diff.detach()
 

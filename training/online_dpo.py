@@ -143,11 +143,14 @@ def _train_round(engine, ref, tok, cfg: OnlineDPOConfig, pairs: list[dict], samp
             real = bool(idx)
             idx = idx or [k - 1]
             sub = [(pairs + pad)[i] for i in idx]
-            lp = _seq_logps(engine, _pair_batch(tok, sub, device), mb, grad=True)
+            batch = _pair_batch(tok, sub, device)
+            lp = _seq_logps(engine, batch, mb, grad=True)
             b, at = len(sub), torch.tensor(idx)
             rc, rr = ref_c[at].to(lp.device), ref_r[at].to(lp.device)
             w = torch.full((b,), 1.0 if real else 0.0, device=lp.device)
-            loss, cr, rj = dpo_loss(lp[:b], lp[b:], rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, weights=w)
+            nll = -lp[:b] / batch["resp_mask"][:b].sum(-1).clamp(min=1)  # per token: RPO's term
+            loss, cr, rj = dpo_loss(lp[:b], lp[b:], rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, weights=w,
+                                    rpo_alpha=cfg.rpo_alpha, chosen_nll=nll)
             engine.backward(loss)
             engine.step()
             if real:
