@@ -17,7 +17,7 @@ from actors import EngineConfig, make_engine
 from actors.base import EngineError, describe
 from actors.models import prepare_model
 from actors.sources import tensor_parallel_problem
-from workflows.core import blocks, stage, storage
+from workflows.core import blocks, console, stage, storage
 from workflows.core.errors import DataError
 from workflows.core.stage import StageContext
 
@@ -126,7 +126,8 @@ class _Saving:
     block's input rows itself (``blocks.InputIndex.read``), runs the worker on them and writes the
     raw rows at once and whole (``stage.write_whole``) as ``b<block>-<uuid>.parquet``, before taking
     the next block. So a killed run loses only the blocks its actors were working on, and a resumed
-    one sends only the blocks without a raw file. Returns one row per block: raw rows saved."""
+    one sends only the blocks without a raw file. Returns one row per block: its number and the raw
+    rows saved."""
 
     inner: type
 
@@ -148,7 +149,7 @@ class _Saving:
             out = self.worker(rows)
             stage.write_whole(out, self.fs, f"{self.dir}/{blocks.raw_name(block)}")
             saved.append(out.num_rows)
-        return pa.table({"saved": saved})
+        return pa.table({"block": table["block"], "saved": saved})
 
 
 def _saving(worker_cls: type) -> type:
@@ -158,14 +159,14 @@ def _saving(worker_cls: type) -> type:
 
 def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_cls: type,
                         engine: EngineConfig, worker_kwargs: dict, checkpoint_rows: int,
-                        check: bool = True) -> int:
+                        check: bool = True, label: str | None = None) -> int:
     """Append raw rows for every input block not yet in ``<stage>/_raw``; returns input rows sent.
     The input is cut into numbered blocks of at most ``checkpoint_rows`` rows (``blocks.Plan``,
     fixed when the stage first starts); each becomes one raw file, written by the actor that made it
     as soon as it is done — the unit of work an interrupted run keeps. Resuming reads raw file
     names and footers only, and the actors read only the rows of the blocks left.
     ``check``: load-check the model on the driver first (off when an ``engine_factory`` builds
-    the engines)."""
+    the engines). ``label``: the progress line's name (the stage's by default)."""
     index = blocks.input_index(input_uri)
     raw_dir = ctx.path(stage.RAW)
     plan = blocks.load_plan(raw_dir, index.rows, block_rows(index.rows, checkpoint_rows, engine), ctx.name)
@@ -180,8 +181,8 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
     left = sum(hi - lo for lo, hi in map(plan.span, todo))
     if done or legacy_files:
         old = f"; {len(legacy)} rows saved by an earlier version are skipped by id" if legacy_files else ""
-        print(f"[{ctx.name}] resuming: {len(done)} of {plan.blocks} blocks already done "
-              f"({plan.rows - left} of {plan.rows} rows){old}; {left} rows to go")
+        console.say(f"[{ctx.name}] resuming: {len(done)} of {plan.blocks} blocks already done "
+                    f"({plan.rows - left} of {plan.rows} rows){old}; {left} rows to go")
     if not todo:
         return 0
     if check:
@@ -192,5 +193,9 @@ def stream_through_pool(ctx: StageContext, input_uri: str, id_col: str, worker_c
     ds = ds.map_batches(_saving(worker_cls), batch_format="pyarrow", **{**pool_args(engine), "batch_size": 1},
                         fn_constructor_kwargs={"raw_dir": storage.resolve(raw_dir), "worker_kwargs": worker_kwargs,
                                                "source": (index, plan, id_col, legacy)})
-    ds.materialize()  # runs the pipeline; what it holds is one small row per block
+    progress = console.Progress(label or ctx.name, plan.rows, "rows")
+    progress.update(done=plan.rows - left)
+    for got in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # runs the pipeline: a row per block
+        progress.update(add=sum(hi - lo for lo, hi in map(plan.span, got["block"].to_pylist())))
+    progress.close()
     return left

@@ -87,3 +87,63 @@ def test_online_dpo_pairs_are_the_judges_ranking(tmp_path, peaked_llama, prompts
     for r in rows:
         assert r["labeler"] == "judge" and r["chosen_score"] > r["rejected_score"]
         assert toy.share(r["chosen"][0]["content"]) > toy.share(r["rejected"][0]["content"])
+
+
+def gold_file(path: Path, model: Path, human_agrees: bool) -> str:
+    """Six human-labeled pairs: one answer of lower-vocabulary tokens, one of upper; the human
+    chose the lower one (as the toy judge would) or the upper one (against it)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = []
+    for i in range(6):
+        low, high = tok.decode(list(range(1000 + 40 * i, 1012 + 40 * i))), tok.decode(list(range(40000 + 40 * i, 40012 + 40 * i)))
+        chosen, rejected = (low, high) if human_agrees else (high, low)
+        rows.append({"prompt": f"Tell me fact number {i}.", "chosen": chosen, "rejected": rejected})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_the_judges_gold_gate_passes_a_judge_that_agrees_and_stops_one_that_does_not(tmp_path, peaked_llama,
+                                                                                      prompts_dir, ray_local):
+    """``judge.gold``: before the job, the judge labels the gold pairs as it will judge; the figures
+    go to ``_gold/gold.json``. A judge that contradicts the humans stops the stage in one line,
+    before any rollout — or, with ``on_gold_fail: warn``, goes on with a warning."""
+    import json
+
+    from workflows.judging import rl_gate
+    from workflows.judging.gold import GoldGateError
+
+    good = gold_file(tmp_path / "good.jsonl", peaked_llama, human_agrees=True)
+    bad = gold_file(tmp_path / "bad.jsonl", peaked_llama, human_agrees=False)
+    ctx = StageContext(str(tmp_path / "run"), "online_dpo", seed=0)
+    cfg = online_config(peaked_llama, prompts_dir, labeler="judge", reward_fn=None, judge={**judge(peaked_llama), "gold": good})
+    figures = rl_gate.check(cfg, ctx)
+    assert figures["passed"] and figures["agreement"] == 1.0 and figures["n"] == 6 and figures["position_bias"] == 0.0
+    saved = json.loads((tmp_path / "run" / "online_dpo" / "_gold" / "gold.json").read_text())
+    assert saved["line"].startswith("passed: agreement 1.000") and saved["n"] == 6
+
+    (tmp_path / "run" / "online_dpo" / "_config.json").write_text("{}")  # the driver's record: a fresh stage drops it
+    cfg = online_config(peaked_llama, prompts_dir, labeler="judge", reward_fn=None, judge={**judge(peaked_llama), "gold": bad})
+    with pytest.raises(GoldGateError) as e:
+        rl_gate.check(cfg, ctx)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("stage online_dpo: gold ") and "agreement 0.000" in msg
+    assert "min_agreement 0.6" in msg and "on_gold_fail: warn" in msg
+    assert not (tmp_path / "run" / "online_dpo" / "_config.json").exists()
+
+    warn = online_config(peaked_llama, prompts_dir, labeler="judge", reward_fn=None,
+                         judge={**judge(peaked_llama), "gold": bad, "on_gold_fail": "warn"})
+    assert rl_gate.check(warn, ctx)["passed"] is False
+    rules = online_config(peaked_llama, prompts_dir, labeler="rules", reward_fn=None, judge={"gold": bad})
+    assert rl_gate.check(rules, ctx) is None  # no judge in the job: nothing to gate
+    from workflows.core.typed import to_dict
+    from workflows.driver import Recipe, run_recipe
+
+    recipe = Recipe(name="gate", run_dir=str(tmp_path / "run2"), stages=[{"stage": "online_dpo", **to_dict(cfg)}])
+    with pytest.raises(GoldGateError):  # the driver gates the stage before it starts
+        run_recipe(recipe)
+    assert (tmp_path / "run2" / "online_dpo" / "_gold" / "gold.json").exists()
+    assert not (tmp_path / "run2" / "online_dpo" / "_ray").exists()

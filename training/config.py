@@ -175,16 +175,26 @@ class JudgeSettings:
     principles drawn per pair — and an answer scores its mean chance of being preferred
     (``training.judging``). ``engine`` is the judge model (the embedded model unless named: a model
     directory, a vLLM engine or an OpenAI-compatible endpoint), served by ``engine.concurrency``
-    actors beside the rollout actors."""
+    actors beside the rollout actors. ``gold``: before the job starts, the judge labels these
+    human-labeled pairs exactly as it will judge (the preference stage's gold gate) and the stage
+    stops — or warns — below ``min_agreement`` or above ``max_position_bias``."""
 
     constitution: str = "default"  # a shipped constitution's name or a YAML file
     principles: int = 1  # principles drawn per compared pair (their verdicts are averaged)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(model="embedded", concurrency=1))
     engine_factory: str | None = None  # "module:callable" building the judge engine (tests)
+    gold: str | None = None  # human-labeled pairs (a file, or builtin:gold_pairs) the judge must agree with first
+    min_agreement: float = 0.6  # share of gold pairs where the judge picks the human's answer
+    max_position_bias: float | None = 0.4  # share of gold pairs whose two orders disagree (null: no limit)
+    on_gold_fail: Literal["stop", "warn"] = "stop"
 
     def validate(self, where: str) -> None:
+        bias = self.max_position_bias
         check_fields(self, where, [("principles", self.principles < 1, "use 1 or more"),
-                                   ("engine.concurrency", self.engine.concurrency < 1, "use 1 or more judge actors")])
+                                   ("engine.concurrency", self.engine.concurrency < 1, "use 1 or more judge actors"),
+                                   ("min_agreement", not 0.0 <= self.min_agreement <= 1.0, "use a share in [0, 1]"),
+                                   ("max_position_bias", bias is not None and not 0.0 <= bias <= 1.0,
+                                    "use a share in [0, 1], or null for no limit")])
         check_recipe_code(self.engine_factory, where, "engine_factory")
         try:
             load_constitution(self.constitution)

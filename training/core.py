@@ -28,8 +28,8 @@ import torch.distributed as dist
 from actors.models import load_causal_lm, save_plain_lm
 from training import checkpoints
 from training.data import length_grouped_batches
-from training.worker import (CURVES_FILE, FAULT_MARKER, METRICS_FILE, SUMMARY_FILE, JobSpec, WorkerSettings, all_reduce,
-                             deepspeed_config, lr_lambda)
+from training.worker import (CURVES_FILE, FAULT_MARKER, METRICS_FILE, SUMMARY_FILE, JobSpec, ProgressFile, WorkerSettings,
+                             all_reduce, deepspeed_config, lr_lambda)
 from workflows.core import storage
 from workflows.core.errors import DataError
 
@@ -228,6 +228,7 @@ def fit(task: Task, spec: JobSpec, ws: WorkerSettings) -> None:
     state = checkpoints.restore(engine, {"step": 0, "history": [], "resumes": 0, "resumed_from": []},
                                spec.stage_dir, spec.job)
     marker = spec.path(FAULT_MARKER)
+    progress = ProgressFile(spec, ws.rank, total, "steps")
     engine.train()
     while state["step"] < total:
         epoch, first = divmod(state["step"], steps_per_epoch)
@@ -254,6 +255,7 @@ def fit(task: Task, spec: JobSpec, ws: WorkerSettings) -> None:
             if task.eval and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total:
                 rec.update(task.summarize(evaluate(engine, task, task.eval, task.evaluate, mb)))
             state["history"].append(rec)
+            progress(state["step"])
             if ws.rank == 0:
                 # straight to the process's stdout: Ray Train's patched print would log the line twice
                 print(f"[{spec.job}] step {state['step']}/{total} loss {rec['loss']:.4f} lr {lr:.2e}",

@@ -39,7 +39,7 @@ from training.config import OnlineDPOConfig
 from training.losses import dpo_loss
 from training.reward import load_reward_model
 from training.rl import best_worst, end_penalty
-from training.worker import JobSpec, WorkerSettings, all_reduce, deepspeed_config, lr_lambda, setup_worker
+from training.worker import JobSpec, ProgressFile, WorkerSettings, all_reduce, deepspeed_config, lr_lambda, setup_worker
 from workflows.core import storage
 from workflows.core.ids import ID_HEX
 from workflows.core.refusal import is_refusal
@@ -193,6 +193,7 @@ def train_loop(spec: JobSpec) -> None:
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
     P, n = cfg.prompts_per_round, cfg.samples_per_prompt
+    progress = ProgressFile(spec, rank, cfg.rounds, "rounds")
     while state["step"] < cfg.rounds:
         it = state["step"]
         ppo.fail_once(spec, cfg, it, rank)
@@ -225,7 +226,7 @@ def train_loop(spec: JobSpec) -> None:
         if rank == 0:
             print(f"[online_dpo] round {it + 1}/{cfg.rounds}: {rec['pairs']} pairs, {rec['ties']} ties, "
                   f"score {rec['score']:.3f}, loss {rec.get('loss', float('nan')):.4f}", file=sys.__stdout__, flush=True)
-        ppo.close_iteration(engine, state, rec, everything, n, cfg.rounds, cfg.checkpoint_every)
+        ppo.close_iteration(engine, state, rec, everything, n, cfg.rounds, cfg.checkpoint_every, progress)
     _finish(engine, spec, ws, state, actors, tok, prompts)
 
 

@@ -59,9 +59,9 @@ from training.losses import (gae, kl_penalty, masked_mean, masked_whiten, ppo_po
 from training.reward import check_reward_dir, load_reward_model, score
 from training.rl import (AdaptiveKL, end_penalty, entropy, explained_variance, flat_groups, grpo_advantages,
                          rloo_advantages, sequence_rewards, token_logprobs)
-from training.worker import (CURVES_FILE, FAULT_MARKER, METRICS_FILE, JobSpec, WorkerSettings, all_reduce,
-                             deepspeed_config, lr_lambda, setup_worker)
-from workflows.core import storage
+from training.worker import (CURVES_FILE, FAULT_MARKER, METRICS_FILE, JobSpec, ProgressFile, WorkerSettings,
+                             all_reduce, deepspeed_config, lr_lambda, setup_worker)
+from workflows.core import console, storage
 from workflows.core.errors import ConfigError, DataError
 from workflows.core.refusal import is_refusal
 from workflows.core.rules import harmful, rule_reward
@@ -245,7 +245,7 @@ def _update(engine, cfg: PPOConfig, batch: dict, old: dict, warmup: bool) -> dic
             engine.step()
             with torch.no_grad():
                 ent = entropy(logits, m, cfg.temperature).item()
-            for k, x in {"loss": loss.item(), "policy_loss": p_loss.item(), "value_loss": float(v_loss),
+            for k, x in {"loss": loss.item(), "policy_loss": p_loss.item(), "value_loss": float(torch.as_tensor(v_loss).detach()),
                          "entropy": ent, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + x
             count += 1
@@ -316,6 +316,7 @@ def train_loop(spec: JobSpec) -> None:
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         sync(engine, cfg, ws, actors, state["version"])
     P, n = cfg.prompts_per_iteration, cfg.samples_per_prompt
+    progress = ProgressFile(spec, rank, cfg.iterations, "iterations")
     while state["step"] < cfg.iterations:
         it = state["step"]
         fail_once(spec, cfg, it, rank)
@@ -372,18 +373,21 @@ def train_loop(spec: JobSpec) -> None:
         if rank == 0:
             print(f"[{cfg.algorithm}] iteration {it + 1}/{cfg.iterations} reward {rec['reward']:.4f} score {rec['score']:.4f} "
                   f"kl {rec['kl']:.4f} clipfrac {rec['clipfrac']:.3f}", file=sys.__stdout__, flush=True)
-        close_iteration(engine, state, rec, everything, n, cfg.iterations, cfg.checkpoint_every)
+        close_iteration(engine, state, rec, everything, n, cfg.iterations, cfg.checkpoint_every, progress)
     _finish(engine, spec, ws, state, actors, tok, prompts)
 
 
-def close_iteration(engine, state: dict, rec: dict, everything: list[dict], n: int, total: int, every: int) -> None:
+def close_iteration(engine, state: dict, rec: dict, everything: list[dict], n: int, total: int, every: int,
+                    progress: ProgressFile) -> None:
     """An iteration (or round) done: its metrics kept, the first one's example prompts noted, the
-    step counted, and a checkpoint every ``every`` (none after the last: the export follows)."""
+    step counted (and shown in the driver's progress line), and a checkpoint every ``every`` (none
+    after the last: the export follows)."""
     state["history"].append(rec)
     if state["step"] == 0:
         state["examples"] = [{"prompt": s["messages"][-1]["content"], "messages": s["messages"], "first": s["text"]}
                              for s in everything[::n][:3]]
     state["step"] += 1
+    progress(state["step"])
     if every and state["step"] % every == 0 and state["step"] < total:
         checkpoints.save(engine, state, rec)
 
@@ -457,7 +461,7 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
     prompts, too_long = fitting_prompts(read_prompts(runner.resolve_ref(cfg.input, ctx)), model, cfg)
     prompts = interleave_sources(prompts)
     if too_long:
-        print(f"[{ctx.name}] {len(too_long)} prompt(s) leave no room for {cfg.max_new_tokens} new tokens in "
+        console.say(f"[{ctx.name}] {len(too_long)} prompt(s) leave no room for {cfg.max_new_tokens} new tokens in "
               f"rollout.max_model_len {cfg.rollout.max_model_len} — skipped (in the summary), e.g. {too_long[0]}")
     if len(prompts) < cfg.prompts_per_iteration:
         raise DataError(f"stage {ctx.name}: {len(prompts)} prompts, fewer than prompts_per_iteration "
@@ -467,7 +471,7 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
         for p in prompts:
             p["harmful"] = harmful(p["source"], cfg.rules, p["prompt_id"])
         if not any(p["harmful"] for p in prompts) or all(p["harmful"] for p in prompts):
-            print(f"[{ctx.name}] note: reward: rules — {'all' if prompts[0]['harmful'] else 'none'} of the "
+            console.say(f"[{ctx.name}] note: reward: rules — {'all' if prompts[0]['harmful'] else 'none'} of the "
                   f"{len(prompts)} prompts come from rules.harmful_sources {cfg.rules.harmful_sources}", flush=True)
     elif cfg.reward == "judge":
         pass  # the judge actors load their own model

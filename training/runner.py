@@ -26,8 +26,8 @@ import pyarrow as pa
 from actors.models import prepare_model
 from training import inputs
 from training.config import TrainConfig
-from training.worker import CURVES_FILE, METRICS_FILE, SUMMARY_FILE, JobSpec, RowRefs
-from workflows.core import stage, storage
+from training.worker import CURVES_FILE, METRICS_FILE, PROGRESS_FILE, SUMMARY_FILE, JobSpec, RowRefs
+from workflows.core import console, stage, storage
 from workflows.core.errors import CaiError, DataError
 from workflows.core.stage import StageContext
 from workflows.core.summary import stage_lines
@@ -125,14 +125,21 @@ def fit_trainer(loop: Callable[[JobSpec], None], spec: JobSpec, ctx: StageContex
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         **extra)
     storage.delete(ctx.path(SUMMARY_FILE))  # written by rank 0 as the job's last act: the proof it finished
+    storage.delete(ctx.path(PROGRESS_FILE))
     try:
-        _fit_interruptibly(trainer)
+        with console.watching(partial(_progress, ctx.path(PROGRESS_FILE)), ctx.name):
+            _fit_interruptibly(trainer)
     except Exception as e:  # noqa: BLE001 — surface our own error if a worker raised one
         raise _user_error(e) or TrainingError(f"stage {ctx.name}: training failed: {e}") from e
     if not storage.exists(ctx.path(SUMMARY_FILE)):
         # Ray Train returns normally after a Ctrl-C abort; the job did not finish. Its checkpoints
         # stay, so the same command resumes it.
         raise KeyboardInterrupt
+
+
+def _progress(uri: str) -> dict | None:
+    """Rank 0's ``_progress.json`` (``training.worker.ProgressFile``), or None before its first step."""
+    return storage.read_json(uri) if storage.exists(uri) else None
 
 
 def _fit_interruptibly(trainer) -> None:
@@ -171,8 +178,8 @@ def worker_cpus(cfg: TrainConfig) -> float:
     if total < 2 or cfg.num_workers * cfg.cpus_per_worker <= total - 1:
         return cfg.cpus_per_worker
     cpus = max(0.01, (total - 1) / cfg.num_workers)
-    print(f"note: {cfg.num_workers} workers × {cfg.cpus_per_worker} CPUs would leave no CPU to read the data; "
-          f"reserving {cpus:.2f} CPUs per worker instead")
+    console.say(f"note: {cfg.num_workers} workers × {cfg.cpus_per_worker} CPUs would leave no CPU to read the data; "
+                f"reserving {cpus:.2f} CPUs per worker instead")
     return cpus
 
 
@@ -196,9 +203,13 @@ def finish_stage(ctx: StageContext, summary: dict, report: StageReport) -> dict:
             "seconds": summary["seconds"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **report.fields,
             "model_dir": summary["model_dir"], "training": summary}
     lines = (stage_lines(info) if report.common_lines else []) + report.lines
+    gold_uri = storage.join(ctx.path(stage.GOLD), "gold.json")  # the judge's gold gate (workflows.judging.rl_gate)
+    if storage.exists(gold_uri):
+        info["gold"] = storage.read_json(gold_uri)
+        lines.append(f"judge's gold gate {info['gold']['line']}")
     storage.write_text(ctx.path("summary.md"), "\n".join([f"# Stage `{ctx.name}`", ""] + [f"- {x}" for x in lines]
                                                          + report.sections) + "\n")
-    print(f"\n== {ctx.name} ==\n" + "\n".join(f"  {x}" for x in lines))
+    console.say(f"\n== {ctx.name} ==\n" + "\n".join(f"  {x}" for x in lines))
     stage.write_success(ctx.dir, info)
     return info
 

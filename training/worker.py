@@ -23,6 +23,7 @@ from workflows.core import storage
 
 # What a job leaves in its stage directory besides the model and Ray's own files.
 SUMMARY_FILE, METRICS_FILE, CURVES_FILE = "train_summary.json", "metrics.jsonl", "loss.png"
+PROGRESS_FILE = "_progress.json"  # rank 0's steps done, for the driver's progress line
 FAULT_MARKER = "_fault_injected"
 
 
@@ -179,3 +180,23 @@ def load_items(tokenize: Callable, tok, spec: JobSpec) -> tuple[list, list, dict
     total["trained"] = keep * len(per_rank)
     total.update({f"eval_{k}": v for k, v in eval_counts.items()})
     return train[:keep], evals, total
+
+
+class ProgressFile:
+    """Rank 0's progress — ``{"done", "total", "unit"}`` in ``<stage>/_progress.json`` — which the
+    driver shows as the stage's progress line. Written at most every ``every_s`` seconds, and at
+    the last step; other ranks write nothing."""
+
+    def __init__(self, spec: "JobSpec", rank: int, total: int, unit: str, every_s: float = 2.0):
+        import time
+
+        self.uri, self.rank, self.total, self.unit, self.every_s = spec.path(PROGRESS_FILE), rank, total, unit, every_s
+        self.clock = time.monotonic
+        self.last = -every_s
+
+    def __call__(self, done: int) -> None:
+        now = self.clock()
+        if self.rank != 0 or (done < self.total and now - self.last < self.every_s):
+            return
+        self.last = now
+        storage.write_json(self.uri, {"done": done, "total": self.total, "unit": self.unit})

@@ -8,16 +8,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 
 from actors.base import EngineError
 from actors.install import broken_torchvision
 from cluster import cli as cluster_cli
+from cluster.connect import job_runtime_env
 from training import cli as training_cli
+from workflows.core import console, storage
 from workflows.core.constitution import check_main
 from workflows.core.errors import CaiError
 from workflows.driver import STAGES, load_recipe, resolved, run_recipe
@@ -47,8 +53,20 @@ def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.set + ([f"tracking.backend={args.tracking}"] if args.tracking else []))
     if args.run_dir:
         recipe.run_dir = args.run_dir
+    if args.quiet_console and not args.verbose and job_runtime_env() is None:  # a Ray job's log is its own
+        log = console.to_log(log_file(recipe.run_dir, recipe.name))
+        recipe.ray.progress_bars = False  # Ray Data's bars: the stage's own progress line replaces them
+        console.say(f"cai run {recipe.name}: Ray's, the libraries' and the workers' output goes to {log} "
+                    "(-v shows it here)")
     run_recipe(recipe, restart_from=args.restart_from, where=args.recipe)
     return 0
+
+
+def log_file(run_dir: str, name: str) -> str:
+    """``<run_dir>/logs/run-<time>.log``; for a run directory in object storage, a local one."""
+    base = (os.path.join(tempfile.gettempdir(), "cai-logs", name) if storage.is_remote(run_dir)
+            else os.path.join(run_dir, "logs"))
+    return os.path.join(base, f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
 
 
 def _cmd_config(args) -> int:
@@ -141,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send every stage's settings, training curves, summary figures and plots to MLflow (a "
                         "file store in the run directory unless tracking.uri says otherwise), W&B (offline "
                         "unless tracking.mode: online) or TensorBoard; needs pip install -e \".[tracking]\"")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's, DeepSpeed's, transformers' and the workers' output here as it comes; by "
+                        "default it goes to <run_dir>/logs/ and the console shows each stage's progress line "
+                        "and summary")
     r.set_defaults(fn=_cmd_run)
 
     c = sub.add_parser("config", help="print a recipe resolved: every stage's settings with their defaults",
@@ -186,22 +208,31 @@ def _user_error(exc: BaseException) -> Exception | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, quiet_console: bool | None = None) -> int:
+    """The command line. ``quiet_console`` (default: only when ``argv`` comes from the process's own
+    command line) lets ``cai run`` send the libraries' output to the run's log (``console.to_log``,
+    for the rest of the process); a program or test calling ``main([...])`` keeps its streams."""
     args = build_parser().parse_args(argv)
+    args.quiet_console = argv is None if quiet_console is None else quiet_console
     problem = broken_torchvision()  # before anything loads a model: every load would fail obscurely
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        console.say(f"error: {problem}", err=True)
         return 2
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        print("\ninterrupted — run the same command again to resume", file=sys.stderr)
+        console.say("\ninterrupted — run the same command again to resume", err=True)
         return 130
     except Exception as exc:  # noqa: BLE001 — turn our errors into one readable line
         err = _user_error(exc)
         if err is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
+            if not console.quiet():
+                raise
+            traceback.print_exc()  # to the log
+            console.say(f"error: {type(exc).__name__}: {str(exc)[:500]} — the traceback is in {console.log_path()}",
+                        err=True)
+            return 1
+        console.say(f"error: {err}", err=True)
         return 2
 
 

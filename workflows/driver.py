@@ -32,7 +32,7 @@ from actors.sources import EMBEDDED_ALIASES, resolve_model
 from cluster.connect import RayConfig, connect
 from workflows.core.constitution import load_constitution
 from workflows.core import stage as stage_mod
-from workflows.core import storage, summary
+from workflows.core import console, storage, summary
 from workflows.core.errors import ConfigError
 from workflows.core.overrides import apply_overrides
 from workflows.core.safety import check_name
@@ -50,12 +50,14 @@ class StageSpec:
     outputs: tuple[str, ...]
     help: str
     always_runs: bool = False  # never skipped as finished (serving)
+    before: str | None = None  # "module:function" (cfg, ctx) run before the stage starts or resumes
 
     def load(self, ref: str):
         module, attr = ref.split(":")
         return getattr(importlib.import_module(module), attr)
 
 
+_JUDGE_GATE = "workflows.judging.rl_gate:check"  # the gold gate of `reward: judge` / `labeler: judge`
 STAGES: dict[str, StageSpec] = {
     "prompts": StageSpec("workflows.prompt_sources:PromptsConfig", "workflows.prompts.stage:run", ("prompts",),
                          "read prompts (jsonl/csv/parquet/HF dataset/builtin) into the prompts dataset"),
@@ -75,12 +77,14 @@ STAGES: dict[str, StageSpec] = {
     "dpo": StageSpec("training.config:DPOConfig", "training.dpo:run", ("dpo_model",),
                      "DPO / cDPO / IPO against the frozen starting model, on preferences"),
     "ppo": StageSpec("training.config:PPOConfig", "training.ppo:run", ("ppo_model",),
-                     "RL-CAI: PPO or RLOO of the policy against the reward model, rollouts from engine actors"),
+                     "RL-CAI: PPO or RLOO of the policy against the reward model, rollouts from engine actors",
+                    before=_JUDGE_GATE),
     "online_dpo": StageSpec("training.config:OnlineDPOConfig", "training.online_dpo:run", ("online_dpo_model",),
                             "online DPO: rounds of the policy's own answers, labeled (rules or reward model) "
-                            "into pairs, DPO on them"),
+                            "into pairs, DPO on them", before=_JUDGE_GATE),
     "grpo": StageSpec("training.config:GRPOConfig", "training.ppo:run_grpo", ("grpo_model",),
-                      "RL-CAI: GRPO (group-relative advantages, no critic; Dr. GRPO as an option), ppo's rollouts"),
+                      "RL-CAI: GRPO (group-relative advantages, no critic; Dr. GRPO as an option), ppo's rollouts",
+                      before=_JUDGE_GATE),
     "evaluate": StageSpec("workflows.evaluate.config:EvaluateConfig", "workflows.evaluate.stage:run", ("eval_prompts",),
                           "answer held-out prompts with every model, score them, report a verdict against the base"),
     "serve": StageSpec("cluster.serve.stage:ServeStageConfig", "cluster.serve.stage:run", (),
@@ -322,7 +326,7 @@ def run_recipe(recipe: Recipe, restart_from: str | None = None, where: str = "re
         raise
     tracker.close()
     summary.run_summary(recipe.run_dir, recipe.name, infos)
-    print(f"\nrun {recipe.name} finished in {time.time() - started:.0f} s; "
+    console.say(f"\nrun {recipe.name} finished in {time.time() - started:.0f} s; "
           f"summary: {storage.join(recipe.run_dir, 'summary.md')}")
     return infos
 
@@ -337,9 +341,11 @@ def _run_stages(recipe: Recipe, stages: list[PlannedStage], guards, datasets: di
         info = None if spec.always_runs else stage_mod.read_success(ctx.dir)
         if not spec.always_runs and _check_resumable(ctx, h, info, s.config, recipe.seed):
             left_out = f", {info['skipped']} left out on purpose" if info.get("skipped") else ""
-            print(f"[{s.name}] already finished ({info['outputs']} rows{left_out}, {info['errors']} errors) — skipped")
+            console.say(f"[{s.name}] already finished ({info['outputs']} rows{left_out}, {info['errors']} errors) — skipped")
         else:
             storage.write_json(ctx.path("_config.json"), {"config_hash": h, "config": to_dict(s.config)})
+            if spec.before:
+                spec.load(spec.before)(s.config, ctx)
             info = spec.load(spec.run)(s.config, ctx)
         infos[s.name] = info
         tracker.stage(s.name, s.kind, to_dict(s.config), info, ctx.dir)

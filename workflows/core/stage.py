@@ -71,6 +71,9 @@ class StageContext:
         return self.inputs[dataset]
 
 
+GOLD = "_gold"  # <stage>/_gold: the judge's labels of the human gold pairs and gold.json (the gold gate)
+
+
 def _canonical(x):
     """Settings as they mean, not as they were typed: ``256`` and ``256.0`` are one setting."""
     if isinstance(x, float) and x.is_integer():

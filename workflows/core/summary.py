@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from workflows.core import storage
+from workflows.core import console, storage
 
 
 def clip(text: str | None, n: int = 400) -> str:
@@ -70,9 +70,7 @@ def write_stage_summary(ctx, info: dict, examples: list[dict] | None = None) -> 
         lines += ["## Before / after examples", "", *examples_md(examples)]
     text = "\n".join(lines)
     storage.write_text(ctx.path("summary.md"), text + "\n")
-    print(f"\n== {ctx.name} ==")
-    for line in stage_lines(info):
-        print(f"  {line}")
+    console.say("\n".join([f"\n== {ctx.name} ==", *(f"  {line}" for line in stage_lines(info))]))
     return text
 
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from workflows.core import storage
+from workflows.core import console, storage
 from workflows.core.typed import check_fields
 
 ARTIFACTS = ("summary.md", "report.md", "metrics.json")
@@ -141,7 +141,7 @@ class Tracker:
             fn(*args)
         except Exception as e:  # noqa: BLE001 — tracking never fails the run
             self.dead = True
-            print(f"warning: tracking ({self.name}) stopped: {type(e).__name__}: {str(e)[:300]} — the run goes on; "
+            console.say(f"warning: tracking ({self.name}) stopped: {type(e).__name__}: {str(e)[:300]} — the run goes on; "
                   "its figures are in the run directory", file=sys.stderr, flush=True)
 
     def _open(self, run_params: dict) -> None: ...
@@ -271,5 +271,5 @@ def open_tracker(cfg: TrackingConfig, recipe: str, run_dir: str, run_params: dic
         return tracker
     tracker = BACKENDS[cfg.backend](cfg, recipe, run_dir, run_params)
     if not tracker.dead:
-        print(f"tracking: {tracker.where()}", flush=True)
+        console.say(f"tracking: {tracker.where()}")
     return tracker

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from actors import EngineConfig, SamplingParams, pool
 from training.reward import check_reward_dir
 from workflows.core.constitution import Constitution, load_constitution
-from workflows.core import stage, storage, summary
+from workflows.core import console, stage, storage, summary
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.evaluate import model_scores, refusal, report, scoring
@@ -103,7 +103,7 @@ def answer_all(cfg: EvaluateConfig, ctx: StageContext, models: dict[str, str], p
         pool.stream_through_pool(actx, prompts_uri, "eval_id", AnswerWorker, engine,
                                  dict(engine=to_dict(engine), sampling=to_dict(cfg.sampling),
                                       k=cfg.samples_per_prompt, factory=cfg.engine_factory),
-                                 checkpoint_rows=cfg.checkpoint_rows,
+                                 label=f"{ctx.name}: {name}'s answers", checkpoint_rows=cfg.checkpoint_rows,
                                  check=not cfg.engine_factory)
         fin = stage.finalize(actx.dir, f"{ctx.name}:{ANSWERS}:{name}", "eval_id", stage.select_route(ANSWERS, ANSWERS_SCHEMA),
                              [ANSWERS], inputs=eval_ids)
@@ -142,7 +142,7 @@ def judge_all(cfg: EvaluateConfig, ctx: StageContext, records: list[dict], const
     pool.stream_through_pool(jctx, input_uri, "id", EvalJudgeWorker, cfg.judge,
                              dict(engine=to_dict(cfg.judge), factory=cfg.engine_factory,
                                   constitution=constitution, m=cfg.principles_per_comparison, seed=seed),
-                             checkpoint_rows=cfg.checkpoint_rows,
+                             label=f"{ctx.name}: judging", checkpoint_rows=cfg.checkpoint_rows,
                              check=not cfg.engine_factory)
     stage.finalize(jctx.dir, f"{ctx.name}:{JUDGING}", "id", stage.select_route("judged", JUDGED_SCHEMA), ["judged"],
                    inputs=[r["id"] for r in records])
@@ -155,7 +155,7 @@ def _check_scores(cfg: EvaluateConfig, models: dict[str, str], reward_dir: str |
         check_reward_dir(reward_dir, "evaluate: reward model")
     local = cfg.engine.backend != "openai" and not cfg.engine_factory
     if cfg.kl and not local:
-        print(f"note: kl skipped: models served by {cfg.engine_factory or 'an OpenAI-compatible endpoint'} "
+        console.say(f"note: kl skipped: models served by {cfg.engine_factory or 'an OpenAI-compatible endpoint'} "
               "have no local weights to score answers with")
     if cfg.kl and local:
         for m in models.values():
@@ -194,7 +194,7 @@ def judge_gold(cfg: EvaluateConfig, ctx: StageContext, constitution: Constitutio
     pcfg = PreferenceConfig(constitution=cfg.constitution, judges=[cfg.judge], both_orders=True,
                             principles_per_pair=cfg.principles_per_comparison, gold=gold_location(cfg.gold),
                             engine_factory=cfg.engine_factory, checkpoint_rows=cfg.checkpoint_rows)
-    print(f"[{ctx.name}] the judge labels the gold pairs of {cfg.gold}")
+    console.say(f"[{ctx.name}] the judge labels the gold pairs of {cfg.gold}")
     return judge_gold_pairs(pcfg, ctx, constitution)
 
 

@@ -28,7 +28,7 @@ with ``on_fail="stop"``, or prints one warning line with ``"warn"``.
 """
 from __future__ import annotations
 
-from workflows.core import storage
+from workflows.core import console, stage, storage
 from workflows.core.errors import ConfigError
 from workflows.judging.agreement import content_key
 from workflows.judging.config import gold_location
@@ -36,7 +36,7 @@ from workflows.judging.human import load_human, require_rows, text_of
 from workflows.core.pairwise import DEGENERATE_TOL
 from workflows.stats import wilson
 
-GOLD = "_gold"
+GOLD = stage.GOLD
 FIX = ("use a bigger judge (vLLM, or an OpenAI-compatible endpoint), cot: true, or more principles_per_pair; "
        "or set on_gold_fail: warn (--on-gold-fail warn) to label anyway")
 
@@ -101,7 +101,7 @@ def gate(figures: dict, min_agreement: float, on_fail: str, where: str, max_posi
     problem = f"the judge fails the gold gate: {describe(figures)}; {' and '.join(short)}"
     if on_fail == "stop":
         raise GoldGateError(where, problem, FIX)
-    print(f"warning: {where}: {problem}; labeling anyway (on_gold_fail: warn)")
+    console.say(f"warning: {where}: {problem}; labeling anyway (on_gold_fail: warn)")
     return False
 
 

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 from actors import EngineConfig, pool
 from actors.models import resolve_model
 from workflows.core.constitution import Constitution
-from workflows.core import stage, storage
+from workflows.core import console, stage, storage
 from workflows.core.stage import StageContext
 from workflows.core.typed import from_dict, to_dict
 from workflows.judging.batch import judge_pairs
 from workflows.judging.config import PreferenceConfig, judge_id
-from workflows.judging.gold import GOLD, gold_figures, load_gold
+from workflows.judging.gold import GOLD, GoldGateError, describe, gate, gold_figures, load_gold
 from workflows.judging.human import PREFERENCES_SCHEMA
 from workflows.judging.label_cache import LabelCache
 from workflows.judging.pairs import PAIRS_SCHEMA, labeled_pair_row
@@ -131,7 +131,7 @@ def judge_gold(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitut
     pool.stream_through_pool(gctx, gctx.path("pairs"), "pair_id", JudgeWorker,
                              judge_pool(cfg.judges), judge_kwargs(cfg, ctx, constitution),
                              checkpoint_rows=cfg.checkpoint_rows,
-                             check=not cfg.engine_factory)
+                             check=not cfg.engine_factory, label=f"{ctx.name}: gold pairs")
     fin = stage.finalize(gctx.dir, f"{ctx.name}:gold", "pair_id", route_labels, [LABELS],
                          inputs=[p["pair_id"] for p in pairs])
     fs, path = storage.resolve(gctx.path(LABELS))
@@ -144,3 +144,25 @@ def judge_gold(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitut
         info["first_skipped"] = skipped[0]
     storage.write_json(gctx.path("gold.json"), info)
     return info
+
+
+def gate_judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution, fresh: bool) -> dict:
+    """The gold gate: the judges label the gold pairs (``judge_gold``); below ``min_agreement`` the
+    stage stops (``GoldGateError``) or warns. ``fresh``: the stage has made nothing yet — a stop
+    then drops its recorded config too, so the next run (a bigger judge, ``on_gold_fail: warn``)
+    starts afresh instead of being refused as "made with a different config". Returns the figures
+    with ``passed``; ``gold.json`` keeps them and their one-line description (``line``)."""
+    figures = judge_gold(cfg, ctx, constitution)
+    try:
+        where = f"stage {ctx.name}: gold {cfg.gold}"
+        figures["passed"] = gate(figures, cfg.min_agreement, cfg.on_gold_fail, where, cfg.max_position_bias)
+    except GoldGateError:
+        if fresh:
+            storage.delete(ctx.path("_config.json"))  # the driver's record of the config this stage began with
+        raise
+    figures["line"] = f"{'passed' if figures['passed'] else 'FAILED (on_gold_fail: warn)'}: {describe(figures)} " \
+                      f"(min_agreement {cfg.min_agreement})"
+    storage.write_json(storage.join(ctx.path(GOLD), "gold.json"), figures)
+    if figures["passed"]:
+        console.say(f"[{ctx.name}] gold gate {figures['line']}")
+    return figures

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from workflows.core import storage, summary
+from workflows.core import console, storage, summary
 from workflows.core.stage import ERRORS_SCHEMA, _RollingWriter, num_rows
 from workflows.judging.gold import describe
 from workflows.judging.human import PREFERENCES_SCHEMA, load_human, mix_plan, to_table
@@ -301,8 +301,7 @@ def write_summary(ctx, info: dict) -> str:
     extra = gold_lines(info.get("gold")) + dataset_lines(info.get("dataset_agreement"))
     if not extra:
         return text
-    for line in extra:
-        print(f"  {line}")
+    console.say("\n".join(f"  {line}" for line in extra))
     text = text.rstrip("\n") + "\n" + "".join(f"- {line}\n" for line in extra)
     storage.write_text(ctx.path("summary.md"), text + "\n")
     return text

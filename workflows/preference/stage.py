@@ -68,7 +68,7 @@ import pyarrow.parquet as pq
 
 from actors import pool
 from workflows.core.constitution import Constitution, load_constitution
-from workflows.core import stage, storage
+from workflows.core import console, stage, storage
 from workflows.core.reconcile import ReconcileError, duplicated
 from workflows.core.stage import ERRORS_SCHEMA, MESSAGES, StageContext
 from workflows.core.typed import from_dict
@@ -82,7 +82,7 @@ from workflows.judging.workers import (
     PAIRS_SCHEMA,
     JudgeWorker,
     cache_location,
-    judge_gold,
+    gate_judge,
     judge_kwargs,
     judge_pool,
     route_labels,
@@ -182,13 +182,13 @@ def sample(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
     if storage.exists(done):
         made = storage.read_json(done, f"delete it (sampling is finalized again from its saved rows), or rerun "
                                        f"with --restart-from {ctx.name}")
-        print(f"[{ctx.name}] sampling already finished ({made['pairs']} pairs from {made['inputs']} prompts)")
+        console.say(f"[{ctx.name}] sampling already finished ({made['pairs']} pairs from {made['inputs']} prompts)")
         return MadePairs("sampling", **made)
     started = time.time()
     prompts_uri = ctx.input(cfg.input) if "/" not in cfg.input else cfg.input
     pool.stream_through_pool(ctx, prompts_uri, "prompt_id", SampleWorker, cfg.policy,
                              dict(cfg=worker_config(cfg), seed=ctx.seed), checkpoint_rows=cfg.checkpoint_rows,
-                             check=not cfg.engine_factory)
+                             check=not cfg.engine_factory, label=f"{ctx.name}: sampling")
     fin = stage.finalize(ctx.dir, f"{ctx.name}:sampling", "prompt_id", SamplingRoute(ctx.name), ["pairs", NOTES],
                          inputs=stage.ids_in(prompts_uri, "prompt_id"), budget=ctx.budget)
     n_pairs = _check_pairs(ctx)
@@ -212,25 +212,6 @@ def read_pairs(cfg: PreferenceConfig, ctx: StageContext) -> MadePairs:
                      LabelsAt(out.labels, got.labels, ctx.budget) if got.labels else None)
 
 
-def gold_gate(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> dict:
-    """The judges label the gold pairs (``workers.judge_gold``); below ``min_agreement`` the stage
-    stops (``GoldGateError``) or warns. A stop comes before any pair is made, so the stage's
-    recorded config is dropped with it: the next run — a bigger judge, ``cot: true``,
-    ``on_gold_fail: warn`` — starts afresh instead of being refused as "made with a different
-    config". Returns the figures with ``passed``."""
-    figures = judge_gold(cfg, ctx, constitution)
-    try:
-        where = f"stage {ctx.name}: gold {cfg.gold}"
-        figures["passed"] = gold.gate(figures, cfg.min_agreement, cfg.on_gold_fail, where, cfg.max_position_bias)
-    except gold.GoldGateError:
-        if not stage.raw_files(ctx.dir) and not storage.exists(ctx.path(JUDGING)):
-            storage.delete(ctx.path("_config.json"))  # the driver's record of the config this stage began with
-        raise
-    if figures["passed"]:
-        print(f"[{ctx.name}] gold gate passed: {gold.describe(figures)} (min_agreement {cfg.min_agreement})")
-    return figures
-
-
 def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) -> tuple[StageContext, stage.Finalized]:
     """Phase (b): every pair of ``pairs`` judged in ``<stage>/_judging``, reconciled against them."""
     jctx = StageContext(ctx.dir, JUDGING, ctx.seed, budget=ctx.budget)
@@ -239,7 +220,7 @@ def judge(cfg: PreferenceConfig, ctx: StageContext, constitution: Constitution) 
     with compacting(cache_uri) if cache_uri else contextlib.nullcontext():
         pool.stream_through_pool(jctx, ctx.path("pairs"), "pair_id", JudgeWorker, judge_pool(cfg.judges),
                                  judge_kwargs(cfg, ctx, constitution), checkpoint_rows=cfg.checkpoint_rows,
-                                 check=not cfg.engine_factory)
+                                 check=not cfg.engine_factory, label=f"{ctx.name}: judging")
     fin = stage.finalize(jctx.dir, f"{ctx.name}:judging", "pair_id", route_labels, [LABELS],
                          inputs=stage.ids_in(ctx.path("pairs"), "pair_id"), budget=ctx.budget)
     return jctx, fin
@@ -269,7 +250,8 @@ def run(cfg: PreferenceConfig, ctx: StageContext) -> dict:
         given["human"] = (*report.load_human_data(cfg.human, ctx.name), cfg.human.ratio)  # fail fast
     if cfg.revisions:
         given["revision"] = (*load_revisions(cfg.revisions, ctx), cfg.revisions.ratio)
-    gold_info = gold_gate(cfg, ctx, constitution) if cfg.gold else None  # before any pair is made
+    fresh = not stage.raw_files(ctx.dir) and not storage.exists(ctx.path(JUDGING))
+    gold_info = gate_judge(cfg, ctx, constitution, fresh) if cfg.gold else None  # before any pair is made
     made = read_pairs(cfg, ctx) if cfg.pairs_from else sample(cfg, ctx)
     judging_started = time.time()
     jctx, fin = judge(cfg, ctx, constitution)
