@@ -135,7 +135,7 @@ def fault_driver_kill(work: Path, model: str, n: int, torn_file: bool = False) -
             torn = f"; tore {victim.name}"  # its rows were saved once: the rerun must find it unreadable, redo them
         run.start()
         rc = run.wait(600)
-        console = run.outputs[-1].read_text(errors="replace")  # the rerun's
+        console = run.text()  # the rerun's
         summary = (stage / "summary.md").read_text() if (stage / "summary.md").is_file() else ""
         repaired = "repaired: 1 unreadable file" in summary
         counts = attempts(run.log, "g", set(texts))
@@ -312,13 +312,13 @@ def fault_disk_full(work: Path, model: str, n: int) -> dict:
     try:
         run.start()
         first = run.wait(600)
-        lines = [x for x in run.outputs[-1].read_text(errors="replace").splitlines() if x.strip()]
+        lines = [x for x in run.text().splitlines() if x.strip()]
         saved = len(ids(stage / "_raw", "prompt_id"))
         last = lines[-1] if lines else ""
         refused = {"first run exit 2": first == 2,
                    "first run's last line 'error: no space left ...'": last.startswith("error: no space left"),
                    "first run wrote no _SUCCESS": not (stage / "_SUCCESS").exists()}
-        tracebacks = run.outputs[-1].read_text(errors="replace").count("Traceback")
+        tracebacks = run.text().count("Traceback")
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
         run.start()
         rc = run.wait(600)

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,8 +112,16 @@ class CaiRun:
         self.sessions.append(self.proc.pid)
         return self.proc
 
+    def text(self, i: int = -1) -> str:
+        """The ``i``-th ``cai run``'s console, then the log it sent the libraries' and workers' output to
+        (named on its first line)."""
+        out = self.outputs[i].read_text(errors="replace") if self.outputs[i].is_file() else ""
+        found = re.search(r" goes to (\S+) \(-v", out)
+        log = ROOT / found.group(1) if found else None  # relative to the run's working directory
+        return out + (log.read_text(errors="replace") if log is not None and log.is_file() else "")
+
     def console(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.outputs if p.is_file())
+        return "".join(self.text(i) for i in range(len(self.outputs)))
 
     def failure(self, rc: int) -> str:
         """Nothing for exit 0; otherwise the exit code (for a table row's note; the benchmark prints

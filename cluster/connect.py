@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import local, upload
+from workflows.core import console
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Variables the workers need to see the same storage and offline settings as the driver.
@@ -177,7 +178,7 @@ def connect(cfg: RayConfig | None = None, run_dir: str | None = None) -> None:
         if problem:
             raise local.LocalClusterError(problem)
         if run_dir:
-            local.end_leftovers(run_dir)
+            local.end_leftovers(run_dir, log=console.say)
         temp = args["_temp_dir"] = local.new_temp_dir()
         atexit.register(local.forget, run_dir)
     ray.init(**args)

@@ -75,7 +75,7 @@ def test_a_killed_drivers_leftovers_are_ended_by_the_next_run(tmp_path, tiny_lla
         left = local.cluster_processes(temp)
         run.start()
         assert run.wait(600) == 0, run.console()[-3000:]
-        second = run.outputs[-1].read_text()
+        second = run.text()
         # some of Ray's processes exit once their driver is gone; its agents stay until someone ends them
         ended = re.search(r"ended (\d+) process\(es\) of this run's earlier local Ray cluster", second)
         assert left and ended and 1 <= int(ended.group(1)) <= len(left), second[-3000:]

@@ -41,12 +41,12 @@ def test_killed_then_interrupted_run_finishes_with_nothing_lost(tiny_llama_dir, 
         chaos.tear(chaos.raw_files(sl_cai)[0])
 
         run.start()
-        chaos.wait_until(lambda: "[sft] step 4/" in run.outputs[-1].read_text(), 600, "the fourth SFT step", run)
+        chaos.wait_until(lambda: "[sft] step 4/" in run.text(), 600, "the fourth SFT step", run)
         pressed = time.time()
         os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         code = run.wait(120)
         print(f"Ctrl-C: `cai run` exited {code} after {time.time() - pressed:.1f} s")
-        second = run.outputs[-1].read_text()
+        second = run.text()
         assert code == 130, second[-3000:]
         assert "[critique_revision] resuming:" in second
         assert "interrupted — run the same command again to resume" in second
@@ -61,7 +61,7 @@ def test_killed_then_interrupted_run_finishes_with_nothing_lost(tiny_llama_dir, 
 
         run.start()
         assert run.wait(600) == 0, run.console()[-3000:]
-        third = run.outputs[-1].read_text()
+        third = run.text()
         assert "[prompts] already finished" in third and "[critique_revision] already finished" in third
         assert "Traceback" not in third, third[-3000:]
     finally:

@@ -52,6 +52,10 @@ def test_judge_settings_are_checked():
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             from_dict(GRPOConfig, bad, "grpo")
     assert from_dict(OnlineDPOConfig, {"labeler": "judge"}, "online_dpo").reward == "judge"
+    from training.config import PPOConfig  # one sample per prompt: only against a reference answer
+    assert from_dict(PPOConfig, {"reward": "judge", "samples_per_prompt": 1, "judge": {"against": "reference"}}, "ppo")
+    with pytest.raises(ConfigError, match="judge.against: reference"):
+        from_dict(PPOConfig, {"reward": "judge", "samples_per_prompt": 1}, "ppo")
 
 
 def test_grpo_learns_what_the_judge_prefers(tmp_path, peaked_llama, prompts_dir, ray_local):
@@ -72,6 +76,27 @@ def test_grpo_learns_what_the_judge_prefers(tmp_path, peaked_llama, prompts_dir,
     assert after > before + 0.1
     summary = (tmp_path / "grpo" / "summary.md").read_text()
     assert "constitution judge" in summary and "judge: " in summary and "judge " in summary
+
+
+def test_grpo_against_the_starting_policys_answers_raises_its_score(tmp_path, peaked_llama, prompts_dir, ray_local):
+    """``judge.against: reference``: every answer against the starting policy's greedy answer to its
+    prompt (made once, before the first update, kept in the job state). Unlike a round robin the
+    score is not 0.5 by construction: it rises as the policy learns what the judge prefers."""
+    import json
+
+    from training import ppo
+
+    cfg = ppo_config(peaked_llama, prompts_dir, "grpo", reward="judge", reward_fn=None, iterations=8, lr=4e-4,
+                     checkpoint_every=4, judge={**judge(peaked_llama), "against": "reference"})
+    ppo.run_grpo(cfg, StageContext(str(tmp_path), "grpo", seed=0, config_hash="h"))
+    h = history(tmp_path / "grpo")
+    assert all(0 < r["judgments"] <= 4 * 4 * 2 for r in h)  # each answer against its reference, both orders
+    # iterations alternate between the two halves of the 8 prompts: compare two with two
+    first, last = mean([r["score"] for r in h[:2]]), mean([r["score"] for r in h[-2:]])
+    print(f"score against the starting answers: {first:.3f} in the first 2 iterations, {last:.3f} in the last 2")
+    assert last > first + 0.1
+    state = json.loads(next((tmp_path / "grpo" / "_ray").rglob("trainer_state.json")).read_text())
+    assert len(state["references"]) == 8  # every prompt's starting answer, kept for a resumed job
 
 
 def test_online_dpo_pairs_are_the_judges_ranking(tmp_path, peaked_llama, prompts_dir, ray_local):

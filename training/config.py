@@ -175,12 +175,17 @@ class JudgeSettings:
     principles drawn per pair — and an answer scores its mean chance of being preferred
     (``training.judging``). ``engine`` is the judge model (the embedded model unless named: a model
     directory, a vLLM engine or an OpenAI-compatible endpoint), served by ``engine.concurrency``
-    actors beside the rollout actors. ``gold``: before the job starts, the judge labels these
+    actors beside the rollout actors. ``against: reference`` compares each answer with a reference
+    answer instead — the prompt's own answer in the input (an SFT dataset's last assistant turn), else
+    the starting policy's greedy answer, made once before the first update — so an answer's score is
+    its chance of beating that fixed answer (PPO with one sample per prompt can use it).
+    ``gold``: before the job starts, the judge labels these
     human-labeled pairs exactly as it will judge (the preference stage's gold gate) and the stage
     stops — or warns — below ``min_agreement`` or above ``max_position_bias``."""
 
     constitution: str = "default"  # a shipped constitution's name or a YAML file
     principles: int = 1  # principles drawn per compared pair (their verdicts are averaged)
+    against: Literal["each_other", "reference"] = "each_other"  # what each answer is compared with
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(model="embedded", concurrency=1))
     engine_factory: str | None = None  # "module:callable" building the judge engine (tests)
     gold: str | None = None  # human-labeled pairs (a file, or builtin:gold_pairs) the judge must agree with first
@@ -275,8 +280,10 @@ class PPOConfig(TrainConfig):
              "an OpenAI-compatible endpoint cannot load new weights: roll out with transformers or vllm"),
             ("reward_fn", self.reward in ("rules", "judge") and self.reward_fn is not None,
              f"remove reward_fn, or reward: {self.reward} — one of them scores the rollouts"),
-            ("samples_per_prompt", self.reward == "judge" and self.samples_per_prompt < 2,
-             "use 2 or more with reward: judge: the judge compares a prompt's answers with each other"),
+            ("samples_per_prompt", self.reward == "judge" and self.judge.against == "each_other"
+             and self.samples_per_prompt < 2,
+             "use 2 or more with reward: judge (the judge compares a prompt's answers with each other), "
+             "or judge.against: reference"),
         ]
         check_fields(self, where, checks)
         check_recipe_code(self.reward_fn, where, "reward_fn")

@@ -192,6 +192,8 @@ def train_loop(spec: JobSpec) -> None:
     judges = rollouts.start_judges(cfg, given.judge_cpus) if rank == 0 and cfg.labeler == "judge" else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
+    elif judges and cfg.judge.against == "reference":
+        state["references"] = rollouts.starting_answers(actors, prompts, cfg)
     P, n = cfg.prompts_per_round, cfg.samples_per_prompt
     progress = ProgressFile(spec, rank, cfg.rounds, "rounds")
     while state["step"] < cfg.rounds:
@@ -200,7 +202,8 @@ def train_loop(spec: JobSpec) -> None:
         t0 = time.time()
         everything = ppo.sample(actors, prompts, cfg, spec.seed, it, state["version"], rank)
         t_gen = time.time() - t0
-        judge = rollouts.judged(judges, everything, cfg, spec.seed, it, rank) if cfg.labeler == "judge" else {}
+        judge = rollouts.judged(judges, everything, cfg, spec.seed, it, rank, state.get("references")) \
+            if cfg.labeler == "judge" else {}
         groups = [everything[g * n:(g + 1) * n] for g in range(P)]
         samples = [s for g in groups[rank::world] for s in g]
         pairs, counts = _label(samples, cfg, rm, rm_tok, it + 1, state["version"])

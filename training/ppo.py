@@ -51,7 +51,8 @@ from actors import SamplingParams
 from actors.models import chat_prompt_ids, load_causal_lm, load_tokenizer
 from training import checkpoints, core, runner
 from training.rl_prompts import fitting_prompts, interleave_sources, read_prompts
-from training.rollouts import judge_line, judged, push_weights, rollout, start_actors, start_judges
+from training.rollouts import (judge_line, judged, push_weights, rollout, start_actors, start_judges,
+                               starting_answers)
 from training.config import GRPOConfig, PPOConfig
 from training.data import pad_right
 from training.losses import (gae, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
@@ -166,6 +167,7 @@ def sample(actors: list, prompts: list[dict], cfg, seed: int, it: int, version: 
                                 seed=seed * 100_003 + it)
         gens = rollout(actors, [p["messages"] for p in chosen], params, version, n)
         box[0] = [{"prompt_id": p["prompt_id"], "messages": p["messages"], "harmful": p.get("harmful"),
+                   "reference": p.get("reference"),
                    "slot": k // n, "text": g.text, "error": g.error, "token_ids": g.extra.get("token_ids") or [],
                    "ended": g.finish_reason == "stop"} for k, (p, g) in enumerate(zip(chosen, gens))]
     dist.broadcast_object_list(box, src=0)
@@ -315,6 +317,8 @@ def train_loop(spec: JobSpec) -> None:
     judges = start_judges(cfg, given.judge_cpus) if rank == 0 and cfg.reward == "judge" else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         sync(engine, cfg, ws, actors, state["version"])
+    elif judges and cfg.judge.against == "reference":
+        state["references"] = starting_answers(actors, prompts, cfg)
     P, n = cfg.prompts_per_iteration, cfg.samples_per_prompt
     progress = ProgressFile(spec, rank, cfg.iterations, "iterations")
     while state["step"] < cfg.iterations:
@@ -322,7 +326,8 @@ def train_loop(spec: JobSpec) -> None:
         fail_once(spec, cfg, it, rank)
         t0 = time.time()
         everything = sample(actors, prompts, cfg, spec.seed, it, state["version"], rank)
-        judge = judged(judges, everything, cfg, spec.seed, it, rank) if cfg.reward == "judge" else {}
+        judge = judged(judges, everything, cfg, spec.seed, it, rank, state.get("references")) \
+            if cfg.reward == "judge" else {}
         groups = [everything[g * n:(g + 1) * n] for g in range(P)]
         samples = [s for g in groups[rank::world] for s in g]
         t_judge = judge.get("judge_s", 0.0)

@@ -21,11 +21,12 @@ def read_prompts(uri: str) -> list[dict]:
                         "the prompts dataset of an earlier stage") from None
     out = []
     for r in rows:  # an SFT-style row ends with the answer: the prompt is everything before it
-        msgs = list(r["messages"] or [])
-        if msgs and msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
+        msgs, reference = list(r["messages"] or []), None
+        if msgs and msgs[-1]["role"] == "assistant":  # kept as the judge's reference (judge.against: reference)
+            msgs, reference = msgs[:-1], msgs[-1]["content"]
         if msgs:
-            out.append({"prompt_id": r["prompt_id"], "messages": msgs, "source": r.get("source")})
+            out.append({"prompt_id": r["prompt_id"], "messages": msgs, "source": r.get("source"),
+                        "reference": reference})
     return out
 
 

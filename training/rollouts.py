@@ -10,12 +10,13 @@ import time
 
 import torch.distributed as dist
 
-from actors import EngineConfig
+from actors import EngineConfig, SamplingParams
 from actors.base import check_policy_version
 from actors.models import load_causal_lm
 from actors.pool import start_engine
 from training import core, judging
 from workflows.core.constitution import load_constitution
+from workflows.core.errors import DataError
 
 
 class RolloutActor:
@@ -75,27 +76,50 @@ def _principles(constitution: str) -> tuple:
     return tuple(load_constitution(constitution).principles)
 
 
-def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: int) -> dict:
+def starting_answers(actors: list, prompts: list[dict], cfg) -> dict[str, str]:
+    """``judge.against: reference``: the starting policy's greedy answer to every prompt without a
+    ``reference`` of its own, by prompt id — made once by the rollout actors (version 0) before the
+    first update, and kept in the job's state so a resumed job compares with the same answers."""
+    todo = [p for p in prompts if not p.get("reference")]
+    if not todo:
+        return {}
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    gens = rollout(actors, [p["messages"] for p in todo], params, 0)
+    failed = [g for g in gens if g.error is not None]
+    if failed:
+        raise DataError(f"{len(failed)} of {len(gens)} reference answers of the starting policy failed, e.g. "
+                        f"{failed[0].error} — check the rollout engine and max_new_tokens")
+    return {p["prompt_id"]: g.text for p, g in zip(todo, gens)}
+
+
+def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: int,
+           references: dict | None = None) -> dict:
     """``reward: judge`` / ``labeler: judge``: rank 0 has the judge actors compare each prompt's
-    answers (``training.judging``) and every rank gets each answer's ``judge_score`` (set on the
-    samples) and the iteration's judge figures (``judge_s``, ``judgments``, ``judge_failed``,
-    ``order_agreement``)."""
+    answers with each other (``training.judging``) — or, with ``judge.against: reference``, each
+    answer with its prompt's reference answer (its own, else ``references[prompt_id]``) — and every
+    rank gets each answer's ``judge_score`` (set on the samples) and the iteration's judge figures
+    (``judge_s``, ``judgments``, ``judge_failed``, ``order_agreement``)."""
     import ray
 
     box = [None]
     if rank == 0:
         started, n = time.time(), cfg.samples_per_prompt
-        groups = [everything[g * n:(g + 1) * n] for g in range(len(everything) // n)]
+        if cfg.judge.against == "reference":  # answer 0 against answer 1, the reference, in each group
+            groups = [[s, {"messages": s["messages"], "text": s.get("reference") or references[s["prompt_id"]]}]
+                      for s in everything]
+        else:
+            groups = [everything[g * n:(g + 1) * n] for g in range(len(everything) // n)]
         asked = judging.requests(groups, _principles(cfg.judge.constitution), cfg.judge.principles, seed, it)
         convs = asked.conversations
         k = -(-len(convs) // len(judges)) if convs else 0
         refs = [a.choice_logprobs.remote(convs[i * k:(i + 1) * k], list(judging.CHOICES))
                 for i, a in enumerate(judges) if convs[i * k:(i + 1) * k]]
         rows = [row for part in ray.get(refs) for row in part]
-        scores, figures = judging.group_scores([n] * len(groups), asked, rows)
-        box[0] = ([x for group in scores for x in group],
-                  {"judge_s": round(time.time() - started, 3), "judgments": figures["judgments"],
-                   "judge_failed": figures["failed"], "order_agreement": figures["order_agreement"]})
+        scores, figures = judging.group_scores([len(g) for g in groups], asked, rows)
+        flat = [group[0] for group in scores] if cfg.judge.against == "reference" else \
+            [x for group in scores for x in group]
+        box[0] = (flat, {"judge_s": round(time.time() - started, 3), "judgments": figures["judgments"],
+                         "judge_failed": figures["failed"], "order_agreement": figures["order_agreement"]})
     dist.broadcast_object_list(box, src=0)
     scores, figures = box[0]
     for s, x in zip(everything, scores):
