@@ -23,6 +23,7 @@ def test_durations_and_progress_lines_by_hand():
 def test_progress_off_a_terminal_prints_every_30_s_and_once_at_the_end(capsys):
     now = [100.0]
     p = console.Progress("critique_revision", 100, "rows", clock=lambda: now[0])
+    p.update(done=0)  # as a pool starts it: the rows already done (none)
     for t, add in [(10, 10), (20, 10), (31, 10), (45, 10), (70, 20)]:
         now[0] = 100.0 + t
         p.update(add=add)
@@ -34,6 +35,11 @@ def test_progress_off_a_terminal_prints_every_30_s_and_once_at_the_end(capsys):
     assert lines == ["[critique_revision] 30/100 rows · 0.97 rows/s · 31 s · 1 min 12 s left",
                      "[critique_revision] 60/100 rows · 0.86 rows/s · 1 min 10 s · 47 s left",
                      "[critique_revision] 100/100 rows · 1.25 rows/s · 1 min 20 s"]
+    resumed = console.Progress("sft", 100, "steps", clock=lambda: now[0])
+    resumed.update(done=40)  # a resumed job: 40 steps were done before this run
+    now[0] += 10
+    resumed.update(done=50)
+    assert resumed.line() == "[sft] 50/100 steps · 1.00 steps/s · 10 s · 50 s left"  # 10 new steps in 10 s
 
 
 def test_watching_shows_what_the_job_reports_and_its_last_state(capsys):

@@ -178,8 +178,8 @@ def worker_cpus(cfg: TrainConfig) -> float:
     if total < 2 or cfg.num_workers * cfg.cpus_per_worker <= total - 1:
         return cfg.cpus_per_worker
     cpus = max(0.01, (total - 1) / cfg.num_workers)
-    console.say(f"note: {cfg.num_workers} workers × {cfg.cpus_per_worker} CPUs would leave no CPU to read the data; "
-                f"reserving {cpus:.2f} CPUs per worker instead")
+    print(f"note: {cfg.num_workers} workers × {cfg.cpus_per_worker} CPUs would leave no CPU to read the data; "
+          f"reserving {cpus:.2f} CPUs per worker instead")
     return cpus
 
 

@@ -75,12 +75,14 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def progress_line(stage: str, done: float, total: float | None, unit: str, elapsed: float) -> str:
-    """``[sft] 12/48 steps · 0.80 steps/s · 15 s · 45 s left`` (no rate before the first unit,
-    no time left without a total)."""
+def progress_line(stage: str, done: float, total: float | None, unit: str, elapsed: float,
+                  rate: float | None = None) -> str:
+    """``[sft] 12/48 steps · 0.80 steps/s · 15 s · 45 s left``: ``rate`` units per second (by default
+    ``done / elapsed``); no rate before the first unit, no time left without a total."""
     count = f"{done:g}/{total:g}" if total else f"{done:g}"
     parts = [f"[{stage}] {count} {unit}"]
-    rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+    if rate is None:
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
     if rate:
         parts.append(f"{rate:.2f} {unit}/s" if rate >= 0.1 else f"{1 / rate:.1f} s per {unit.rstrip('s')}")
     parts.append(duration(elapsed))
@@ -91,23 +93,31 @@ def progress_line(stage: str, done: float, total: float | None, unit: str, elaps
 
 class Progress:
     """One stage's progress line (module docstring): ``update(done=…)`` or ``update(add=…)``,
-    then ``close()`` prints the last state once, on its own line."""
+    then ``close()`` prints the last state once, on its own line. The rate counts from the first
+    update on, so work a resumed stage had already done (its first ``done``) does not inflate it."""
 
     def __init__(self, stage: str, total: float | None, unit: str = "rows", clock: Callable[[], float] = time.monotonic):
         self.stage, self.total, self.unit, self.clock = stage, total, unit, clock
         self.done = 0.0
         self.start = self.last = clock()
+        self.first: tuple[float, float] | None = None  # (time, done) at the first update
         self.width = 0
         self.closed = False
         stream = _Terminal.out
         self.in_place = bool(stream is not None and stream.isatty())
 
     def line(self) -> str:
-        return progress_line(self.stage, self.done, self.total, self.unit, self.clock() - self.start)
+        now = self.clock()
+        rate = 0.0
+        if self.first is not None and now > self.first[0] and self.done > self.first[1]:
+            rate = (self.done - self.first[1]) / (now - self.first[0])
+        return progress_line(self.stage, self.done, self.total, self.unit, now - self.start, rate)
 
     def update(self, done: float | None = None, add: float = 0.0) -> None:
-        self.done = (self.done if done is None else done) + add
         now = self.clock()
+        if self.first is None:
+            self.first = (now, self.done if done is None else done)
+        self.done = (self.done if done is None else done) + add
         if self.in_place:
             text = self.line()
             _Terminal.out.write("\r" + text.ljust(self.width))
