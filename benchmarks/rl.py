@@ -3,7 +3,7 @@ engine actors roll out against the trainer generating by itself, and what a weig
 model size — each measured in one run.
 
     python benchmarks/rl.py [--iterations 4] [--prompts 8] [--samples 2] [--max-new-tokens 48]
-                            [--backends transformers,vllm] [--algorithms ppo,grpo,online_dpo]
+                            [--backends transformers,vllm] [--algorithms ppo,grpo,online_dpo] [--lora 16]
 
 1. The ``ppo`` stage runs ``--iterations`` on 2 workers (ZeRO-2, ``precision: auto``) with a
    reward model made of the embedded backbone and a fixed random head; the first iteration is a
@@ -19,6 +19,8 @@ model size — each measured in one run.
    label, train and sync.
 4. Weight-sync seconds versus model size: a tiny model and the embedded one, each pushed to a
    fresh rollout actor through the object store.
+5. ``--lora R`` (default 16): the last algorithm again with rank-R LoRA adapters — a sync then
+   sends the adapters alone — against its full-weight run: megabytes and seconds per sync.
 
 ``--backends``: 1 and 3 once per rollout engine backend (``vllm`` where vLLM is installed), the
 same prompts and seed; the last line gives each one's rollout tokens/s, sync seconds and load.
@@ -69,8 +71,9 @@ def prompts_dataset(out: str, n: int) -> tuple[str, list]:
 
 
 def stage_run(model: str, rm: str, prompts: str, run_dir: str, args, backend: str = "transformers",
-              algorithm: str = "ppo") -> list[dict]:
-    """The ``ppo`` stage (or ``grpo``: the same job, GRPO's defaults) on the benchmark's prompts."""
+              algorithm: str = "ppo", lora: int | None = None) -> list[dict]:
+    """The ``ppo`` stage (or ``grpo``: the same job, GRPO's defaults; or ``online_dpo``) on the
+    benchmark's prompts; ``lora``: train rank-``lora`` adapters, so each sync sends them alone."""
     from training import online_dpo, ppo
     from training.config import GRPOConfig, OnlineDPOConfig, PPOConfig
     from workflows.core.stage import StageContext
@@ -78,7 +81,8 @@ def stage_run(model: str, rm: str, prompts: str, run_dir: str, args, backend: st
 
     common = {"model": model, "reward_model": rm, "input": prompts, "samples_per_prompt": args.samples,
               "max_new_tokens": args.max_new_tokens, "num_workers": 2, "zero_stage": 2, "micro_batch_size": 4,
-              "lr": 2e-6, "checkpoint_every": 0, "rollout": {"backend": backend, "batch_size": args.prompts * args.samples}}
+              "lr": 2e-6, "checkpoint_every": 0, "rollout": {"backend": backend, "batch_size": args.prompts * args.samples},
+              **({"lora": {"r": lora, "alpha": 2 * lora}} if lora else {})}
     if algorithm == "online_dpo":  # its rounds are the others' iterations; the reward model labels
         cfg = from_dict(OnlineDPOConfig, {**common, "labeler": "reward_model", "rounds": args.iterations,
                                           "prompts_per_round": args.prompts}, "benchmark")
@@ -162,6 +166,9 @@ def main() -> None:
     p.add_argument("--backends", default="transformers", help="rollout engine backends, comma-separated")
     p.add_argument("--algorithms", default="ppo,grpo,online_dpo", help="stages to run, comma-separated (ppo "
                    "first: the rollout and sync figures come from it)")
+    p.add_argument("--lora", type=int, default=16, metavar="R",
+                   help="also run the last algorithm with rank-R LoRA adapters (needs .[lora]) and compare a "
+                        "sync of the adapters alone with a sync of the full weights; 0: skip")
     args = p.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -186,7 +193,8 @@ def main() -> None:
             for algorithm in algorithms:
                 hist = stage_run(model, rm, prompts, os.path.join(tmp, f"run-{backend}"), args, backend, algorithm)
                 steady = hist[1:] or hist
-                per = {k: sum(h[k] for h in steady) / len(steady) for k in ("seconds", *PARTS) if k in steady[0]}
+                per = {k: sum(h[k] for h in steady) / len(steady) for k in ("seconds", "sync_mb", *PARTS)
+                       if k in steady[0]}
                 tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
                 per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
                 print(f"[{backend}] {algorithm} iteration (steady, {len(steady)} of {len(hist)}): {shares(per)}"
@@ -195,6 +203,19 @@ def main() -> None:
                     figures[backend] = per
                 else:
                     others[(algorithm, backend)] = per
+            if args.lora:  # the same stage, adapters only: what a sync sends and costs
+                last = algorithms[-1]
+                run_dir = os.path.join(tmp, f"run-{backend}-lora")
+                hist = stage_run(model, rm, prompts, run_dir, args, backend, last, lora=args.lora)
+                steady = hist[1:] or hist
+                full = figures[backend] if last == "ppo" else others[(last, backend)]
+                lora_sync = sum(h["sync_s"] for h in steady) / len(steady)
+                others[("lora", backend)] = {"algorithm": last, "mb": steady[-1]["sync_mb"], "s": lora_sync,
+                                             "full_mb": hist[-1].get("full_mb") or full.get("sync_mb"),
+                                             "full_s": full["sync_s"]}
+                print(f"[{backend}] {last} with LoRA r{args.lora}: sync {steady[-1]['sync_mb']:.1f} MB in "
+                      f"{lora_sync:.2f} s per iteration, against {full['sync_mb']:.0f} MB in {full['sync_s']:.2f} s "
+                      "with the full weights", flush=True)
             if backend not in figures:
                 continue
             per = figures[backend]
@@ -210,6 +231,12 @@ def main() -> None:
             f"engine-actor rollouts {first['actor_tps'] / trainer_tps:.2f}x the trainer's own generate; "
             f"weight sync {mb / s:.0f} MB/s at {mb:.0f} MB")
     for (algorithm, backend), per in others.items():
+        if algorithm == "lora":
+            line += (f"; {per['algorithm']} ({backend}) sync with LoRA r{args.lora}: {per['mb']:.1f} MB in {per['s']:.2f} s "
+                     f"vs full weights {per['full_mb']:.0f} MB in {per['full_s']:.2f} s "
+                     f"({per['full_mb'] / max(per['mb'], 1e-9):.0f}x fewer bytes, "
+                     f"{per['full_s'] / max(per['s'], 1e-9):.1f}x faster)")
+            continue
         line += f"; {algorithm} ({backend}) {'round' if algorithm == 'online_dpo' else 'iteration'} {shares(per)}"
     if {"transformers", "vllm"} <= set(figures):
         v, t = figures["vllm"], figures["transformers"]

@@ -98,3 +98,15 @@ def test_the_log_file_lives_in_the_run_directory_or_locally_for_object_storage(r
     assert path.rsplit("/", 1)[1].startswith("run-") and path.endswith(".log")
     assert (not path.startswith("s3://") and "cai-logs/demo" in path) if remote else \
         path.startswith(str(tmp_path / "demo" / "logs"))
+
+
+def test_engines_alike_share_one_summary_line():
+    from workflows.core.summary import engine_lines
+
+    cpu = {"device": "cpu", "dtype": "bfloat16", "dtype_reason": "auto: native bfloat16", "actors": 1}
+    lines = engine_lines([{**cpu, "engine": "transformers:base", "load_s": 6.0},
+                          {**cpu, "engine": "transformers:sft", "load_s": 8.5},
+                          {**cpu, "engine": "vllm:judge", "actors": 2, "dtype": "float32", "backend_reason": "named"}])
+    assert lines == ["engines transformers:base, transformers:sft on cpu, bfloat16 — auto: native bfloat16 "
+                     "(2 actors; loaded in 6.0–8.5 s)",
+                     "engine vllm:judge on cpu, float32 — auto: native bfloat16 (2 actors; backend: named)"]

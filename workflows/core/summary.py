@@ -27,17 +27,32 @@ def stage_lines(info: dict) -> list[str]:
         lines.append("skipped by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["skipped_by_reason"].items())))
     if info.get("errors_by_reason"):
         lines.append("errors by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_reason"].items())))
-    for e in info.get("engines") or []:
-        where = ", ".join(x for x in (e.get("device"), e.get("dtype")) if x)
-        why = f" — {e['dtype_reason']}" if e.get("dtype_reason") else ""
-        more = [f"{e['actors']} actor{'s' if e['actors'] != 1 else ''}"]
-        if e.get("load_s") is not None:
-            more.append(f"loaded in {e['load_s']:.1f} s")
-        if e.get("backend_reason"):
-            more.append(f"backend: {e['backend_reason']}")
-        lines.append(f"engine {e['engine']}" + (f" on {where}" if where else "") + why + f" ({'; '.join(more)})")
+    lines += engine_lines(info.get("engines") or [])
     if info.get("datasets"):
         lines.append("datasets: " + ", ".join(f"{k} ({v} rows)" for k, v in info["datasets"].items()))
+    return lines
+
+
+def engine_lines(engines: list[dict]) -> list[str]:
+    """One line per kind of engine: engines on the same device and number format, for the same
+    reasons (the evaluation's six models, say), share a line."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in engines:
+        key = (", ".join(x for x in (e.get("device"), e.get("dtype")) if x), e.get("dtype_reason"), e.get("backend_reason"))
+        groups.setdefault(key, []).append(e)
+    lines = []
+    for (where, why, backend), group in groups.items():
+        actors = sum(e["actors"] for e in group)
+        more = [f"{actors} actor{'s' if actors != 1 else ''}"]
+        loads = [e["load_s"] for e in group if e.get("load_s") is not None]
+        if loads:
+            more.append(f"loaded in {min(loads):.1f} s" if len(loads) == 1 or min(loads) == max(loads)
+                        else f"loaded in {min(loads):.1f}–{max(loads):.1f} s")
+        if backend:
+            more.append(f"backend: {backend}")
+        names = ", ".join(e["engine"] for e in group)
+        lines.append(f"engine{'s' if len(group) > 1 else ''} {names}" + (f" on {where}" if where else "")
+                     + (f" — {why}" if why else "") + f" ({'; '.join(more)})")
     return lines
 
 
