@@ -70,3 +70,15 @@ def test_cai_eval_prompts_flags_name_the_format():
     with pytest.raises(ConfigError, match="format"):
         from_dict(EvaluateConfig, {"models": {"base": "embedded", "b": "embedded"}, "sets": [{"name": "x",
                                    "format": "xstest-v9", "path": "x.csv"}]}, "evaluate")
+
+
+def test_a_set_saved_as_a_hugging_face_dataset_reads_like_its_file(tmp_path):
+    """What ``datasets`` gives for a hub id (``hf:NAME``, where the machine has network) or a saved
+    dataset directory reads as the file does: XSTest's columns, its labels, its quoting."""
+    import datasets
+
+    saved = tmp_path / "xstest"
+    datasets.Dataset.from_csv(str(SETS / "xstest_prompts.csv")).save_to_disk(str(saved))
+    from_dir, errors = loaded({"name": "xstest", "format": "xstest", "path": str(saved)})
+    from_csv, _ = loaded({"name": "xstest", "format": "xstest", "path": str(SETS / "xstest_prompts.csv")})
+    assert errors == [] and kinds(from_dir) == kinds(from_csv) and len(from_dir) == 5
