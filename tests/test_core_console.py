@@ -27,6 +27,8 @@ def test_progress_off_a_terminal_prints_every_30_s_and_once_at_the_end(capsys):
     for t, add in [(10, 10), (20, 10), (31, 10), (45, 10), (70, 20)]:
         now[0] = 100.0 + t
         p.update(add=add)
+    now[0] = 175.0
+    p.update(add=0)  # 45 s on, nothing new: no line
     now[0] = 180.0
     p.update(add=40)
     p.close()

@@ -10,8 +10,8 @@ order. ``cai run -v`` skips ``to_log``: then ``say`` is a plain print and everyt
 comes. Outside the command line (tests, a notebook) nothing is redirected either.
 
 Progress: one line per stage — rows or steps done, the rate, the time left. On a terminal it is
-redrawn in place; elsewhere (a pipe, a CI log, ``-v``) it is printed every ``EVERY_S`` seconds and
-once at the end, so a long job in a log file still shows it is moving."""
+redrawn in place; elsewhere (a pipe, a CI log, ``-v``) it is printed at most every ``EVERY_S``
+seconds when it has moved, and once at the end, so a long job in a log file still shows it is moving."""
 from __future__ import annotations
 
 import contextlib
@@ -101,6 +101,7 @@ class Progress:
         self.done = 0.0
         self.start = self.last = clock()
         self.first: tuple[float, float] | None = None  # (time, done) at the first update
+        self.said = -1.0  # done at the last printed line
         self.width = 0
         self.closed = False
         stream = _Terminal.out
@@ -123,14 +124,16 @@ class Progress:
             _Terminal.out.write("\r" + text.ljust(self.width))
             _Terminal.out.flush()
             self.width = len(text)
-        elif now - self.last >= EVERY_S:
-            self.last = now
+        elif now - self.last >= EVERY_S and self.done != self.said:  # nothing new: nothing to print
+            self.last, self.said = now, self.done
             say(self.line())
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if not self.in_place and self.said == self.done:
+            return  # its last state is the line printed last
         text = self.line()
         if self.in_place:
             _Terminal.out.write("\r" + " " * self.width + "\r")
