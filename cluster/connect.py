@@ -47,6 +47,21 @@ QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cl
 # console of every training job, about code that is not ours and needs no action from the user.
 QUIET_WARNINGS = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
 
+# Log lines that are notices, not problems: (logger, the message's start). DeepSpeed logs at WARNING
+# level, on every import in every training worker of a machine without a GPU, that it chose the CPU
+# accelerator — which is what we asked for.
+QUIET_LOG_LINES = (("DeepSpeed", "Setting accelerator to CPU"),)
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
 # Ray Train starts a preemption watcher actor (one more worker process) per training job, to
 # follow nodes a cloud provider drains. A local cluster is this one machine: nothing to watch.
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -59,6 +74,18 @@ def use_local_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def quiet_libraries() -> None:
+    """The library messages above, dropped by exact logger and message (each with its reason)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name, start in QUIET_LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropLines(start))
+
+
 def quiet_worker_logs() -> None:
     """Runs at the start of every Ray worker process (``worker_process_setup_hook``). Also points
     Ray's own API clients in the worker at this cluster: without an address they look for one on
@@ -66,10 +93,7 @@ def quiet_worker_logs() -> None:
     placement-group cleaner died with "Found multiple active Ray instances" and a traceback."""
     import ray
 
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    quiet_libraries()
     if "RAY_ADDRESS" not in os.environ:
         try:
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -167,6 +191,7 @@ def connect(cfg: RayConfig | None = None, run_dir: str | None = None) -> None:
     import ray
 
     cfg = cfg or RayConfig()
+    quiet_libraries()  # the driver's own imports too
     use_data_defaults()  # also for a program that started Ray itself before calling us
     if ray.is_initialized():
         return

@@ -112,3 +112,14 @@ def test_engines_alike_share_one_summary_line():
     assert lines == ["engines transformers:base, transformers:sft on cpu, bfloat16 — auto: native bfloat16 "
                      "(2 actors; loaded in 6.0–8.5 s)",
                      "engine vllm:judge on cpu, float32 — auto: native bfloat16 (2 actors; backend: named)"]
+
+
+def test_deepspeeds_cpu_notice_is_dropped_by_its_exact_message():
+    """``quiet_libraries`` (every Ray worker and the driver): DeepSpeed's WARNING that it chose the
+    CPU accelerator is gone; its other log lines are not."""
+    code = ("import logging; from cluster.connect import quiet_libraries; quiet_libraries(); import deepspeed; "
+            "from deepspeed.utils import logger; logger.warning('another DeepSpeed warning')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Setting accelerator to CPU" not in out.stderr + out.stdout
+    assert "another DeepSpeed warning" in out.stderr + out.stdout
