@@ -195,8 +195,9 @@ def main() -> None:
                 steady = hist[1:] or hist
                 per = {k: sum(h[k] for h in steady) / len(steady) for k in ("seconds", "sync_mb", *PARTS)
                        if k in steady[0]}
-                tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
-                per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
+                if "response_length" in steady[0]:  # ppo and grpo log it; online DPO's rounds do not
+                    tokens = sum(h["response_length"] * args.prompts * args.samples for h in steady)
+                    per["actor_tps"] = tokens / sum(h["generate_s"] for h in steady)
                 print(f"[{backend}] {algorithm} iteration (steady, {len(steady)} of {len(hist)}): {shares(per)}"
                       + ("; goal: sync < 10%" if algorithm == "ppo" else ""), flush=True)
                 if algorithm == "ppo":
