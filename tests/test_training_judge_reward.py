@@ -172,3 +172,21 @@ def test_the_judges_gold_gate_passes_a_judge_that_agrees_and_stops_one_that_does
         run_recipe(recipe)
     assert (tmp_path / "run2" / "online_dpo" / "_gold" / "gold.json").exists()
     assert not (tmp_path / "run2" / "online_dpo" / "_ray").exists()
+
+
+def test_rules_with_no_harmful_prompt_is_a_note_not_an_error(tmp_path, peaked_llama, prompts_dir, ray_local, capsys):
+    """``reward: rules`` over prompts none of which comes from ``rules.harmful_sources``: said once,
+    in one line, before any worker starts."""
+    import pyarrow as pa
+
+    from training import ppo
+
+    helpful = tmp_path / "helpful"
+    helpful.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": f"h{i}", "source": "helpful", "messages": [
+        {"role": "user", "content": f"Tell me fact number {i}."}]} for i in range(8)]), helpful / "part-0.parquet")
+    cfg = ppo_config(peaked_llama, helpful, "grpo", reward="rules", reward_fn=None)
+    got = ppo.read_inputs(cfg, StageContext(str(tmp_path), "grpo", seed=0), 0)
+    assert got.model
+    out = capsys.readouterr().out
+    assert "[grpo] note: reward: rules — none of the 8 prompts come from rules.harmful_sources" in out

@@ -467,7 +467,7 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
     prompts = interleave_sources(prompts)
     if too_long:
         console.say(f"[{ctx.name}] {len(too_long)} prompt(s) leave no room for {cfg.max_new_tokens} new tokens in "
-              f"rollout.max_model_len {cfg.rollout.max_model_len} — skipped (in the summary), e.g. {too_long[0]}")
+                    f"rollout.max_model_len {cfg.rollout.max_model_len} — skipped (in the summary), e.g. {too_long[0]}")
     if len(prompts) < cfg.prompts_per_iteration:
         raise DataError(f"stage {ctx.name}: {len(prompts)} prompts, fewer than prompts_per_iteration "
                         f"{cfg.prompts_per_iteration} — add prompts or lower it")
@@ -477,7 +477,7 @@ def read_inputs(cfg: PPOConfig, ctx: StageContext, seed: int) -> runner.JobInput
             p["harmful"] = harmful(p["source"], cfg.rules, p["prompt_id"])
         if not any(p["harmful"] for p in prompts) or all(p["harmful"] for p in prompts):
             console.say(f"[{ctx.name}] note: reward: rules — {'all' if prompts[0]['harmful'] else 'none'} of the "
-                  f"{len(prompts)} prompts come from rules.harmful_sources {cfg.rules.harmful_sources}", flush=True)
+                        f"{len(prompts)} prompts come from rules.harmful_sources {cfg.rules.harmful_sources}")
     elif cfg.reward == "judge":
         pass  # the judge actors load their own model
     elif not cfg.reward_fn:

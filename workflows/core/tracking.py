@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -142,7 +141,7 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 — tracking never fails the run
             self.dead = True
             console.say(f"warning: tracking ({self.name}) stopped: {type(e).__name__}: {str(e)[:300]} — the run goes on; "
-                  "its figures are in the run directory", file=sys.stderr, flush=True)
+                        "its figures are in the run directory", err=True)
 
     def _open(self, run_params: dict) -> None: ...
 
