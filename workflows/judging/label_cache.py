@@ -280,7 +280,8 @@ class LabelCache:
         """Yields (lo, hi, tables): the rows of partitions lo..hi-1 of every source (runs and
         deltas, oldest first), a range of partitions small enough to hold at once. Appends the
         sources read whole to ``ok``; one that cannot be read is set aside and left out."""
-        passes = min(lk.PARTITIONS, max(1, -(-sum(sizes.values()) // FOLD_BYTES)))
+        known = sum(v for v in sizes.values() if v is not None)  # a run whose size was not read: planned as 0
+        passes = min(lk.PARTITIONS, max(1, -(-known // FOLD_BYTES)))
         bounds = np.linspace(0, lk.PARTITIONS, passes + 1).astype(int).tolist()
         bad: set[str] = set()
         for lo, hi in zip(bounds[:-1], bounds[1:]):
