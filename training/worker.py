@@ -10,6 +10,7 @@ config (the precision rule, DeepSpeed's config, the lr schedule) are here too: o
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -188,8 +189,6 @@ class ProgressFile:
     the last step; other ranks write nothing."""
 
     def __init__(self, spec: "JobSpec", rank: int, total: int, unit: str, every_s: float = 2.0):
-        import time
-
         self.uri, self.rank, self.total, self.unit, self.every_s = spec.path(PROGRESS_FILE), rank, total, unit, every_s
         self.clock = time.monotonic
         self.last = -every_s
