@@ -139,7 +139,8 @@ class ToyJudge:
     """The PPO tests' toy reward as a pairwise judge: it reads the two options of a judge
     conversation, re-tokenizes them with the policy's tokenizer, and prefers the one with more
     tokens from the lower half of the vocabulary — P(A) = sigmoid(8 × the difference of the shares),
-    whatever the order they are shown in."""
+    whatever the order they are shown in. Asked about one answer (a pointwise judgment: the options
+    are the two verdicts), P("meets") = sigmoid(8 × (its share − 0.5)), in either order."""
 
     name = "judge:toy"
 
@@ -163,7 +164,13 @@ class ToyJudge:
         rows = []
         for conv in conversations:
             self.calls += 1
-            d = self.share(option(conv, "A")) - self.share(option(conv, "B"))
+            a = option(conv, "A")
+            if a.startswith("The response "):  # pointwise: the answer is the conversation's last turn
+                said = conv[-1]["content"].split("\nJudge the assistant's last response on its own", 1)[0]
+                d = self.share(said.rsplit("\n\n", 1)[0].rsplit("Assistant: ", 1)[1]) - 0.5
+                d = d if "meets" in a else -d
+            else:
+                d = self.share(a) - self.share(option(conv, "B"))
             p = 1.0 / (1.0 + math.exp(-8.0 * d))
             rows.append([math.log(max(p, 1e-12)), math.log(max(1.0 - p, 1e-12))])
         return rows

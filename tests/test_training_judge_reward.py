@@ -54,7 +54,8 @@ def test_judge_settings_are_checked():
     assert from_dict(OnlineDPOConfig, {"labeler": "judge"}, "online_dpo").reward == "judge"
     from training.config import PPOConfig  # one sample per prompt: only against a reference answer
     assert from_dict(PPOConfig, {"reward": "judge", "samples_per_prompt": 1, "judge": {"against": "reference"}}, "ppo")
-    with pytest.raises(ConfigError, match="judge.against: reference"):
+    assert from_dict(PPOConfig, {"reward": "judge", "samples_per_prompt": 1, "judge": {"against": "none"}}, "ppo")
+    with pytest.raises(ConfigError, match="judge.against: reference or none"):
         from_dict(PPOConfig, {"reward": "judge", "samples_per_prompt": 1}, "ppo")
 
 
@@ -97,6 +98,23 @@ def test_grpo_against_the_starting_policys_answers_raises_its_score(tmp_path, pe
     assert last > first + 0.1
     state = json.loads(next((tmp_path / "grpo" / "_ray").rglob("trainer_state.json")).read_text())
     assert len(state["references"]) == 8  # every prompt's starting answer, kept for a resumed job
+
+
+def test_grpo_with_a_pointwise_judge_raises_its_score(tmp_path, peaked_llama, prompts_dir, ray_local):
+    """``judge.against: none``: each answer judged on its own (its chance of meeting the standard,
+    both verdict orders) — an absolute score, so it rises as the policy learns, and no two answers
+    are compared."""
+    from training import ppo
+
+    cfg = ppo_config(peaked_llama, prompts_dir, "grpo", reward="judge", reward_fn=None, iterations=8, lr=4e-4,
+                     judge={**judge(peaked_llama), "against": "none"})
+    ppo.run_grpo(cfg, StageContext(str(tmp_path), "grpo", seed=0, config_hash="h"))
+    h = history(tmp_path / "grpo")
+    assert all(r["judgments"] == 4 * 4 * 2 for r in h)  # every answer alone, both verdict orders
+    assert all(r["order_agreement"] is not None and r["judge_failed"] == 0 for r in h)
+    first, last = mean([r["score"] for r in h[:2]]), mean([r["score"] for r in h[-2:]])
+    print(f"pointwise judge score: {first:.3f} in the first 2 iterations, {last:.3f} in the last 2")
+    assert last > first + 0.1
 
 
 def test_online_dpo_pairs_are_the_judges_ranking(tmp_path, peaked_llama, prompts_dir, ray_local):

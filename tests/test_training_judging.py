@@ -80,3 +80,35 @@ def test_principles_of_a_pair_are_averaged():
     rows = [row(0.8), row(0.2), row(0.6), row(0.4)]  # principle 1 says a with 0.8, principle 2 with 0.6
     scores, _ = judging.group_scores([2], asked, rows)
     assert scores[0] == [pytest.approx(0.7), pytest.approx(0.3)]
+
+
+def test_pointwise_asks_each_answer_alone_with_both_verdict_orders():
+    """``against: none``: no answer meets another — each is shown alone, "meets" as (A) then as (B)."""
+    asked = judging.requests([group("No.", "Use a tension wrench."), group("Sure.")], PRINCIPLES, 2, seed=0, it=0,
+                             pointwise=True)
+    assert asked.index == [(0, 0, 0)] * 2 + [(0, 1, 1)] * 2 + [(1, 0, 0)] * 2 and not asked.ties
+    first, swapped = asked.conversations[0][-1]["content"], asked.conversations[1][-1]["content"]
+    assert "Assistant: No." in first and "Use a tension wrench" not in first
+    assert "(A) The response meets that standard.\n(B) The response falls short" in first
+    assert "(A) The response falls short of that standard.\n(B) The response meets" in swapped
+    assert first.endswith("A or B.")
+
+
+def test_pointwise_score_is_the_order_averaged_chance_of_meeting_the_principles():
+    """A judge that says answer 1 meets the standard (0.8 in both orders) and answer 0 does not
+    (0.3), and one that always says "A": the letter bias cancels to 0.5 and agrees with itself in
+    no order."""
+    asked = judging.requests([group("a", "b")], PRINCIPLES, 1, seed=0, it=0, pointwise=True)
+    meets = {0: 0.3, 1: 0.8}
+    rows = [r for _, i, _ in asked.index for r in (row(meets[i]), row(1 - meets[i]))]
+    scores, figures = judging.group_scores([2], asked, rows)
+    assert scores == [[pytest.approx(0.3), pytest.approx(0.8)]]  # not a share of wins: need not sum to n / 2
+    assert figures == {"judgments": 4, "failed": 0, "order_agreement": 1.0}
+    scores, figures = judging.group_scores([2], asked, [row(0.9)] * 4)
+    assert scores == [[pytest.approx(0.5), pytest.approx(0.5)]] and figures["order_agreement"] == 0.0
+
+
+def test_pointwise_unreadable_judgment_scores_half_and_counts_failed():
+    asked = judging.requests([group("a", "b")], PRINCIPLES, 1, seed=0, it=0, pointwise=True)
+    scores, figures = judging.group_scores([2], asked, [row(0.8), row(0.2), [math.nan, math.nan], row(0.5)])
+    assert scores == [[pytest.approx(0.8), 0.5]] and figures["failed"] == 1

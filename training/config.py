@@ -178,14 +178,17 @@ class JudgeSettings:
     actors beside the rollout actors. ``against: reference`` compares each answer with a reference
     answer instead — the prompt's own answer in the input (an SFT dataset's last assistant turn), else
     the starting policy's greedy answer, made once before the first update — so an answer's score is
-    its chance of beating that fixed answer (PPO with one sample per prompt can use it).
+    its chance of beating that fixed answer (PPO with one sample per prompt can use it); ``against:
+    none`` judges each answer on its own (pointwise: its chance of meeting the principle's standard,
+    both orders of the two verdicts), which needs no second answer either.
     ``gold``: before the job starts, the judge labels these
-    human-labeled pairs exactly as it will judge (the preference stage's gold gate) and the stage
+    human-labeled pairs with its engine, constitution and principles, pairwise in both orders (the
+    preference stage's gold gate; gold data are pairs, whatever ``against`` says) and the stage
     stops — or warns — below ``min_agreement`` or above ``max_position_bias``."""
 
     constitution: str = "default"  # a shipped constitution's name or a YAML file
     principles: int = 1  # principles drawn per compared pair (their verdicts are averaged)
-    against: Literal["each_other", "reference"] = "each_other"  # what each answer is compared with
+    against: Literal["each_other", "reference", "none"] = "each_other"  # what each answer is compared with
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(model="embedded", concurrency=1))
     engine_factory: str | None = None  # "module:callable" building the judge engine (tests)
     gold: str | None = None  # human-labeled pairs (a file, or builtin:gold_pairs) the judge must agree with first
@@ -283,7 +286,7 @@ class PPOConfig(TrainConfig):
             ("samples_per_prompt", self.reward == "judge" and self.judge.against == "each_other"
              and self.samples_per_prompt < 2,
              "use 2 or more with reward: judge (the judge compares a prompt's answers with each other), "
-             "or judge.against: reference"),
+             "or judge.against: reference or none (each answer judged on its own)"),
         ]
         check_fields(self, where, checks)
         check_recipe_code(self.reward_fn, where, "reward_fn")

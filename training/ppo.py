@@ -517,8 +517,10 @@ def scorer(cfg) -> str:
     """What scored the answers, in words, for the summary."""
     kind = cfg.reward
     if kind == "judge":
+        how = {"each_other": "per pair of answers", "reference": "per answer against its reference answer",
+               "none": "per answer, judged on its own"}[cfg.judge.against]
         return (f"constitution judge ({cfg.judge.constitution} constitution, {cfg.judge.principles} principle(s) "
-                f"per pair, model {cfg.judge.engine.model})")
+                f"{how}, model {cfg.judge.engine.model})")
     return "rules" if kind == "rules" else f"reward_fn {cfg.reward_fn}" if cfg.reward_fn else "reward model"
 
 

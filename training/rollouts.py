@@ -96,7 +96,8 @@ def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: 
            references: dict | None = None) -> dict:
     """``reward: judge`` / ``labeler: judge``: rank 0 has the judge actors compare each prompt's
     answers with each other (``training.judging``) — or, with ``judge.against: reference``, each
-    answer with its prompt's reference answer (its own, else ``references[prompt_id]``) — and every
+    answer with its prompt's reference answer (its own, else ``references[prompt_id]``), or with
+    ``against: none`` judges each answer on its own (pointwise) — and every
     rank gets each answer's ``judge_score`` (set on the samples) and the iteration's judge figures
     (``judge_s``, ``judgments``, ``judge_failed``, ``order_agreement``)."""
     import ray
@@ -109,7 +110,8 @@ def judged(judges: list, everything: list[dict], cfg, seed: int, it: int, rank: 
                       for s in everything]
         else:
             groups = [everything[g * n:(g + 1) * n] for g in range(len(everything) // n)]
-        asked = judging.requests(groups, _principles(cfg.judge.constitution), cfg.judge.principles, seed, it)
+        asked = judging.requests(groups, _principles(cfg.judge.constitution), cfg.judge.principles, seed, it,
+                                 pointwise=cfg.judge.against == "none")
         convs = asked.conversations
         k = -(-len(convs) // len(judges)) if convs else 0
         refs = [a.choice_logprobs.remote(convs[i * k:(i + 1) * k], list(judging.CHOICES))

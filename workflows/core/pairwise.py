@@ -44,6 +44,9 @@ _INTRO = "Consider the following conversation between a human and an assistant:"
 _ANSWER = "Answer with the letter of the better option: A or B."
 _THINK = "First explain your reasoning, then say which option is better. Let's think step by step."
 _FOLLOW_UP = "So the answer is: (A) or (B)? Answer with the letter."
+_ALONE = "Judge the assistant's last response on its own, by the standard of that question."
+_VERDICTS = ("The response meets that standard.", "The response falls short of that standard.")
+_TRUE = "Answer with the letter of the true option: A or B."
 _SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
@@ -103,6 +106,27 @@ def both_orders(prompt_messages: list[dict], response_1: str, response_2: str, p
     r = reasonings or (None, None)
     return (judge_conversation(prompt_messages, response_1, response_2, principle, cot, r[0]),
             judge_conversation(prompt_messages, response_2, response_1, principle, cot, r[1]))
+
+
+def pointwise_conversation(prompt_messages: list[dict], response: str, principle,
+                           meets_first: bool = True) -> list[dict]:
+    """One answer judged on its own (a pointwise judgment): the conversation ending in
+    ``response``, the principle's question, and the options "meets that standard" / "falls
+    short" — as (A) then (B) with ``meets_first``, swapped without. Scored like a pair: log P("A"),
+    log P("B")."""
+    if not prompt_messages:
+        raise ValueError("prompt_messages is empty: a judged conversation needs at least one user turn")
+    a, b = _VERDICTS if meets_first else _VERDICTS[::-1]
+    convo = render_conversation([*prompt_messages, {"role": "assistant", "content": response.strip()}])
+    return [{"role": "user", "content": f"{_INTRO}\n\n{convo}\n\n{_question(principle)}\n{_ALONE}\n\n"
+                                        f"Options:\n(A) {a}\n(B) {b}\n\n{_TRUE}"}]
+
+
+def both_verdict_orders(prompt_messages: list[dict], response: str, principle) -> tuple[list[dict], list[dict]]:
+    """("meets" as (A), "meets" as (B)): ``order_average`` of their ``p_a`` is P(the response meets
+    the principle), the letter bias cancelled as ``both_orders`` cancels it for a pair."""
+    return (pointwise_conversation(prompt_messages, response, principle, True),
+            pointwise_conversation(prompt_messages, response, principle, False))
 
 
 # ---------------------------------------------------------------- soft labels
