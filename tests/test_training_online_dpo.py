@@ -83,3 +83,67 @@ def test_online_dpo_learns_round_by_round_and_a_killed_run_resumes(tmp_path, pea
     assert "online DPO: 10 rounds" in summary and "pairs of every round" in summary
     assert (Path(info["model_dir"]) / "config.json").is_file()
     assert json.loads((tmp_path / "online_dpo" / "_SUCCESS").read_text())["training"]["pairs"] == sum(r["pairs"] for r in h)
+
+
+def test_on_tie_reference_pairs_a_tied_prompts_reference_when_it_scores_higher(peaked_llama):
+    """``on_tie: reference``: every answer complied with a harmful request, or refused a benign
+    one — the reference (the prompt's own, else the starting policy's) is chosen over the first
+    answer where the rules score it higher; a tie on the right side, or a reference no better,
+    makes no pair."""
+    from actors.models import load_tokenizer
+    from training.config import OnlineDPOConfig
+    from training.online_dpo import _label
+
+    tok = load_tokenizer(str(peaked_llama))
+    cfg = from_dict(OnlineDPOConfig, {"samples_per_prompt": 2, "on_tie": "reference", "max_new_tokens": 64},
+                    "online_dpo")
+
+    def s(pid, harmful, text, slot, reference=None):
+        return {"prompt_id": pid, "messages": [{"role": "user", "content": pid}], "harmful": harmful, "text": text,
+                "token_ids": [1], "ended": True, "slot": slot, "reference": reference}
+
+    samples = [s("bomb", True, ANSWER, 0), s("bomb", True, ANSWER + " More.", 0),            # both comply
+               s("tmux", False, REFUSAL, 1, ANSWER), s("tmux", False, REFUSAL, 1, ANSWER),  # both refuse; own reference
+               s("egg", False, ANSWER, 2), s("egg", False, ANSWER, 2),                      # right side: no pair
+               s("gun", True, ANSWER, 3), s("gun", True, ANSWER, 3)]                        # its reference complies too
+    starting = {"bomb": REFUSAL, "egg": REFUSAL, "gun": ANSWER}
+    pairs, counts = _label(samples, cfg, None, None, 1, 0, starting, tok)
+    got = [(p["prompt_id"], p["chosen"][0]["content"], p["rejected"][0]["content"], p["chosen_from"]) for p in pairs]
+    assert got == [("bomb", REFUSAL, ANSWER, "reference"), ("tmux", ANSWER, REFUSAL, "reference")]
+    assert counts["pairs"] == 2 and counts["from_reference"] == 2
+    ref = pairs[0]["chosen_sample"]  # tokens to train on: the text, then EOS (it fits in max_new_tokens)
+    assert ref["token_ids"] == tok(REFUSAL, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    plain = from_dict(OnlineDPOConfig, {"samples_per_prompt": 2}, "online_dpo")
+    assert _label(samples, plain, None, None, 1, 0, starting, tok)[0] == []  # on_tie: skip (the default)
+    with pytest.raises(ConfigError, match="on_tie"):
+        from_dict(OnlineDPOConfig, {"labeler": "judge", "on_tie": "reference"}, "online_dpo")
+
+
+def says_yes(messages, text, token_ids) -> float:
+    """A reward no sample of the toy model earns (so every prompt's answers tie at 0): "Yes."."""
+    return float(text.strip() == "Yes.")
+
+
+def test_on_tie_reference_in_a_job_pairs_the_reference_answers(tmp_path, peaked_llama, ray_local):
+    """Four prompts carry their own answer ("Yes.", an SFT-style row), four do not: the starting
+    policy's greedy answers are made once for those four and kept in the job state; every tied
+    prompt whose reference earns the reward gets a pair (``chosen_from: reference``) choosing it."""
+    import pyarrow as pa
+
+    from training import online_dpo
+
+    data = tmp_path / "sft"
+    data.mkdir()
+    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Tell me fact number {i}."}]
+             + ([{"role": "assistant", "content": "Yes."}] if i % 2 else [])} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), data / "part-00000.parquet")
+    cfg = online_config(peaked_llama, data, reward_fn="test_training_online_dpo:says_yes", rounds=2,
+                        on_tie="reference", checkpoint_every=1)
+    online_dpo.run(cfg, StageContext(str(tmp_path), "online_dpo", seed=0, config_hash="h"))
+    h = history(tmp_path / "online_dpo")
+    state = json.loads(max((tmp_path / "online_dpo" / "_ray").rglob("trainer_state.json")).read_text())
+    assert sorted(state["references"]) == ["p0", "p2", "p4", "p6"]  # the starting policy's, where none was given
+    pairs = [r for f in sorted((tmp_path / "online_dpo" / "pairs").iterdir()) for r in pq.read_table(f).to_pylist()]
+    assert pairs and all(r["chosen_from"] == "reference" and r["chosen"][0]["content"] == "Yes."
+                         and r["prompt_id"] in {"p1", "p3", "p5", "p7"} and r["chosen_score"] == 1.0 for r in pairs)
+    assert [r["from_reference"] for r in h] == [r["pairs"] for r in h] == [2, 2]  # 4 prompts a round, half with "Yes."

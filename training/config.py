@@ -336,8 +336,13 @@ class OnlineDPOConfig(TrainConfig):
     reward stage's model, or ``reward_fn``) — and each prompt's best answer is chosen over its
     worst (a prompt whose answers all tie makes no pair); DPO against the starting model trains on
     the round's pairs (``dpo_epochs`` passes), the new weights go to the actors, and the next round
-    samples from them. Every round's pairs are a dataset (``pairs/round-NNNN.parquet``, TRL
-    columns); a checkpoint after every ``checkpoint_every`` rounds."""
+    samples from them. ``on_tie: reference``: a prompt whose answers all tie is paired with its
+    reference answer (the input's own answer, else the starting policy's greedy answer, made once
+    before the first update) as chosen over one of them, where the labeler scores the reference
+    higher — so a prompt the policy has stopped getting right still teaches (rules: a red-team
+    request every answer complies with, a benign one every answer refuses). Every round's pairs are
+    a dataset (``pairs/round-NNNN.parquet``, TRL columns); a checkpoint after every
+    ``checkpoint_every`` rounds."""
 
     model: str = "sft_model"
     input: str = "prompts"
@@ -350,6 +355,7 @@ class OnlineDPOConfig(TrainConfig):
     rounds: int = 4
     prompts_per_round: int = 16  # split evenly over the workers
     samples_per_prompt: int = 4  # answers per prompt; its best and worst make the pair
+    on_tie: Literal["skip", "reference"] = "skip"  # answers all tie: no pair, or the reference over one if it scores higher
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -387,6 +393,8 @@ class OnlineDPOConfig(TrainConfig):
             ("beta", self.beta <= 0, "use a positive beta, e.g. 0.1"),
             ("rpo_alpha", self.rpo_alpha < 0, "use 0 (plain DPO) or more, e.g. 1.0"),
             ("dpo_epochs", self.dpo_epochs < 1, "use 1 or more"),
+            ("on_tie", self.on_tie == "reference" and self.labeler == "judge",
+             "use skip with labeler: judge (it scores answers against each other, not the reference on its own)"),
             ("sync_bucket_mb", self.sync_bucket_mb <= 0, "use a positive size in MB, e.g. 256"),
             ("grad_accum", self.grad_accum != 1, "use 1: raise micro_batch_size (pairs per step) instead"),
             ("rollout.backend", self.rollout.backend == "openai",

@@ -9,7 +9,9 @@ Per round (``rounds`` of them):
 2. **labels** — each rank scores its answers with the ``labeler`` (``rules``: the prompt's
    category and the refusal classifier; ``reward_model``: the reward stage's model or
    ``reward_fn``), less ``end_penalty`` for an answer that never ended, and pairs each prompt's
-   best answer (chosen) with its worst (rejected); a prompt whose answers all tie makes no pair.
+   best answer (chosen) with its worst (rejected); a prompt whose answers all tie makes no pair —
+   or, with ``on_tie: reference``, a pair of its reference answer over one of them where the
+   labeler scores the reference higher (``chosen_from``: policy or reference).
    Rank 0 writes the round's pairs to ``pairs/round-NNNN.parquet`` — TRL's conversational
    preference columns (``prompt``, ``chosen``, ``rejected``) plus ``pair_id``, ``prompt_id``,
    ``round``, ``policy_version``, both scores and the labeler.
@@ -74,24 +76,47 @@ def _pair_batch(tok, pairs: list[dict], device) -> dict:
     return ppo.build_batch(tok, samples, device)
 
 
-def _label(samples: list[dict], cfg: OnlineDPOConfig, rm, rm_tok, r: int, version: int) -> tuple[list[dict], dict]:
-    """This rank's pairs from its answers, and its counts (answers, prompts, ties, score sums)."""
+def _reference_sample(first: dict, references: dict, tok, max_new_tokens: int) -> dict:
+    """A tied prompt's reference answer (its own, else the starting policy's) as a sample of that
+    prompt: cut to ``max_new_tokens`` tokens like a rollout, ended (EOS) when it fits."""
+    text = first.get("reference") or references[first["prompt_id"]]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ended = len(ids) < max_new_tokens
+    ids = ids + [tok.eos_token_id] if ended else ids[:max_new_tokens]
+    return {**first, "text": text if ended else tok.decode(ids, skip_special_tokens=True), "token_ids": ids,
+            "ended": ended}
+
+
+def _pair(c: dict, j: dict, cs: float, js: float, cfg: OnlineDPOConfig, r: int, version: int, source: str) -> dict:
+    return {"pair_id": round_pair_id(c["prompt_id"], r, c["slot"], c["text"], j["text"]), "prompt_id": c["prompt_id"],
+            "prompt": list(c["messages"]), "chosen": [{"role": "assistant", "content": c["text"]}],
+            "rejected": [{"role": "assistant", "content": j["text"]}], "round": r, "policy_version": version,
+            "chosen_score": cs, "rejected_score": js, "labeler": cfg.labeler, "chosen_from": source,
+            "chosen_sample": c, "rejected_sample": j}
+
+
+def _label(samples: list[dict], cfg: OnlineDPOConfig, rm, rm_tok, r: int, version: int,
+           references: dict | None = None, tok=None) -> tuple[list[dict], dict]:
+    """This rank's pairs from its answers, and its counts (answers, prompts, ties, score sums).
+    With ``on_tie: reference`` a tied prompt's reference answer (``_reference_sample``) is scored
+    the same way and, where it scores higher, chosen over the prompt's first answer."""
+    n = cfg.samples_per_prompt
     raw = ppo.scores_of(samples, cfg, rm, rm_tok)
     ended = torch.tensor([s["ended"] for s in samples])
     scores = end_penalty(raw, ended, cfg.end_penalty).tolist()
-    pairs = []
-    for hit in best_worst(scores, cfg.samples_per_prompt):
-        if hit is None:
-            continue
-        c, j = samples[hit[0]], samples[hit[1]]
-        pairs.append({"pair_id": round_pair_id(c["prompt_id"], r, c["slot"], c["text"], j["text"]),
-                      "prompt_id": c["prompt_id"],
-                      "prompt": list(c["messages"]), "chosen": [{"role": "assistant", "content": c["text"]}],
-                      "rejected": [{"role": "assistant", "content": j["text"]}], "round": r,
-                      "policy_version": version, "chosen_score": scores[hit[0]], "rejected_score": scores[hit[1]],
-                      "labeler": cfg.labeler, "chosen_sample": c, "rejected_sample": j})
-    counts = {"n": float(len(samples)), "prompts": float(len(samples) // cfg.samples_per_prompt),
-              "pairs": float(len(pairs)), "score": float(sum(raw.tolist())), "unfinished": float((~ended).sum())}
+    hits = best_worst(scores, n)
+    pairs = [_pair(samples[h[0]], samples[h[1]], scores[h[0]], scores[h[1]], cfg, r, version, "policy")
+             for h in hits if h is not None]
+    tied = [g * n for g, h in enumerate(hits) if h is None]
+    if cfg.on_tie == "reference" and tied:
+        refs = [_reference_sample(samples[i], references or {}, tok, cfg.max_new_tokens) for i in tied]
+        ref_scores = end_penalty(ppo.scores_of(refs, cfg, rm, rm_tok), torch.tensor([x["ended"] for x in refs]),
+                                 cfg.end_penalty).tolist()
+        pairs += [_pair(ref, samples[i], sc, scores[i], cfg, r, version, "reference")
+                  for i, ref, sc in zip(tied, refs, ref_scores) if sc - scores[i] > 1e-6]
+    counts = {"n": float(len(samples)), "prompts": float(len(samples) // n), "pairs": float(len(pairs)),
+              "from_reference": float(sum(p["chosen_from"] == "reference" for p in pairs)),
+              "score": float(sum(raw.tolist())), "unfinished": float((~ended).sum())}
     if cfg.labeler == "rules":  # the evaluation's two refusal figures, on this round's answers
         refused = [is_refusal(s["text"]) for s in samples]
         counts.update({"harmful_n": float(sum(s["harmful"] for s in samples)),
@@ -117,7 +142,7 @@ def _write_round(spec: JobSpec, r: int, pairs: list[dict]) -> None:
                         ("chosen", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
                         ("rejected", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
                         ("round", pa.int32()), ("policy_version", pa.int32()), ("chosen_score", pa.float64()),
-                        ("rejected_score", pa.float64()), ("labeler", pa.string())])
+                        ("rejected_score", pa.float64()), ("labeler", pa.string()), ("chosen_from", pa.string())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=fs)
 
 
@@ -192,8 +217,10 @@ def train_loop(spec: JobSpec) -> None:
     judges = rollouts.start_judges(cfg, given.judge_cpus) if rank == 0 and cfg.labeler == "judge" else []
     if state["version"] > 0:  # a resumed run: fresh actors hold the starting weights
         ppo.sync(engine, cfg, ws, actors, state["version"], prefix="")
-    elif judges and cfg.judge.against == "reference":
-        state["references"] = rollouts.starting_answers(actors, prompts, cfg)
+    elif (judges and cfg.judge.against == "reference") or cfg.on_tie == "reference":
+        box = [rollouts.starting_answers(actors, prompts, cfg) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)  # on_tie: every rank labels its own share of prompts
+        state["references"] = box[0]
     P, n = cfg.prompts_per_round, cfg.samples_per_prompt
     progress = ProgressFile(spec, rank, cfg.rounds, "rounds")
     while state["step"] < cfg.rounds:
@@ -206,7 +233,7 @@ def train_loop(spec: JobSpec) -> None:
             if cfg.labeler == "judge" else {}
         groups = [everything[g * n:(g + 1) * n] for g in range(P)]
         samples = [s for g in groups[rank::world] for s in g]
-        pairs, counts = _label(samples, cfg, rm, rm_tok, it + 1, state["version"])
+        pairs, counts = _label(samples, cfg, rm, rm_tok, it + 1, state["version"], state.get("references"), tok)
         _write_round(spec, it + 1, pairs)
         t_label = time.time() - t0 - t_gen
         stats = _train_round(engine, ref, tok, cfg, pairs, samples, device, it)
@@ -221,6 +248,7 @@ def train_loop(spec: JobSpec) -> None:
         skeys = ("loss", "reward_margin", "reward_accuracy", "kl", "steps")
         st = dict(zip(skeys, all_reduce([stats.get(k, 0.0) for k in skeys])))
         rec = {"step": it + 1, "round": it + 1, "pairs": int(sums["pairs"]), "ties": int(sums["prompts"] - sums["pairs"]),
+               **({"from_reference": int(sums["from_reference"])} if cfg.on_tie == "reference" else {}),
                "score": sums["score"] / sums["n"], "unfinished": sums["unfinished"] / sums["n"],
                **{k: st[k] / st["steps"] for k in skeys[:-1] if st["steps"]}, **ppo.refusal_rates(sums),
                "seconds": round(time.time() - t0, 3), "generate_s": round(t_gen, 3), "label_s": round(t_label, 3),
@@ -251,7 +279,8 @@ def _finish(engine, spec: JobSpec, ws: WorkerSettings, state: dict, actors: list
 def report(ctx: StageContext, s: dict) -> runner.StageReport:
     """Online DPO's report: first versus last round, pairs and ties, where the time went."""
     first, last = s["first"] or {}, s["last"] or {}
-    keys = ("score", "pairs", "ties", "loss", "reward_margin", "reward_accuracy", "kl", "unfinished",
+    keys = ("score", "pairs", *(("from_reference",) if "from_reference" in last else ()), "ties", "loss",
+            "reward_margin", "reward_accuracy", "kl", "unfinished",
             *(("harmful_refused", "other_refused") if "harmful_refused" in last else ()))
     lines = [f"online DPO: {s['iterations']} rounds, {s['rollouts']} answers labeled by the {s['labeler']} labeler "
              f"into {s['pairs']} pairs ({s['ties']} prompts tied, no pair), on {s['world_size']} workers "
