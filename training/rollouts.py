@@ -138,7 +138,7 @@ def judge_line(last: dict) -> str | None:
     return (f"judge: {last['judgments']} judgments in the last "
             f"iteration, {rate:.1f}/s, {100 * last['judge_s'] / max(last['seconds'], 1e-9):.0f}% of its time; "
             f"both orders agreed on {'—' if agree is None else f'{100 * agree:.0f}%'} of them, "
-            f"{last['judge_failed']} pair(s) unreadable")
+            f"{last['judge_failed']} left at 0.5 (no readable judgment)")
 
 
 def rollout(actors: list, convs: list[list[dict]], params, version: int, group: int = 1) -> list:
