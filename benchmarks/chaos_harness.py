@@ -22,6 +22,14 @@ sys.path.insert(0, str(ROOT))
 LOG_ENV = "CAI_CHAOS_LOG"
 
 
+def ctrl_c_reaches() -> None:
+    """``preexec_fn`` for a process a test will stop with Ctrl-C: SIGINT back to its default, as in a
+    terminal's foreground job. A shell that starts a command in the background without job control
+    (``cmd &`` in a script, as CI runners may) makes it ignore SIGINT, an ignored signal stays ignored
+    across ``exec``, and a Ctrl-C test run that way would find a process that cannot be stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # ---------------------------------------------------------------- the counting engine (runs in actors)
 
 def counting_engine(cfg):
@@ -108,7 +116,7 @@ class CaiRun:
         self.outputs.append(out)
         self.proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", *argv],
                                      cwd=ROOT, env=env, stdout=out.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=ctrl_c_reaches)
         self.sessions.append(self.proc.pid)
         return self.proc
 

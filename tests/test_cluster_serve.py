@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.chaos_harness import ctrl_c_reaches
 from ray_cluster import free_ports
 
 openai = pytest.importorskip("openai")
@@ -136,7 +137,8 @@ def test_cai_serve_command_serves_and_stops_on_ctrl_c(tiny_llama_dir, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", str(tiny_llama_dir), "--port", str(port),
                              "--api-key-env", "CAI_CLI_KEY", "--max-model-len", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=ctrl_c_reaches)
     lines = []
     try:
         for line in proc.stdout:
@@ -179,7 +181,7 @@ def test_serve_run_with_the_shipped_config_file(tiny_llama_dir, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "ray.serve.scripts", "run", str(path)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_reaches)
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         for _ in range(180):
